@@ -1,0 +1,101 @@
+"""The format interface: how values are stored, apart from which values a method chooses.
+
+A format works on weights viewed as a matrix (rows, cols), split along columns into groups.
+Every per-group parameter has shape (rows, n_groups); tensor-level parameters are 0-d.
+
+- ``tensor_params(W)``: parameters shared by the whole tensor (NVFP4's FP32 scale); default none.
+- ``params_from_range(lo, hi, tensor_params)``: per-group parameters for the value range [lo, hi]
+  an observer chose. Observers and MSE clipping search call this with shrunk ranges.
+- ``encode(W, p)`` / ``decode(codes, p)``: elementwise, with per-group parameters already
+  expanded to W's shape, so GPTQ can call them one column at a time.
+- ``store_params(p)`` / ``load_params(stored)``: the compact on-disk form (fp16 scales, E8M0
+  exponents, double-quantized absmax...). Fitting always round-trips parameters through storage,
+  so encode sees exactly the values decode will see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from lowbit.errors import SchemeError
+
+Params = dict[str, torch.Tensor]
+
+FORMATS: dict[str, type["Format"]] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """Base class of all formats; subclasses are frozen dataclasses registered by ``name``."""
+
+    name: ClassVar[str] = ""
+    # "absmax" formats only look at max(|lo|, |hi|); "minmax" formats use both ends.
+    range_kind: ClassVar[str] = "absmax"
+    # Formats whose block size is fixed by a spec (MX: 32, NVFP4: 16) set this.
+    fixed_group_size: ClassVar[int | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):
+            FORMATS[cls.name] = cls
+
+    # --- to be provided by each format -------------------------------------------------
+    @property
+    def code_bits(self) -> int:
+        """Bits of one stored code."""
+        raise NotImplementedError
+
+    def params_from_range(self, lo: torch.Tensor, hi: torch.Tensor, tensor_params: Params) -> Params:
+        raise NotImplementedError
+
+    def encode(self, W: torch.Tensor, p: Params) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor, p: Params) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- defaults ---------------------------------------------------------------------
+    def tensor_params(self, W: torch.Tensor) -> Params:
+        """Parameters shared by the whole tensor; none by default."""
+        return {}
+
+    def store_params(self, p: Params) -> Params:
+        """Compact storage form of the parameters (default: as they are)."""
+        return dict(p)
+
+    def load_params(self, stored: Params) -> Params:
+        """Float parameters from their stored form (default: cast to float32)."""
+        return {k: v.float() for k, v in stored.items()}
+
+    def config(self) -> dict:
+        """JSON-serialisable description; ``make_format(**config)`` rebuilds the format."""
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def quantize_dequantize(self, W: torch.Tensor, p: Params) -> torch.Tensor:
+        return self.decode(self.encode(W, p), p)
+
+
+def make_format(name: str, **options) -> Format:
+    """Build a registered format by name; unknown names or options are a SchemeError."""
+    cls = FORMATS.get(name)
+    if cls is None:
+        raise SchemeError(f"unknown format {name!r}; choose one of: {', '.join(sorted(FORMATS))}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(options) - fields
+    if unknown:
+        raise SchemeError(f"format {name!r} has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
+    return cls(**options)
+
+
+def round_half_even(x: torch.Tensor) -> torch.Tensor:
+    """torch.round rounds half to even, as IEEE casts do; named for clarity at call sites."""
+    return torch.round(x)
+
+
+def nearest_level(x: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest value in a sorted 1-D table of levels (ties go to the lower index)."""
+    mids = (levels[1:] + levels[:-1]) / 2
+    return torch.bucketize(x.contiguous(), mids.to(x.dtype), right=False).to(torch.uint8)

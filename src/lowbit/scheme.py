@@ -1,0 +1,140 @@
+"""Quantization schemes: typed, validated, serialisable values with named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from lowbit.errors import SchemeError
+from lowbit.formats import Format, FORMATS, make_format
+from lowbit.observers import OBSERVERS
+
+SCHEME_VERSION = 1
+
+
+def _from_dict(cls, data: dict[str, Any], what: str):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise SchemeError(f"{what} has unknown key(s) {sorted(unknown)}; allowed: {sorted(fields)}")
+    return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightScheme:
+    """How weights are stored. group_size > 0: groups along the input dimension (a last partial
+    group where it does not divide the row); -1: one group per output channel; 0: per tensor."""
+
+    format: str = "int"
+    bits: int | None = 4
+    group_size: int = 128
+    symmetric: bool = True
+    zero_point: str = "int"
+    observer: str = "minmax"
+    percentile: float = 99.9
+    double_quant: bool = False
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise SchemeError(f"unknown format {self.format!r}; choose one of: {', '.join(sorted(FORMATS))}")
+        if self.observer not in OBSERVERS:
+            raise SchemeError(f"unknown observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        if self.group_size < -1:
+            raise SchemeError(f"group size {self.group_size} is invalid; use a positive size, -1 (per channel) or 0 (per tensor)")
+        self.make_format()  # validates bits and options now, not at first use
+
+    def make_format(self) -> Format:
+        """The format object this scheme describes."""
+        cls = FORMATS[self.format]
+        names = {f.name for f in dataclasses.fields(cls)}
+        options = {k: getattr(self, k) for k in ("bits", "symmetric", "zero_point", "double_quant") if k in names}
+        if options.get("bits") is None:
+            options.pop("bits", None)
+        fmt = make_format(self.format, **options)
+        if self.bits is not None and "bits" not in names and self.bits != fmt.code_bits:
+            raise SchemeError(f"format {self.format!r} stores {fmt.code_bits}-bit codes, not {self.bits}; drop --bits or choose --format int")
+        return fmt
+
+    def effective_group_size(self) -> int:
+        """Group size after the format's own block size (MX 32, NVFP4 16) takes precedence."""
+        fixed = FORMATS[self.format].fixed_group_size
+        return fixed if fixed is not None else self.group_size
+
+    def label(self) -> str:
+        fmt = self.make_format()
+        g = self.effective_group_size()
+        gtxt = {-1: "per-channel", 0: "per-tensor"}.get(g, f"g{g}")
+        if self.format == "int":
+            kind = "sym" if self.symmetric else ("asym" if self.zero_point == "int" else "asym-fmin")
+            return f"int{fmt.code_bits} {gtxt} {kind}"
+        return f"{self.format} {gtxt}" + (" dq" if self.double_quant else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationScheme:
+    """How activations are quantized at run time: per token (dynamic) or per tensor (static)."""
+
+    format: str = "int"
+    bits: int = 8
+    granularity: str = "token"
+    dynamic: bool = True
+    symmetric: bool = True
+    observer: str = "minmax"
+
+    def __post_init__(self):
+        if self.granularity not in ("token", "tensor"):
+            raise SchemeError(f"activation granularity must be 'token' or 'tensor', got {self.granularity!r}")
+        if self.format not in ("int", "fp8_e4m3", "fp8_e5m2"):
+            raise SchemeError(f"activation format must be int, fp8_e4m3 or fp8_e5m2, got {self.format!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    """Weights, optional activations, optional KV cache; versioned for serialisation."""
+
+    weights: WeightScheme = dataclasses.field(default_factory=WeightScheme)
+    activations: ActivationScheme | None = None
+    version: int = SCHEME_VERSION
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "QuantScheme":
+        data = dict(data)
+        if data.get("version", SCHEME_VERSION) > SCHEME_VERSION:
+            raise SchemeError(f"scheme version {data['version']} is newer than this lowbit; upgrade lowbit")
+        weights = _from_dict(WeightScheme, data.pop("weights", {}), "weights scheme")
+        acts = data.pop("activations", None)
+        acts = _from_dict(ActivationScheme, acts, "activations scheme") if acts else None
+        rest = _from_dict(cls, {**data, "weights": weights, "activations": acts}, "scheme")
+        return rest
+
+
+def _presets() -> dict[str, QuantScheme]:
+    return {
+    "W4A16": QuantScheme(WeightScheme("int", 4, 128, True)),
+    "W4A16_G32_ASYM": QuantScheme(WeightScheme("int", 4, 32, False)),
+    "W3A16_G32": QuantScheme(WeightScheme("int", 3, 32, False)),
+    "W8A16": QuantScheme(WeightScheme("int", 8, -1, True)),
+    "W8A8": QuantScheme(WeightScheme("int", 8, -1, True), ActivationScheme("int", 8, "token", True)),
+    "FP8": QuantScheme(WeightScheme("fp8_e4m3", None, -1), ActivationScheme("fp8_e4m3", 8, "token", True)),
+    "FP8_WEIGHT": QuantScheme(WeightScheme("fp8_e4m3", None, -1)),
+    "NF4": QuantScheme(WeightScheme("nf4", None, 64, double_quant=True)),
+    "MXFP4": QuantScheme(WeightScheme("mxfp4", None, 32)),
+    "MXFP8": QuantScheme(WeightScheme("mxfp8", None, 32)),
+    "NVFP4": QuantScheme(WeightScheme("nvfp4", None, 16)),
+    "TERNARY": QuantScheme(WeightScheme("ternary", None, -1)),
+    }
+
+
+PRESET_NAMES = ("W4A16", "W4A16_G32_ASYM", "W3A16_G32", "W8A16", "W8A8", "FP8", "FP8_WEIGHT", "NF4",
+                "MXFP4", "MXFP8", "NVFP4", "TERNARY")
+
+
+def preset(name: str) -> QuantScheme:
+    """A named preset (case-insensitive)."""
+    key = name.upper()
+    if key not in PRESET_NAMES:
+        raise SchemeError(f"unknown scheme preset {name!r}; choose one of: {', '.join(PRESET_NAMES)}")
+    return _presets()[key]

@@ -1,0 +1,171 @@
+"""QuantizedTensor (codes + parameters + format) and the generic grouping that every format shares.
+
+Weights are viewed as a matrix W (rows, cols) with cols the input dimension:
+- nn.Linear weight (out, in): as is;
+- transposed storage (GPT-2 Conv1D (in, out), experts marked ``is_transposed``): transposed;
+- stacked experts (E, out, in): flattened to (E*out, in).
+Groups run along cols. A group size that does not divide cols leaves a last, shorter group;
+its parameters are fitted on its own values only, and the stored shape is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lowbit.errors import SchemeError
+from lowbit.formats import Format, Params, make_format
+from lowbit.formats.packing import pack, packed_nbytes, unpack
+from lowbit.observers import mse_search, observe
+
+
+def to_matrix(w: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """(rows, cols=in_features) view of a weight of any supported layout."""
+    if w.ndim < 2:
+        raise SchemeError(f"cannot quantize a {w.ndim}-D tensor as a weight matrix; exclude it from the targets")
+    if transposed:
+        w = w.transpose(-1, -2)
+    return w.reshape(-1, w.shape[-1])
+
+
+def from_matrix(W: torch.Tensor, shape: tuple[int, ...], transposed: bool = False) -> torch.Tensor:
+    """Inverse of to_matrix."""
+    if transposed:
+        inner = (*shape[:-2], shape[-1], shape[-2])
+        return W.reshape(inner).transpose(-1, -2).contiguous()
+    return W.reshape(shape)
+
+
+def resolve_group_size(group_size: int, cols: int) -> int:
+    """Concrete group size: -1 means the whole row (per channel); 0 (per tensor) stays 0."""
+    if group_size == -1:
+        return cols
+    if group_size > cols:
+        raise SchemeError(f"group size {group_size} is larger than the row length {cols}; use a smaller --group-size or -1 (per channel)")
+    return group_size
+
+
+def group_index(cols: int, group_size: int) -> torch.Tensor:
+    """Group of each column: (cols,) long tensor."""
+    if group_size == 0:
+        return torch.zeros(cols, dtype=torch.long)
+    return torch.arange(cols) // group_size
+
+
+def expand_params(p: Params, gidx: torch.Tensor) -> Params:
+    """Per-group parameters (rows, n_groups) -> per-column (rows, len(gidx)); 0-d stay 0-d."""
+    return {k: (v[:, gidx] if v.ndim else v) for k, v in p.items()}
+
+
+def _fit_blocks(fmt: Format, blocks: torch.Tensor, tensor_params: Params, observer: str, percentile: float) -> Params:
+    """Float parameters for blocks (rows, n, size), rounded through the format's storage."""
+
+    def fit_once(lo, hi):
+        p = fmt.params_from_range(lo, hi, tensor_params)
+        return fmt.load_params(fmt.store_params({**p, **tensor_params}))
+
+    lo, hi = observe(blocks, observer, percentile)
+    if observer == "mse":
+        return mse_search(blocks, fmt, tensor_params, fit_once, lo, hi)
+    return fit_once(lo, hi)
+
+
+def fit_groups(fmt: Format, W: torch.Tensor, group_size: int, observer: str = "minmax",
+               percentile: float = 99.9, tensor_params: Params | None = None) -> Params:
+    """Float parameters (rows, n_groups) for matrix W, already exact in their stored precision."""
+    W = W.float()
+    rows, cols = W.shape
+    tp = fmt.tensor_params(W) if tensor_params is None else tensor_params
+    if group_size == 0:
+        p = _fit_blocks(fmt, W.reshape(1, 1, -1), tp, observer, percentile)
+        return p
+    n_full, tail = divmod(cols, group_size)
+    parts = []
+    if n_full:
+        parts.append(_fit_blocks(fmt, W[:, : n_full * group_size].reshape(rows, n_full, group_size), tp, observer, percentile))
+    if tail:
+        parts.append(_fit_blocks(fmt, W[:, n_full * group_size:].reshape(rows, 1, tail), tp, observer, percentile))
+    out = {}
+    for k in parts[0]:
+        vs = [pp[k] for pp in parts]
+        out[k] = torch.cat(vs, dim=1) if vs[0].ndim else vs[0]
+    return out
+
+
+@dataclasses.dataclass
+class QuantizedTensor:
+    """A low-bit weight.
+
+    codes:  (rows, cols) uint8, one unpacked code per weight (packed only when written);
+    params: stored parameters, per group (rows, n_groups) or per tensor (0-d), in storage dtypes;
+    format: the Format that encodes/decodes;
+    group_size: resolved group size along cols (0 = one group for the whole tensor);
+    shape:  the original parameter shape; transposed: original stores (..., in, out).
+    """
+
+    codes: torch.Tensor
+    params: Params
+    format: Format
+    group_size: int
+    shape: tuple[int, ...]
+    transposed: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def float_params(self) -> Params:
+        return self.format.load_params(self.params)
+
+    def dequantize_matrix(self) -> torch.Tensor:
+        """The decoded (rows, cols) float32 matrix."""
+        gidx = group_index(self.codes.shape[1], self.group_size)
+        return self.format.decode(self.codes, expand_params(self.float_params(), gidx))
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The decoded weight in its original shape and layout."""
+        return from_matrix(self.dequantize_matrix(), self.shape, self.transposed).to(dtype)
+
+    def packed_codes(self) -> torch.Tensor:
+        return pack(self.codes, self.format.code_bits)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk: packed codes plus stored parameters."""
+        codes = packed_nbytes(self.numel, self.format.code_bits)
+        return codes + sum(v.numel() * v.element_size() for v in self.params.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.nbytes * 8 / self.numel
+
+    def meta(self) -> dict:
+        """JSON-serialisable description (everything but the tensors)."""
+        return {"format": self.format.config(), "group_size": self.group_size, "shape": list(self.shape),
+                "matrix_shape": list(self.codes.shape), "transposed": self.transposed,
+                "params": sorted(self.params)}
+
+    @classmethod
+    def from_packed(cls, meta: dict, packed: torch.Tensor, params: Params) -> "QuantizedTensor":
+        fmt_cfg = dict(meta["format"])
+        fmt = make_format(fmt_cfg.pop("name"), **fmt_cfg)
+        rows, cols = meta["matrix_shape"]
+        codes = unpack(packed, fmt.code_bits, rows * cols).view(rows, cols)
+        return cls(codes, params, fmt, meta["group_size"], tuple(meta["shape"]), meta["transposed"])
+
+
+def encode_matrix(fmt: Format, W: torch.Tensor, p: Params, group_size: int) -> torch.Tensor:
+    """Codes (rows, cols) for W with fitted float parameters p."""
+    return fmt.encode(W.float(), expand_params(p, group_index(W.shape[1], group_size)))
+
+
+def quantize_tensor(w: torch.Tensor, scheme, transposed: bool = False) -> QuantizedTensor:
+    """Round-to-nearest quantization of one weight under a WeightScheme (or QuantScheme)."""
+    ws = getattr(scheme, "weights", scheme)
+    fmt = ws.make_format()
+    W = to_matrix(w.detach(), transposed).float()
+    g = resolve_group_size(ws.effective_group_size(), W.shape[1])
+    p = fit_groups(fmt, W, g, ws.observer, ws.percentile)
+    codes = encode_matrix(fmt, W, p, g)
+    return QuantizedTensor(codes, fmt.store_params(p), fmt, g, tuple(w.shape), transposed)
