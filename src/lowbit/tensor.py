@@ -65,6 +65,9 @@ def _fit_blocks(fmt: Format, blocks: torch.Tensor, tensor_params: Params, observ
         p = fmt.params_from_range(lo, hi, tensor_params)
         return fmt.load_params(fmt.store_params({**p, **tensor_params}))
 
+    p = fmt.params_from_blocks(blocks, tensor_params)
+    if p is not None:  # the format fits from the values themselves; observers do not apply
+        return fmt.load_params(fmt.store_params({**p, **tensor_params}))
     lo, hi = observe(blocks, observer, percentile)
     if observer == "mse":
         return mse_search(blocks, fmt, tensor_params, fit_once, lo, hi)

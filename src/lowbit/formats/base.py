@@ -6,6 +6,8 @@ Every per-group parameter has shape (rows, n_groups); tensor-level parameters ar
 - ``tensor_params(W)``: parameters shared by the whole tensor (NVFP4's FP32 scale); default none.
 - ``params_from_range(lo, hi, tensor_params)``: per-group parameters for the value range [lo, hi]
   an observer chose. Observers and MSE clipping search call this with shrunk ranges.
+- ``params_from_blocks(blocks, tensor_params)``: optional; per-group parameters from the group's
+  values themselves (ternary's absmean), bypassing the observer; None (default) = use the range.
 - ``encode(W, p)`` / ``decode(codes, p)``: elementwise, with per-group parameters already
   expanded to W's shape, so GPTQ can call them one column at a time.
 - ``store_params(p)`` / ``load_params(stored)``: the compact on-disk form (fp16 scales, E8M0
@@ -61,6 +63,11 @@ class Format:
     def tensor_params(self, W: torch.Tensor) -> Params:
         """Parameters shared by the whole tensor; none by default."""
         return {}
+
+    def params_from_blocks(self, blocks: torch.Tensor, tensor_params: Params) -> Params | None:
+        """Per-group parameters from blocks (rows, n, size) when the format needs more than a range
+        (absmean); None, the default, means "fit from the observer's range"."""
+        return None
 
     def store_params(self, p: Params) -> Params:
         """Compact storage form of the parameters (default: as they are)."""

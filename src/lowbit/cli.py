@@ -1,0 +1,276 @@
+"""Command line: parses flags, calls the API, prints tables or --json. The only place that
+prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tabulate import tabulate
+
+from lowbit.errors import LowbitError
+
+
+def _scheme_from_args(args):
+    from lowbit.scheme import QuantScheme, WeightScheme, preset
+
+    if args.scheme:
+        base = preset(args.scheme)
+        return base
+    fmt = args.format
+    bits = args.bits
+    if fmt in ("int8", "int4", "int3", "int2"):  # convenience spellings
+        fmt, bits = "int", int(fmt[3:])
+    if fmt == "int" and bits is None:
+        bits = 4
+    return QuantScheme(WeightScheme(format=fmt, bits=bits, group_size=args.group_size, symmetric=not args.asym,
+                                    zero_point=args.zero_point, observer=args.observer,
+                                    percentile=args.percentile, double_quant=args.double_quant))
+
+
+def _add_scheme_flags(p):
+    p.add_argument("--scheme", help="preset: W4A16, W4A16_G32_ASYM, W3A16_G32, W8A16, W8A8, FP8, NF4, MXFP4, MXFP8, NVFP4, TERNARY")
+    p.add_argument("--format", default="int", help="int | fp8_e4m3 | fp8_e5m2 | fp4 | nf4 | mxfp4 | mxfp8 | nvfp4 | ternary | gguf_* (default int)")
+    p.add_argument("--bits", type=int, default=None, help="bits for --format int (2-8, default 4)")
+    p.add_argument("--group-size", type=int, default=128, help="group size along the input dim; -1 per channel, 0 per tensor (default 128)")
+    p.add_argument("--asym", action="store_true", help="asymmetric (zero-point) integer quantization")
+    p.add_argument("--zero-point", default="int", choices=["int", "float"], help="asymmetric zero as an integer (GPTQ) or a float minimum (Q4_1/HQQ)")
+    p.add_argument("--observer", default="minmax", choices=["minmax", "percentile", "mse", "kl"])
+    p.add_argument("--percentile", type=float, default=99.9)
+    p.add_argument("--double-quant", action="store_true", help="NF4: quantize the absmax scales too")
+    p.add_argument("--include", action="append", help="regex of weight names to quantize (repeatable)")
+    p.add_argument("--exclude", action="append", help="regex of weight names to keep (repeatable; replaces the default lm_head/embed/norm)")
+
+
+def _print(obj, as_json: bool, table=None, headers=()):
+    if as_json:
+        print(json.dumps(obj, indent=1, default=str))
+    elif table is not None:
+        print(tabulate(table, headers=headers, floatfmt=".4g"))
+
+
+def cmd_quantize(args):
+    from lowbit.api import quantize
+    from lowbit.export.native import save
+    from lowbit.model.load import load_source
+
+    scheme = _scheme_from_args(args)
+    t0 = time.perf_counter()
+    loaded = load_source(args.source)
+    t_load = time.perf_counter() - t0
+    qm = quantize(loaded, scheme, method=args.method, include=args.include, exclude=args.exclude, progress=not args.json)
+    qm.recipe["seconds"]["load"] = t_load
+    kept = qm.recipe["kept_full_precision"]
+    if not args.json:
+        print(f"quantized {len(qm.tensors)} weights with {args.method} {scheme.weights.label()}; kept in full precision: "
+              f"{', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} ({len(kept)})", file=sys.stderr)
+    out = save(qm, args.output, force=args.force)
+    summary = {"output": str(out), "method": qm.method, "scheme": scheme.weights.label(), "weights_quantized": len(qm.tensors),
+               "kept_full_precision": kept, "bits_per_weight": qm.bits_per_weight, "quantized_bytes": qm.quantized_bytes,
+               "seconds": qm.recipe["seconds"]}
+    _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "kept_full_precision"], ("", ""))
+
+
+def cmd_eval(args):
+    from lowbit.eval.layers import layer_errors
+    from lowbit.eval.report import eval_windows, evaluate_candidate, load_candidate, resolve_reference
+    from lowbit.model.load import load_source
+
+    cand = load_candidate(args.candidate)
+    ref = load_source(resolve_reference(cand, args.reference))
+    windows = eval_windows(ref.tokenizer, args.data, args.ctx, args.windows)
+    result = evaluate_candidate(cand, ref.model, windows, progress=not args.json)
+    layers = []
+    if cand.quantized is not None and args.layers:
+        layers = layer_errors(ref.model, cand.quantized.tensors, cand.quantized.targets, windows[0])
+        result["layers"] = [vars(r) for r in layers]
+    if args.json:
+        _print(result, True)
+        return
+    if layers:
+        print(tabulate([[r.name, r.weight_rel_err, r.output_rel_err] for r in layers],
+                       headers=("layer", "weight rel err", "output rel err"), floatfmt=".4f"))
+        print()
+    keys = ("ppl", "ref_ppl", "kld", "kld_p99", "top1", "bits_per_weight", "bits_per_weight_file", "size_bytes", "n_tokens")
+    print(tabulate([[k, result[k]] for k in keys], floatfmt=".4f"))
+
+
+def cmd_compare(args):
+    """Quantize one source with several schemes and evaluate each against it: the demo table."""
+    import copy
+
+    from lowbit.api import quantize
+    from lowbit.eval.divergence import compare, run_reference
+    from lowbit.eval.report import eval_windows
+    from lowbit.model.load import load_source
+    from lowbit.scheme import preset
+
+    t0 = time.perf_counter()
+    loaded = load_source(args.source)
+    t_load = time.perf_counter() - t0
+    windows = eval_windows(loaded.tokenizer, args.data, args.ctx, args.windows)
+    t0 = time.perf_counter()
+    ref = run_reference(loaded.model, windows, progress=not args.json)
+    t_ref = time.perf_counter() - t0
+    rows = []
+    for name in args.schemes:
+        scheme = preset(name)
+        work = copy.deepcopy(loaded)
+        t0 = time.perf_counter()
+        qm = quantize(work, scheme, method=args.method, progress=False)
+        t_q = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        res = compare(qm.model, ref, progress=not args.json)
+        t_e = time.perf_counter() - t0
+        rows.append({"method": args.method, "scheme": name, "format": scheme.weights.label(),
+                     "bits_per_weight": qm.bits_per_weight, "quantized_mb": qm.quantized_bytes / 1e6,
+                     "ppl": res.ppl, "ref_ppl": res.ref_ppl, "kld": res.kld, "kld_p99": res.kld_p99, "top1": res.top1,
+                     "seconds_quantize": t_q, "seconds_eval": t_e})
+        del work, qm
+    out = {"source": loaded.source, "tokens": int(ref.windows[:, 1:].numel()), "seconds_load": t_load,
+           "seconds_reference": t_ref, "rows": rows}
+    if args.json:
+        _print(out, True)
+        return
+    print(f"source: {loaded.source}\neval: {windows.shape[0]} windows x {windows.shape[1]} tokens; "
+          f"reference PPL {rows[0]['ref_ppl']:.3f}; load {t_load:.1f}s, reference pass {t_ref:.1f}s")
+    print(tabulate([[r["method"], r["format"], r["bits_per_weight"], r["quantized_mb"], r["ppl"], r["kld"], r["top1"],
+                     r["seconds_quantize"], r["seconds_eval"]] for r in rows],
+                   headers=("method", "format", "bits/weight", "quantized MB", "PPL", "KLD", "top-1", "quantize s", "eval s"),
+                   floatfmt=("", "", ".3f", ".2f", ".3f", ".4f", ".3f", ".1f", ".1f")))
+
+
+def cmd_generate(args):
+    import torch
+
+    from lowbit.eval.report import load_candidate, resolve_reference
+    from lowbit.model.load import load_source
+
+    cand = load_candidate(args.candidate)
+    ref = load_source(resolve_reference(cand, args.reference))
+    outputs = {}
+    for label, model, tok in (("reference", ref.model, ref.tokenizer), ("candidate", cand.model, cand.tokenizer)):
+        ids = tok(args.prompt, return_tensors="pt")
+        with torch.no_grad():
+            gen = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        outputs[label] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    if args.json:
+        _print({"prompt": args.prompt, **outputs}, True)
+        return
+    print(tabulate([[outputs["reference"], outputs["candidate"]]], headers=("reference", "candidate"),
+                   tablefmt="grid", maxcolwidths=[50, 50]))
+
+
+def cmd_info(args):
+    from lowbit.info import describe
+
+    info = describe(args.path)
+    if args.json:
+        _print(info, True)
+        return
+    for k, v in info.items():
+        if isinstance(v, list):
+            print(f"{k}:")
+            print(tabulate(v, headers="keys"))
+        elif isinstance(v, dict):
+            print(f"{k}:")
+            for kk, vv in v.items():
+                print(f"  {kk}: {vv}")
+        else:
+            print(f"{k}: {v}")
+
+
+def cmd_size(args):
+    from lowbit.sizing import estimate, parse_count
+
+    arch = tuple(args.arch) if args.arch else None
+    fmts = args.format or ["fp32", "fp16", "int8", "int4"]
+    rows = [estimate(parse_count(args.params), f, args.group_size, args.asym, args.context, args.batch, args.kv_bits, arch)
+            for f in fmts]
+    if args.json:
+        _print([r.as_dict() for r in rows], True)
+        return
+    gb = 1e9
+    print(tabulate([[r.format, r.bits, r.weight_bytes / gb, r.scale_bytes / gb,
+                     None if r.kv_cache_bytes is None else r.kv_cache_bytes / gb, r.total_bytes / gb] for r in rows],
+                   headers=("format", "bits", "weights GB", "scales GB", "KV cache GB", "total GB"), floatfmt=".2f"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
+    q.add_argument("--method", default="rtn")
+    _add_scheme_flags(q)
+    q.add_argument("--output", "-o", required=True)
+    q.add_argument("--force", action="store_true", help="replace an existing output")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, KLD and top-1 of a candidate against its reference")
+    e.add_argument("candidate")
+    e.add_argument("--reference")
+    e.add_argument("--data", help="text file (default: Python reference manual, evaluation part)")
+    e.add_argument("--ctx", type=int, default=512)
+    e.add_argument("--windows", type=int, default=16)
+    e.add_argument("--layers", action="store_true", help="also print per-layer weight/output error")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="quantize with several presets and evaluate each (the demo table)")
+    c.add_argument("source", nargs="?")
+    c.add_argument("--schemes", nargs="+", default=["W8A16", "W4A16_G32_ASYM", "NF4", "MXFP4", "NVFP4"])
+    c.add_argument("--method", default="rtn")
+    c.add_argument("--data")
+    c.add_argument("--ctx", type=int, default=512)
+    c.add_argument("--windows", type=int, default=16)
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compare)
+
+    g = sub.add_parser("generate", help="reference and candidate text side by side")
+    g.add_argument("candidate")
+    g.add_argument("--reference")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=48)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="what a lowbit folder, HF folder or GGUF file holds")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("size", help="memory calculator")
+    s.add_argument("params", help="parameter count, e.g. 70B")
+    s.add_argument("--format", action="append", help="fp32 fp16 int8 int4 int3 int2 nf4 fp8 mxfp4 nvfp4 ... (repeatable)")
+    s.add_argument("--group-size", type=int, default=128)
+    s.add_argument("--asym", action="store_true")
+    s.add_argument("--context", type=int, default=0, help="tokens of KV cache per sequence")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--kv-bits", type=int, default=16)
+    s.add_argument("--arch", type=int, nargs=3, metavar=("LAYERS", "KV_HEADS", "HEAD_DIM"))
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_size)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LowbitError as e:
+        if args.debug:
+            raise
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

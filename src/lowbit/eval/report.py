@@ -1,0 +1,82 @@
+"""Evaluation of any candidate (lowbit folder, HF folder, GGUF file) against its reference."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+
+from lowbit.data import read_text, token_windows
+from lowbit.errors import SourceError
+from lowbit.eval.divergence import EvalResult, ReferenceRun, compare, run_reference
+from lowbit.model.load import load_source, resolve_source
+
+
+@dataclasses.dataclass
+class Candidate:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    reference_source: str | None   # recorded source of a lowbit folder
+    quantized: object | None       # QuantizedModel for lowbit folders
+    size_bytes: int
+    quantized_bpw: float | None
+
+
+def disk_size(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file in a folder."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def load_candidate(path: str | os.PathLike) -> Candidate:
+    """Load what `lowbit eval` / `generate` compare: a lowbit folder, HF folder or GGUF file."""
+    resolved, kind = resolve_source(path)
+    if kind == "lowbit":
+        from lowbit.export.native import load
+        qm = load(resolved)
+        return Candidate(qm.model, qm.tokenizer, str(resolved), qm.source, qm, disk_size(resolved), qm.bits_per_weight)
+    loaded = load_source(resolved)
+    return Candidate(loaded.model, loaded.tokenizer, loaded.source, None, None, disk_size(resolved), None)
+
+
+def weight_count(model: torch.nn.Module) -> int:
+    """Parameters of the model, each storage once (tied weights), quantized weights included."""
+    seen, total = set(), 0
+    for _, mod in model.named_modules():
+        qw = getattr(mod, "qweight", None)
+        if qw is not None:
+            total += qw.numel
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel()
+    return total
+
+
+def resolve_reference(candidate: Candidate, reference: str | None) -> str | None:
+    if reference is not None:
+        return reference
+    if candidate.reference_source is None:
+        raise SourceError(f"{candidate.path} records no source model; pass --reference SOURCE")
+    return candidate.reference_source
+
+
+def eval_windows(tokenizer, data: str | None, ctx: int, windows: int) -> torch.Tensor:
+    text, _ = read_text(data, "eval")
+    return token_windows(tokenizer, text, ctx, windows)
+
+
+def evaluate_candidate(candidate: Candidate, reference_model: torch.nn.Module, windows: torch.Tensor,
+                       progress: bool = True, reference_run: ReferenceRun | None = None) -> dict:
+    """All the numbers `lowbit eval --json` prints."""
+    ref = reference_run or run_reference(reference_model, windows, progress)
+    result: EvalResult = compare(candidate.model, ref, progress)
+    n_weights = weight_count(candidate.model)
+    return {**result.as_dict(), "bits_per_weight": candidate.quantized_bpw,
+            "bits_per_weight_file": candidate.size_bytes * 8 / max(1, n_weights),
+            "size_bytes": candidate.size_bytes, "candidate": candidate.path}

@@ -1,0 +1,1 @@
+"""Exporters: each serialises a QuantizedModel; none quantizes on its own."""

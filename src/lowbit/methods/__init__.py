@@ -1,0 +1,3 @@
+"""Quantization methods. Each decides which values to store; formats decide how."""
+
+METHODS = ("rtn",)

@@ -1,0 +1,1 @@
+"""Model sources, target selection and the quantized-model representation."""

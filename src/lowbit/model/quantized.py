@@ -1,0 +1,60 @@
+"""QuantizedModel: the one representation every method produces and every exporter reads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lowbit.model.targets import WeightTarget
+from lowbit.nn.quant_linear import QuantLinear
+from lowbit.scheme import QuantScheme
+from lowbit.tensor import QuantizedTensor
+
+
+@dataclasses.dataclass
+class QuantizedModel:
+    """A runnable model with low-bit weights, plus everything needed to save and describe it.
+
+    model:    the transformers model; quantized nn.Linear are QuantLinear, other quantized
+              weights (Conv1D, stacked experts) hold their decoded values;
+    tensors:  parameter name -> QuantizedTensor (the source of truth for exporters);
+    targets:  parameter name -> WeightTarget (layout of each quantized weight);
+    recipe:   method, its options, excluded weights, timings: recorded in outputs.
+    """
+
+    model: torch.nn.Module
+    tokenizer: object
+    scheme: QuantScheme
+    tensors: dict[str, QuantizedTensor]
+    targets: dict[str, WeightTarget]
+    source: str
+    method: str
+    recipe: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    @property
+    def quantized_numel(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Average bits per weight over the quantized weights (scales and zeros included)."""
+        return self.quantized_bytes * 8 / max(1, self.quantized_numel)
+
+
+def install_quantized(model: torch.nn.Module, target: WeightTarget, qt: QuantizedTensor) -> None:
+    """Put a quantized weight into the model: nn.Linear becomes QuantLinear; other layouts
+    get their decoded values written in place (same module, same forward)."""
+    module = model.get_submodule(target.module_name)
+    if target.kind == "linear":
+        parent_name, _, child = target.module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear(qt, module.bias))
+    else:
+        p = getattr(module, target.param_name)
+        with torch.no_grad():
+            p.copy_(qt.dequantize(p.dtype))

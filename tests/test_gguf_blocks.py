@@ -1,0 +1,185 @@
+"""GGUF block formats decode bit for bit like llama.cpp (gguf-py's reference dequantizers)."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants as gq
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+import lowbit
+from lowbit.errors import SchemeError
+from lowbit.formats import make_format
+from lowbit.formats.gguf_blocks import GGUF_TYPES, from_gguf_bytes, to_gguf_bytes
+
+NAMES = list(GGUF_TYPES)
+LEGACY = [n for n in NAMES if GGML_QUANT_SIZES[GGUF_TYPES[n]][0] == 32]
+KQUANTS = [n for n in NAMES if GGML_QUANT_SIZES[GGUF_TYPES[n]][0] == 256]
+
+
+def _scheme(name, **kw):
+    return lowbit.WeightScheme(format=name, bits=None, group_size=-1, **kw)
+
+
+def _shapes(name):
+    shapes = [(64, 256), (3, 512)]
+    return shapes + ([(16, 576)] if name in LEGACY else [])
+
+
+def _gguf_dequant(data, name) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(gq.dequantize(data, GGUF_TYPES[name]), dtype=np.float32))
+
+
+def _assert_same_qt(a, b):
+    assert torch.equal(a.codes, b.codes)
+    assert set(a.params) == set(b.params)
+    for k in a.params:
+        assert a.params[k].dtype == b.params[k].dtype, k
+        assert torch.equal(a.params[k], b.params[k]), k
+
+
+def test_type_table_covers_ten_types():
+    assert len(GGUF_TYPES) == 10
+    assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_group_size_is_the_fixed_sub_block(name):
+    expected = {"gguf_q2_k": 16, "gguf_q3_k": 16, "gguf_q6_k": 16, "gguf_q4_k": 32, "gguf_q5_k": 32}.get(name, 32)
+    assert _scheme(name).effective_group_size() == expected
+    assert lowbit.WeightScheme(format=name, bits=None, group_size=128).effective_group_size() == expected
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("scale", [0.02, 3.0])
+def test_bytes_decode_exactly_like_gguf(name, scale):
+    gen = torch.Generator().manual_seed(NAMES.index(name))
+    for shape in _shapes(name):
+        w = torch.randn(shape, generator=gen) * scale
+        w[0, :40] *= 8  # some outliers
+        qt = lowbit.quantize_tensor(w, _scheme(name))
+        data = to_gguf_bytes(qt)
+        block, type_size = GGML_QUANT_SIZES[GGUF_TYPES[name]]
+        assert data.dtype == np.uint8
+        assert data.shape == (shape[0], shape[1] // block * type_size)
+        assert qt.nbytes == data.size  # stored params are the block's own fields
+        ref = _gguf_dequant(data, name)
+        assert torch.equal(ref, qt.dequantize().float()), f"{name} {shape}"
+        _assert_same_qt(from_gguf_bytes(data, name, shape), qt)
+        # quality sanity: relative error well below the signal
+        rel = ((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean()).item()
+        assert rel < {"gguf_q2_k": 0.2, "gguf_q3_k": 0.05}.get(name, 0.02), (name, rel)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stored_params_round_trip_exactly(name):
+    """Fitting stores parameters twice (fit_groups, then quantize_tensor); it must be idempotent."""
+    gen = torch.Generator().manual_seed(1)
+    fmt = make_format(name)
+    for scale in (1e-5, 1e-3, 0.05, 20.0):
+        w = torch.randn(8, 512, generator=gen) * scale
+        w[1] = 0.0  # all-zero rows
+        w[2, :256] = w[2, :256].abs()  # positive-only super-block (mins are 0)
+        qt = lowbit.quantize_tensor(w, _scheme(name))
+        again = fmt.store_params(fmt.load_params(qt.params))
+        for k in qt.params:
+            assert torch.equal(again[k], qt.params[k]), (name, scale, k)
+        assert torch.equal(_gguf_dequant(to_gguf_bytes(qt), name), qt.dequantize())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_experts_shape_and_observers(name):
+    """3-D (experts) weights; observers (bypassed by the k-quant search) keep decoding exact."""
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(2, 4, 256, generator=gen)
+    for observer in ("minmax", "mse", "percentile"):
+        qt = lowbit.quantize_tensor(w, _scheme(name, observer=observer))
+        data = to_gguf_bytes(qt)
+        assert data.shape[0] == 8
+        assert torch.equal(_gguf_dequant(data, name).reshape(w.shape), qt.dequantize())
+    back = from_gguf_bytes(data, GGUF_TYPES[name].name, (2, 4, 256))  # GGML type names work too
+    assert torch.equal(back.dequantize(), qt.dequantize())
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_kquant_needs_256_columns(name):
+    with pytest.raises(SchemeError, match="multiple of 256"):
+        lowbit.quantize_tensor(torch.randn(4, 576), _scheme(name))
+
+
+@pytest.mark.parametrize("name", LEGACY)
+def test_legacy_needs_32_columns(name):
+    with pytest.raises(SchemeError, match="multiple of 32"):
+        lowbit.quantize_tensor(torch.randn(4, 40), _scheme(name))
+
+
+def test_from_gguf_bytes_rejects_wrong_size_and_type():
+    with pytest.raises(SchemeError):
+        from_gguf_bytes(np.zeros(10, np.uint8), "gguf_q4_0", (1, 32))
+    with pytest.raises(SchemeError):
+        from_gguf_bytes(np.zeros(18, np.uint8), "IQ2_XXS", (1, 32))
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if GGUF_TYPES[n] in (
+    GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1,
+    GGMLQuantizationType.Q5_0, GGMLQuantizationType.Q5_1)])
+def test_reference_quantizer_bytes_load_and_decode(name):
+    """Bytes from gguf-py's reference quantizer load, decode like gguf, and serialise back unchanged."""
+    rng = np.random.default_rng(3)
+    w = (rng.standard_normal((16, 576)) * 0.1).astype(np.float32)
+    data = gq.quantize(w, GGUF_TYPES[name])
+    qt = from_gguf_bytes(data, name, w.shape)
+    assert torch.equal(qt.dequantize(), _gguf_dequant(data, name))
+    assert np.array_equal(to_gguf_bytes(qt), data)
+    # lowbit's own fit is the same reference quantizer, up to rounding of ties and fp16 scale use
+    ours = lowbit.quantize_tensor(torch.from_numpy(w), _scheme(name)).dequantize()
+    ref_err = (qt.dequantize() - torch.from_numpy(w)).pow(2).mean()
+    assert (ours - torch.from_numpy(w)).pow(2).mean() <= ref_err * 1.05
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_random_kquant_bytes_round_trip(name):
+    """Arbitrary valid blocks (any d, any scale integers) load and re-serialise byte for byte."""
+    rng = np.random.default_rng(4)
+    block, type_size = GGML_QUANT_SIZES[GGUF_TYPES[name]]
+    data = rng.integers(0, 256, size=(5, 2 * type_size), dtype=np.uint8)
+    # keep the fp16 fields finite: clear the exponent's top bit of each fp16 d/dmin
+    fp16_at = {"gguf_q2_k": [80, 82], "gguf_q3_k": [108], "gguf_q4_k": [0, 2], "gguf_q5_k": [0, 2],
+               "gguf_q6_k": [208]}[name]
+    for b in range(2):
+        for off in fp16_at:
+            data[:, b * type_size + off + 1] &= 0x3F
+    qt = from_gguf_bytes(data, name, (5, 2 * block))
+    assert np.array_equal(to_gguf_bytes(qt), data)
+    assert torch.equal(qt.dequantize(), _gguf_dequant(data, name))
+
+
+def _quantize_with(fmt, w, observer="minmax"):
+    from lowbit.tensor import QuantizedTensor, encode_matrix, fit_groups
+
+    g = fmt.fixed_group_size
+    p = fit_groups(fmt, w, g, observer)
+    return QuantizedTensor(encode_matrix(fmt, w, p, g), fmt.store_params(p), fmt, g, tuple(w.shape))
+
+
+@pytest.mark.parametrize("name", KQUANTS)
+def test_kquant_search_beats_minmax_and_search_off_is_exact(name):
+    w = torch.randn(16, 512, generator=torch.Generator().manual_seed(5)) * 0.02
+
+    def rel(qt):
+        return ((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean()).item()
+
+    searched = lowbit.quantize_tensor(w, _scheme(name))
+    for observer in ("minmax", "mse"):
+        plain = _quantize_with(make_format(name, search=False), w, observer)
+        assert torch.equal(_gguf_dequant(to_gguf_bytes(plain), name), plain.dequantize())
+        assert rel(searched) < rel(plain), (name, observer)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lowbit_packed_round_trip(name):
+    from lowbit.tensor import QuantizedTensor
+
+    qt = lowbit.quantize_tensor(torch.randn(4, 512), _scheme(name))
+    back = QuantizedTensor.from_packed(qt.meta(), qt.packed_codes(), qt.params)
+    _assert_same_qt(back, qt)
+    assert back.format == qt.format
