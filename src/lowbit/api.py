@@ -8,7 +8,8 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.errors import SchemeError
-from lowbit.methods import METHODS, rtn
+from lowbit.calib import CalibrationConfig
+from lowbit.methods import CALIBRATED, METHODS, rtn
 from lowbit.model.load import LoadedModel, load_source
 from lowbit.model.quantized import QuantizedModel, install_quantized
 from lowbit.model.targets import all_weights, select_targets
@@ -27,9 +28,12 @@ def _as_scheme(scheme) -> QuantScheme:
 
 
 def quantize(source, scheme, method: str = "rtn", include: list[str] | None = None,
-             exclude: list[str] | None = None, progress: bool = True) -> QuantizedModel:
+             exclude: list[str] | None = None, calibration: CalibrationConfig | None = None,
+             options: dict | None = None, progress: bool = True) -> QuantizedModel:
     """Quantize a model (a LoadedModel, or a source path / None for the embedded default).
 
+    method: "rtn" (no data) or a calibrated method ("gptq"), which reads `calibration`
+    (default: 128 x 512 tokens of the default text) and method `options` (e.g. damp, act_order).
     The model inside `source` is modified in place when a LoadedModel is given."""
     scheme = _as_scheme(scheme)
     if method not in METHODS:
@@ -40,14 +44,57 @@ def quantize(source, scheme, method: str = "rtn", include: list[str] | None = No
     if not targets:
         raise SchemeError("no weights matched the include/exclude patterns; loosen --include/--exclude")
     kept = sorted({w.name for w in all_weights(model)} - {t.name for t in targets})
+    recipe = {"targets": len(targets), "kept_full_precision": kept, "include": include, "exclude": exclude,
+              "seconds": {}}
     t0 = time.perf_counter()
-    tensors = {}
-    with torch.no_grad():
-        for t in tqdm(targets, desc=f"{method} {scheme.weights.label()}", disable=not progress, unit="w"):
-            qt = rtn.quantize_weight(t.parameter(model).data, scheme.weights, t.transposed)
-            install_quantized(model, t, qt)
-            tensors[t.name] = qt
-    recipe = {"targets": len(targets), "kept_full_precision": kept,
-              "include": include, "exclude": exclude, "seconds": {"quantize": time.perf_counter() - t0}}
+    if method in CALIBRATED:
+        tensors = _quantize_calibrated(model, loaded.tokenizer, targets, scheme.weights, method,
+                                       calibration or CalibrationConfig(), options or {}, recipe, progress)
+    else:
+        tensors = {}
+        with torch.no_grad():
+            for t in tqdm(targets, desc=f"{method} {scheme.weights.label()}", disable=not progress, unit="w"):
+                qt = rtn.quantize_weight(t.parameter(model).data, scheme.weights, t.transposed)
+                install_quantized(model, t, qt)
+                tensors[t.name] = qt
+    recipe["seconds"]["quantize"] = time.perf_counter() - t0
     return QuantizedModel(model, loaded.tokenizer, scheme, tensors, {t.name: t for t in targets},
                           loaded.source, method, recipe)
+
+
+def _quantize_calibrated(model, tokenizer, targets, ws: WeightScheme, method: str, calibration: CalibrationConfig,
+                         options: dict, recipe: dict, progress: bool) -> dict:
+    """Run a calibrated method layer by layer; returns the quantized tensors (installed)."""
+    import dataclasses
+
+    from lowbit.calib.runner import StatsRequest, run_layers
+    from lowbit.methods import gptq
+
+    t0 = time.perf_counter()
+    windows = calibration.windows(tokenizer)
+    recipe["calibration"] = {**dataclasses.asdict(calibration), "tokens": int(windows.numel())}
+    recipe["seconds"]["calibration_data"] = time.perf_counter() - t0
+    try:
+        opts = gptq.GPTQOptions(**options)
+    except TypeError as e:
+        raise SchemeError(f"bad option for {method}: {e}; see `lowbit quantize --help`") from None
+    recipe["options"] = dataclasses.asdict(opts)
+    tensors: dict = {}
+    fallbacks: list[str] = []
+
+    def quantize_layer(_index, layer_targets, stats):
+        out, fb = gptq.quantize_layer(model, layer_targets, stats, ws, opts)
+        for t in layer_targets:
+            install_quantized(model, t, out[t.name])
+        tensors.update(out)
+        fallbacks.extend(fb)
+
+    outside = run_layers(model, windows, targets, quantize_layer, StatsRequest(hessian=True),
+                         calibration.batch_size, calibration.sequential, progress)
+    for t in outside:  # weights outside the decoder stack (an included lm_head) get RTN
+        qt = rtn.quantize_weight(t.parameter(model).data, ws, t.transposed)
+        install_quantized(model, t, qt)
+        tensors[t.name] = qt
+        fallbacks.append(t.name)
+    recipe["rtn_fallback"] = fallbacks
+    return {t.name: tensors[t.name] for t in targets}

@@ -1,3 +1,4 @@
 """Quantization methods. Each decides which values to store; formats decide how."""
 
-METHODS = ("rtn",)
+METHODS = ("rtn", "gptq")
+CALIBRATED = ("gptq",)

@@ -1,0 +1,403 @@
+"""GGUF export for llama.cpp: architecture metadata, the full tokenizer, and every weight as
+the bytes lowbit evaluated.
+
+Weights quantized with a GGUF block format (gguf_q4_k, gguf_q8_0, ...) are written as their
+llama.cpp blocks (``to_gguf_bytes``), so llama.cpp decodes exactly ``qt.dequantize()``. Nothing
+is quantized here: a weight in another format (int4, NF4, ...) is an error, unless the caller
+asks for a full-precision file (``full_precision="F32"``/``"F16"``/``"BF16"``), which writes the
+decoded values. Tensors lowbit did not quantize (embeddings, norms, an untied head) are written
+in float (F32 by default; F16/BF16 on request, norms always F32).
+
+Architectures (data, ``ARCHS``): llama (and mistral, which llama.cpp runs as llama) and qwen2.
+llama.cpp's llama graph applies rotary embeddings to interleaved pairs, so q/k rows are permuted
+from Hugging Face's half-split order as convert_hf_to_gguf.py does; qwen2 uses the NeoX order and
+is written as is. transformers undoes the permutation when it reads a GGUF, so a model loaded
+from the embedded GGUF is in HF order and gets permuted again here. Permuting rows of a
+QuantizedTensor is exact: every GGUF block lies within one row.
+
+Tokenizer: from a .gguf source every ``tokenizer.*`` key is copied unchanged (tokens, types,
+merges, special ids, add_bos, chat template, pre-tokenizer); from a Hugging Face folder a BPE
+(GPT-2 style, byte-level) tokenizer is rebuilt from tokenizer.json as convert_hf_to_gguf.py does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.errors import SchemeError, SourceError
+from lowbit.tensor import QuantizedTensor
+
+log = logging.getLogger(__name__)
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+    """How one transformers model_type is written: GGUF architecture and q/k row order."""
+
+    gguf_arch: str        # general.architecture, and the prefix of its keys
+    permute_qk: bool      # llama.cpp's llama rope wants interleaved q/k rows (HF: half split)
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec("llama", True),
+    "mistral": ArchSpec("llama", True),
+    "qwen2": ArchSpec("qwen2", False),
+}
+
+# Pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer (data).
+# A Split regex names llama3 / qwen2 style; bare ByteLevel is GPT-2; Digits + ByteLevel is SmolLM.
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_REGEXES: dict[str, str] = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGEX: "qwen2"}
+
+# file_type (LLAMA_FTYPE_MOSTLY_*) of a file whose weights are mostly one type
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
+               "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}
+
+
+# --- rows ----------------------------------------------------------------------------------------
+def qk_permutation(rows: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp wants for q/k: within each head, HF's [first half; second half] of
+    rotary pairs becomes interleaved [x0, y0, x1, y1, ...]. new[i] = old[perm[i]]."""
+    if rows % (2 * n_head):
+        raise SchemeError(f"cannot permute {rows} rows for {n_head} heads: rows must be a multiple of 2 * heads")
+    return torch.arange(rows).reshape(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
+def permute_rows(qt: QuantizedTensor, perm: torch.Tensor) -> QuantizedTensor:
+    """The QuantizedTensor whose matrix rows are qt's rows in the order perm (exact: codes and
+    per-row parameters move together; per-tensor parameters stay)."""
+    if qt.transposed or len(qt.shape) != 2:
+        raise SchemeError(f"row permutation needs a plain (out, in) weight, got shape {qt.shape}")
+    rows = qt.codes.shape[0]
+    params = {k: (v[perm] if v.ndim and v.shape[0] == rows else v) for k, v in qt.params.items()}
+    bad = [k for k, v in qt.params.items() if v.ndim and v.shape[0] != rows]
+    if bad:
+        raise SchemeError(f"parameters {bad} of a {qt.format.name} tensor are not per row; cannot permute rows")
+    return dataclasses.replace(qt, codes=qt.codes[perm], params=params)
+
+
+# --- inputs --------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class _Model:
+    """What the writer needs from a QuantizedModel or a LoadedModel."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    tensors: dict[str, QuantizedTensor]
+    source: str
+    recipe: dict
+
+
+def _unpack(qm_or_model) -> _Model:
+    from lowbit.model.load import LoadedModel
+    from lowbit.model.quantized import QuantizedModel
+
+    if isinstance(qm_or_model, QuantizedModel):
+        recipe = {"method": qm_or_model.method, "scheme": qm_or_model.scheme.to_dict(), **qm_or_model.recipe}
+        return _Model(qm_or_model.model, qm_or_model.tokenizer, qm_or_model.tensors, qm_or_model.source, recipe)
+    if isinstance(qm_or_model, LoadedModel):
+        return _Model(qm_or_model.model, qm_or_model.tokenizer, {}, qm_or_model.source, {})
+    raise SchemeError(f"write_gguf needs a QuantizedModel or LoadedModel, got {type(qm_or_model).__name__}")
+
+
+def _rope_theta(config) -> float:
+    theta = getattr(config, "rope_theta", None)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if theta is None:
+        theta = params.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise SchemeError(f"rope type {rope_type!r} is not supported by lowbit's GGUF exporter yet; "
+                          "export a model with default rotary embeddings, or use --export native")
+    return float(theta)
+
+
+def _arch(config) -> ArchSpec:
+    mt = getattr(config, "model_type", None)
+    if mt not in ARCHS:
+        raise SchemeError(f"GGUF export supports model types {', '.join(ARCHS)}, not {mt!r}; "
+                          "use another --export target for this model")
+    return ARCHS[mt]
+
+
+def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
+    w.add_context_length(int(config.max_position_embeddings))
+    w.add_embedding_length(int(config.hidden_size))
+    w.add_block_count(int(config.num_hidden_layers))
+    w.add_feed_forward_length(int(config.intermediate_size))
+    w.add_head_count(int(n_head))
+    w.add_head_count_kv(int(n_kv))
+    w.add_rope_freq_base(_rope_theta(config))
+    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    w.add_vocab_size(int(config.vocab_size))
+    w.add_rope_dimension_count(int(head_dim))
+    if head_dim != config.hidden_size // n_head:
+        w.add_key_length(int(head_dim))
+        w.add_value_length(int(head_dim))
+
+
+# --- tokenizer -----------------------------------------------------------------------------------
+def _copy_gguf_keys(w, reader, prefixes: tuple[str, ...], skip: set[str]) -> list[str]:
+    """Copy every key/value of a GGUFReader's file starting with one of `prefixes` (types kept)."""
+    from gguf import GGUFValueType
+
+    copied = []
+    for key, field in reader.fields.items():
+        if not key.startswith(prefixes) or key in skip:
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        value = field.contents()
+        if vtype == GGUFValueType.ARRAY and not value:
+            continue  # GGUFWriter drops empty arrays
+        w.add_key_value(key, value, vtype, sub_type=sub)
+        copied.append(key)
+    return copied
+
+
+def _pre_tokenizer_name(tok_json: dict) -> str:
+    """llama.cpp's pre-tokenizer name for a tokenizer.json (see PRE_TOKENIZER_REGEXES)."""
+    pre = tok_json.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    types = [p.get("type") for p in parts]
+    for p in parts:
+        if p.get("type") == "Split":
+            regex = (p.get("pattern") or {}).get("Regex")
+            if regex in PRE_TOKENIZER_REGEXES:
+                return PRE_TOKENIZER_REGEXES[regex]
+    if types == ["ByteLevel"]:
+        return "gpt-2"
+    if types == ["Digits", "ByteLevel"] and parts[0].get("individual_digits"):
+        return "smollm"
+    log.warning("pre-tokenizer %s is not one lowbit recognises; writing 'default' (llama.cpp may split text "
+                "differently from the Hugging Face tokenizer)", types)
+    return "default"
+
+
+def _write_hf_tokenizer(w, tokenizer, vocab_size: int) -> None:
+    """tokenizer.* keys for a byte-level BPE tokenizer, as convert_hf_to_gguf.py writes them."""
+    from gguf import SpecialVocab, TokenType
+
+    if tokenizer is None:
+        raise SourceError("the model has no tokenizer; GGUF files need one (load the model from a folder with tokenizer.json)")
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save_pretrained(d)
+        tj = Path(d) / "tokenizer.json"
+        if not tj.exists():
+            raise SchemeError("GGUF export needs a fast tokenizer (tokenizer.json); this tokenizer has none")
+        tok_json = json.loads(tj.read_text(encoding="utf-8"))
+        if (tok_json.get("model") or {}).get("type") != "BPE":
+            raise SchemeError(f"GGUF export from a Hugging Face folder supports BPE tokenizers, not "
+                              f"{(tok_json.get('model') or {}).get('type')!r}; export from a .gguf source instead")
+        vocab = tokenizer.get_vocab()
+        by_id = {i: t for t, i in vocab.items()}
+        added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+        n = max(vocab_size, max(by_id) + 1)
+        tokens, types = [], []
+        for i in range(n):
+            if i not in by_id:
+                tokens.append(f"[PAD{i}]")
+                types.append(TokenType.UNUSED)
+            elif i in added:
+                tokens.append(by_id[i])
+                types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+            else:
+                tokens.append(by_id[i])
+                types.append(TokenType.NORMAL)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(_pre_tokenizer_name(tok_json))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special = SpecialVocab(d, load_merges=True, n_vocab=n)
+        special.add_to_gguf(w, quiet=True)
+        if "bos" not in special.add_special_token:
+            # tokenizer_config.json may not say; what the tokenizer does is the truth llama.cpp must copy
+            bos = getattr(tokenizer, "bos_token_id", None)
+            ids = tokenizer("a")["input_ids"]
+            w.add_add_bos_token(bool(bos is not None and ids and ids[0] == bos))
+
+
+# --- tensors -------------------------------------------------------------------------------------
+def _gguf_name(name_map, hf_name: str) -> str | None:
+    for suffix in (".weight", ".bias"):
+        if hf_name.endswith(suffix):
+            base = name_map.get_name(hf_name[: -len(suffix)])
+            return None if base is None else base + suffix
+    return None
+
+
+def _float_array(t: torch.Tensor, type_name: str):
+    """(numpy array, raw GGML type or None) of a float tensor in F32/F16/BF16."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize as gguf_quantize
+
+    a = t.detach().float().cpu().numpy()
+    if type_name == "F32":
+        return a.astype(np.float32), None
+    if type_name == "F16":
+        return a.astype(np.float16), None
+    return gguf_quantize(a, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
+
+
+def _type_name_of(qt: QuantizedTensor) -> str | None:
+    from lowbit.formats.gguf_blocks import GGUF_TYPES
+
+    return GGUF_TYPES[qt.format.name].name if qt.format.name in GGUF_TYPES else None
+
+
+def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_precision: str | None,
+                  name_map) -> list[tuple[str, str, object]]:
+    """[(gguf name, type name, QuantizedTensor | torch.Tensor)] in model order, q/k not yet permuted."""
+    config = m.model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    plan, seen = [], set()
+    state = dict(m.model.named_parameters(remove_duplicate=False))
+    state.update({k: v for k, v in m.model.named_buffers() if k not in state})
+    names = list(dict.fromkeys(list(state) + list(m.tensors)))
+    for hf_name in names:
+        if "rotary_emb" in hf_name or hf_name.endswith("inv_freq"):
+            continue  # recomputed by llama.cpp from rope metadata
+        if hf_name.startswith("lm_head.") and tied and hf_name not in m.tensors:
+            continue  # tied head: llama.cpp uses token_embd when output.weight is absent
+        gname = _gguf_name(name_map, hf_name)
+        if gname is None:
+            raise SchemeError(f"tensor {hf_name} has no GGUF name for architecture {spec.gguf_arch}; "
+                              "the model is not a plain LLaMA-style model")
+        if gname in seen:
+            continue
+        seen.add(gname)
+        requested = tensor_types.get(hf_name, tensor_types.get(gname))
+        if hf_name in m.tensors:
+            qt = m.tensors[hf_name]
+            have = _type_name_of(qt)
+            want = requested or full_precision or have
+            if want is None:
+                raise SchemeError(
+                    f"{hf_name} is stored as {qt.format.name}, which llama.cpp cannot read, and the GGUF exporter never "
+                    "re-quantizes; quantize with --format gguf_q4_k (or another gguf_* type), or pass --type F32/F16 "
+                    "for a full-precision file of the decoded weights")
+            if want in FLOAT_TYPES:
+                plan.append((gname, want, qt.dequantize(torch.float32)))
+            elif want != have:
+                raise SchemeError(f"{hf_name} was quantized as {qt.format.name}; it cannot be written as {want} without "
+                                  f"quantizing again; quantize it with --format gguf_{want.lower()} instead")
+            else:
+                plan.append((gname, want, qt))
+            continue
+        t = state[hf_name]
+        if t.ndim <= 1 or "norm" in gname:
+            want = "F32"  # norms and biases: llama.cpp keeps them in F32
+        else:
+            want = requested or (full_precision or "F32")
+        if want not in FLOAT_TYPES:
+            raise SchemeError(f"{hf_name} is not quantized; it can be written as {', '.join(FLOAT_TYPES)}, not {want} "
+                              "(the exporter never quantizes: quantize it first)")
+        plan.append((gname, want, t))
+    return plan
+
+
+def _file_type(plan) -> int:
+    """general.file_type: the type holding most of the 2-D weights' elements."""
+    count: dict[str, int] = {}
+    for gname, type_name, value in plan:
+        shape = value.shape
+        if len(shape) >= 2:
+            count[type_name] = count.get(type_name, 0) + int(np.prod(shape))
+    main = max(count, key=count.get) if count else "F32"
+    return _FILE_TYPES.get(main, 0)
+
+
+def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str] | None = None, *,
+               full_precision: str | None = None, force: bool = False) -> Path:
+    """Write a QuantizedModel (or a plain LoadedModel) as one GGUF file for llama.cpp.
+
+    tensor_types: per tensor (HF or GGUF name) "F32"/"F16"/"BF16", or the GGML name of the type
+    it was quantized with; full_precision: write every quantized weight decoded, in that float
+    type (F32/F16/BF16), e.g. for a reference file. The file appears at `path` only when complete."""
+    import gguf
+
+    if full_precision is not None and full_precision not in FLOAT_TYPES:
+        raise SchemeError(f"full-precision type must be one of {', '.join(FLOAT_TYPES)}, got {full_precision!r}; "
+                          "quantized GGUF types come from quantizing with --format gguf_*")
+    tensor_types = dict(tensor_types or {})
+    m = _unpack(qm_or_model)
+    config = m.model.config
+    spec = _arch(config)
+    final = Path(path)
+    if final.exists() and not force:
+        raise SourceError(f"output {final} already exists; choose another --output or pass --force")
+    final.parent.mkdir(parents=True, exist_ok=True)
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config.num_hidden_layers))
+    plan = _plan_tensors(m, spec, tensor_types, full_precision, name_map)
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    w = gguf.GGUFWriter(tmp, spec.gguf_arch)
+    try:
+        source = Path(m.source) if m.source else None
+        gguf_source = source is not None and source.suffix.lower() == ".gguf" and source.is_file()
+        reader = gguf.GGUFReader(source) if gguf_source else None
+        if reader is not None:  # names, license, ... of the original model
+            _copy_gguf_keys(w, reader, ("general.",), {"general.architecture", "general.file_type",
+                                                       "general.quantization_version", "general.alignment"})
+        elif source is not None:
+            w.add_name(source.name)
+        _write_arch_metadata(w, config, spec)
+        w.add_file_type(_file_type(plan))
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_quantized_by("lowbit")
+        if m.recipe:
+            w.add_string("lowbit.recipe", json.dumps(m.recipe, sort_keys=True, default=str))
+        if reader is not None:
+            copied = _copy_gguf_keys(w, reader, ("tokenizer.",), set())
+            if "tokenizer.ggml.tokens" not in copied:
+                raise SourceError(f"{source} has no tokenizer.ggml.tokens; cannot write a usable GGUF from it")
+        else:
+            _write_hf_tokenizer(w, m.tokenizer, int(config.vocab_size))
+
+        for gname, type_name, value in plan:
+            heads = None
+            if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
+                heads = n_head if ".attn_q." in gname else n_kv
+            if isinstance(value, QuantizedTensor):
+                if heads is not None:
+                    value = permute_rows(value, qk_permutation(value.codes.shape[0], heads))
+                from lowbit.formats.gguf_blocks import to_gguf_bytes
+
+                data = to_gguf_bytes(value)
+                w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=value.format.ggml_type)
+            else:
+                t = value.detach()
+                if heads is not None:
+                    t = t[qk_permutation(t.shape[0], heads)]
+                arr, raw = _float_array(t, type_name)
+                w.add_tensor(gname, arr, raw_dtype=raw)
+
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, final)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return final

@@ -1,0 +1,160 @@
+"""GPTQ (Frantar et al. 2022): quantize columns in order, spreading each column's rounding
+error over the columns not yet quantized through the inverse Hessian of the layer inputs.
+
+Works with every format whose encode/decode are elementwise with fixed group parameters:
+the solver only calls ``fmt.encode``/``fmt.decode`` on one column at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from lowbit.formats import Format, Params
+from lowbit.scheme import WeightScheme
+from lowbit.tensor import QuantizedTensor, fit_groups, group_index, resolve_group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQOptions:
+    damp: float = 0.01          # fraction of the mean Hessian diagonal added to the diagonal
+    block_size: int = 128       # lazy batch updates (columns per block)
+    act_order: bool = False     # process columns by decreasing Hessian diagonal
+
+
+def fit_span(fmt: Format, group_size: int) -> int:
+    """Columns whose parameters must be fitted together (k-quant super-blocks: 256)."""
+    per_super = getattr(fmt, "per_super", None)
+    return group_size * per_super if isinstance(per_super, int) else group_size
+
+
+def prepare_hessian_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of the damped inverse Hessian, and the mask of dead input channels."""
+    H = H.double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.cholesky_inverse(L)
+    return torch.linalg.cholesky(Hinv, upper=True).float(), dead
+
+
+def _params_at(p: Params, g: int) -> Params:
+    return {k: (v[:, g: g + 1] if v.ndim else v) for k, v in p.items()}
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int, observer: str = "minmax",
+                  percentile: float = 99.9, options: GPTQOptions = GPTQOptions()) -> tuple[torch.Tensor, Params]:
+    """Codes (rows, cols) and float group parameters for W (rows, cols) given H = X^T X (cols, cols).
+
+    Group parameters are fitted on the error-updated weights when the solver reaches a group
+    (as in the reference implementation); with act_order they are fitted up front on W
+    ("static groups") so the stored group layout stays contiguous in the original column order."""
+    W = W.float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    W[:, dead] = 0
+    gidx = group_index(cols, group_size)
+    span = fit_span(fmt, group_size) if group_size else cols
+    tensor_params = fmt.tensor_params(W)
+
+    def fit(cols_slice):
+        return fit_groups(fmt, W[:, cols_slice], group_size, observer, percentile, tensor_params)
+
+    static = fit(slice(0, cols)) if (options.act_order or group_size == 0) else None
+    if options.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W, H, col_group = W[:, perm], H[perm][:, perm], gidx[perm]
+    else:
+        perm, col_group = None, gidx
+    Hinv, _ = prepare_hessian_inverse(H, options.damp)
+    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    fitted: dict[str, list[torch.Tensor]] = {}
+    params: Params | None = static
+    # a fitting span (k-quant super-block) must not straddle lazily-updated blocks
+    block = options.block_size if static is not None else max(options.block_size, span)
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if static is None and col % span == 0:
+                # the not-yet-quantized part of W must include the updates of this block
+                W[:, i1:i2] = W1
+                part = fit(slice(col, min(col + span, cols)))
+                for k, v in part.items():
+                    fitted.setdefault(k, []).append(v)
+                params = {k: (torch.cat(v, dim=1) if v[0].ndim else v[0]) for k, v in fitted.items()}
+            g = int(col_group[col])
+            p = _params_at(params, g)
+            w = W1[:, i: i + 1]
+            q_codes = fmt.encode(w, p)
+            q = fmt.decode(q_codes, p)
+            codes[:, col] = q_codes[:, 0]
+            err = (w - q) / Hinv1[i, i]
+            W1[:, i:] -= err @ Hinv1[i: i + 1, i:]
+            Err1[:, i] = err[:, 0]
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes = codes[:, inv]
+    return codes, params
+
+
+def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor, scheme: WeightScheme,
+                                   options: GPTQOptions) -> list[tuple[torch.Tensor, Params, int]]:
+    """GPTQ rows are independent given H: weights fed the same input (q/k/v, gate/up) are solved
+    as one stacked matrix, then split back. Returns (codes, params, group_size) per weight."""
+    fmt = scheme.make_format()
+    if len(weights) > 1 and fmt.tensor_params(weights[0].float()):
+        # a per-tensor scale (NVFP4) must stay per weight: solve them one by one
+        return [_solve(w, H, fmt, scheme, options) for w in weights]
+    W = torch.cat([w.float() for w in weights], dim=0)
+    codes, params, g = _solve(W, H, fmt, scheme, options)
+    out, r0 = [], 0
+    for w in weights:
+        r1 = r0 + w.shape[0]
+        out.append((codes[r0:r1], {k: (v[r0:r1] if v.ndim else v) for k, v in params.items()}, g))
+        r0 = r1
+    return out
+
+
+def _solve(W, H, fmt, scheme, options):
+    g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
+    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options)
+    return codes, params, g
+
+
+def to_quantized_tensor(codes, params, g, scheme: WeightScheme, shape, transposed) -> QuantizedTensor:
+    fmt = scheme.make_format()
+    # params were fitted through storage, so storing them again is exact for every format but
+    # NF4 with double quantization, whose absmax may move by one 8-bit step (as with RTN)
+    return QuantizedTensor(codes, fmt.store_params(params), fmt, g, tuple(shape), transposed)
+
+
+def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme: WeightScheme,
+                   options: GPTQOptions) -> tuple[dict[str, QuantizedTensor], list[str]]:
+    """GPTQ for the targets of one decoder layer; weights without observed inputs (stacked
+    experts) fall back to RTN and are returned by name so the caller can record it."""
+    from lowbit.methods import rtn
+    from lowbit.tensor import to_matrix
+
+    out, fallback = {}, []
+    groups: dict[int, list] = {}
+    for t in layer_targets:
+        st = stats.get(t.name)
+        if st is None or st.hessian is None:
+            out[t.name] = rtn.quantize_weight(t.parameter(model).data, scheme, t.transposed)
+            fallback.append(t.name)
+            continue
+        groups.setdefault(id(st), []).append(t)
+    for members in groups.values():
+        H = stats[members[0].name].hessian
+        mats = [to_matrix(t.parameter(model).data, t.transposed) for t in members]
+        for t, (codes, params, g) in zip(members, quantize_weights_sharing_input(mats, H, scheme, options)):
+            out[t.name] = to_quantized_tensor(codes, params, g, scheme, t.parameter(model).shape, t.transposed)
+    return out, fallback
