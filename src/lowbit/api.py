@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -9,7 +10,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import SchemeError
 from lowbit.calib import CalibrationConfig
-from lowbit.methods import CALIBRATED, METHODS, rtn
+from lowbit.methods import get_method, is_calibrated, method_options
 from lowbit.model.load import LoadedModel, load_source
 from lowbit.model.quantized import QuantizedModel, install_quantized
 from lowbit.model.targets import all_weights, select_targets
@@ -36,8 +37,8 @@ def quantize(source, scheme, method: str = "rtn", include: list[str] | None = No
     (default: 128 x 512 tokens of the default text) and method `options` (e.g. damp, act_order).
     The model inside `source` is modified in place when a LoadedModel is given."""
     scheme = _as_scheme(scheme)
-    if method not in METHODS:
-        raise SchemeError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    impl = get_method(method)
+    opts = method_options(method, options or {})
     loaded = source if isinstance(source, LoadedModel) else load_source(source)
     model = loaded.model
     targets = select_targets(model, include, exclude)
@@ -47,14 +48,17 @@ def quantize(source, scheme, method: str = "rtn", include: list[str] | None = No
     recipe = {"targets": len(targets), "kept_full_precision": kept, "include": include, "exclude": exclude,
               "seconds": {}}
     t0 = time.perf_counter()
-    if method in CALIBRATED:
-        tensors = _quantize_calibrated(model, loaded.tokenizer, targets, scheme.weights, method,
-                                       calibration or CalibrationConfig(), options or {}, recipe, progress)
+    if opts is not None:
+        recipe["options"] = dataclasses.asdict(opts)
+    if is_calibrated(method):
+        tensors = _quantize_calibrated(model, loaded.tokenizer, targets, scheme.weights, impl, opts,
+                                       calibration or CalibrationConfig(), recipe, progress)
     else:
         tensors = {}
+        extra = dataclasses.asdict(opts) if opts is not None else {}
         with torch.no_grad():
             for t in tqdm(targets, desc=f"{method} {scheme.weights.label()}", disable=not progress, unit="w"):
-                qt = rtn.quantize_weight(t.parameter(model).data, scheme.weights, t.transposed)
+                qt = impl.quantize_weight(t.parameter(model).data, scheme.weights, t.transposed, **extra)
                 install_quantized(model, t, qt)
                 tensors[t.name] = qt
     recipe["seconds"]["quantize"] = time.perf_counter() - t0
@@ -62,34 +66,27 @@ def quantize(source, scheme, method: str = "rtn", include: list[str] | None = No
                           loaded.source, method, recipe)
 
 
-def _quantize_calibrated(model, tokenizer, targets, ws: WeightScheme, method: str, calibration: CalibrationConfig,
-                         options: dict, recipe: dict, progress: bool) -> dict:
+def _quantize_calibrated(model, tokenizer, targets, ws: WeightScheme, impl, opts, calibration: CalibrationConfig,
+                         recipe: dict, progress: bool) -> dict:
     """Run a calibrated method layer by layer; returns the quantized tensors (installed)."""
-    import dataclasses
-
-    from lowbit.calib.runner import StatsRequest, run_layers
-    from lowbit.methods import gptq
+    from lowbit.calib.runner import run_layers
+    from lowbit.methods import rtn
 
     t0 = time.perf_counter()
     windows = calibration.windows(tokenizer)
     recipe["calibration"] = {**dataclasses.asdict(calibration), "tokens": int(windows.numel())}
     recipe["seconds"]["calibration_data"] = time.perf_counter() - t0
-    try:
-        opts = gptq.GPTQOptions(**options)
-    except TypeError as e:
-        raise SchemeError(f"bad option for {method}: {e}; see `lowbit quantize --help`") from None
-    recipe["options"] = dataclasses.asdict(opts)
     tensors: dict = {}
     fallbacks: list[str] = []
 
     def quantize_layer(_index, layer_targets, stats):
-        out, fb = gptq.quantize_layer(model, layer_targets, stats, ws, opts)
+        out, fb = impl.quantize_layer(model, layer_targets, stats, ws, opts)
         for t in layer_targets:
             install_quantized(model, t, out[t.name])
         tensors.update(out)
         fallbacks.extend(fb)
 
-    outside = run_layers(model, windows, targets, quantize_layer, StatsRequest(hessian=True),
+    outside = run_layers(model, windows, targets, quantize_layer, impl.STATS,
                          calibration.batch_size, calibration.sequential, progress)
     for t in outside:  # weights outside the decoder stack (an included lm_head) get RTN
         qt = rtn.quantize_weight(t.parameter(model).data, ws, t.transposed)

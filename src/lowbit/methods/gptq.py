@@ -11,16 +11,23 @@ import dataclasses
 
 import torch
 
+from lowbit.calib.runner import StatsRequest
 from lowbit.formats import Format, Params
 from lowbit.scheme import WeightScheme
 from lowbit.tensor import QuantizedTensor, fit_groups, group_index, resolve_group_size
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTQOptions:
+class Options:
     damp: float = 0.01          # fraction of the mean Hessian diagonal added to the diagonal
     block_size: int = 128       # lazy batch updates (columns per block)
-    act_order: bool = False     # process columns by decreasing Hessian diagonal
+    # process columns by decreasing Hessian diagonal; on by default: with static groups it costs
+    # nothing in layout, and on SmolLM2 W4 g32 it halves KLD (0.147 -> 0.072)
+    act_order: bool = True
+
+
+GPTQOptions = Options
+STATS = StatsRequest(hessian=True)
 
 
 def fit_span(fmt: Format, group_size: int) -> int:

@@ -32,6 +32,8 @@ symmetric quantization, which has no zero to optimise.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lowbit.errors import SchemeError
@@ -126,3 +128,11 @@ def quantize_weight(w: torch.Tensor, scheme: WeightScheme, transposed: bool = Fa
     params = {k: torch.where(use, cand[k], start[k]) for k in start}
     codes = fmt.encode(W, expand_params(params, gidx))
     return QuantizedTensor(codes, fmt.store_params(params), fmt, g, tuple(w.shape), transposed)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    iters: int = 20
+    p: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
