@@ -52,26 +52,119 @@ def _print(obj, as_json: bool, table=None, headers=()):
         print(tabulate(table, headers=headers, floatfmt=".4g"))
 
 
+def _parse_options(pairs: list[str] | None) -> dict:
+    """--opt key=value pairs -> dict with ints, floats and booleans parsed."""
+    from lowbit.errors import SchemeError
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SchemeError(f"--opt {pair!r} is not KEY=VALUE; write e.g. --opt damp=0.02")
+        k, v = pair.split("=", 1)
+        low = v.lower()
+        if low in ("true", "false"):
+            out[k] = low == "true"
+        else:
+            try:
+                out[k] = int(v)
+            except ValueError:
+                try:
+                    out[k] = float(v)
+                except ValueError:
+                    out[k] = v
+    return out
+
+
+def _method_options(args) -> dict:
+    opts = _parse_options(args.opt)
+    if args.damp is not None:
+        opts["damp"] = args.damp
+    if args.act_order is not None:
+        opts["act_order"] = args.act_order
+    return opts
+
+
 def cmd_quantize(args):
     from lowbit.api import quantize
-    from lowbit.export.native import save
+    from lowbit.calib import CalibrationConfig
+    from lowbit.errors import SchemeError
     from lowbit.model.load import load_source
 
     scheme = _scheme_from_args(args)
+    if args.to == "gguf" and not args.type:
+        raise SchemeError("--to gguf needs --type (a mix such as Q4_K_M, Q8_0, Q4_0, or F32/F16)")
     t0 = time.perf_counter()
     loaded = load_source(args.source)
     t_load = time.perf_counter() - t0
-    qm = quantize(loaded, scheme, method=args.method, include=args.include, exclude=args.exclude, progress=not args.json)
+    calibration = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed, sequential=not args.no_sequential)
+    per_target, extra, gguf_plan = None, None, None
+    if args.to == "gguf" and args.type.upper() not in ("F32", "F16", "BF16"):
+        from lowbit.export.gguf import mix_schemes
+
+        per_target, gguf_plan = mix_schemes(loaded.model, args.type.upper())
+        extra = list(per_target)
+        scheme = type(scheme)(next(iter(per_target.values())))
+    qm = quantize(loaded, scheme, method=args.method, include=args.include, exclude=args.exclude,
+                  calibration=calibration, options=_method_options(args), per_target=per_target,
+                  extra_targets=extra, progress=not args.json)
     qm.recipe["seconds"]["load"] = t_load
+    if gguf_plan is not None:
+        qm.recipe["gguf_mix"] = args.type.upper()
+        qm.recipe["gguf_fallbacks"] = {name: reason for name, _, _, reason in gguf_plan if reason}
     kept = qm.recipe["kept_full_precision"]
     if not args.json:
-        print(f"quantized {len(qm.tensors)} weights with {args.method} {scheme.weights.label()}; kept in full precision: "
-              f"{', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} ({len(kept)})", file=sys.stderr)
-    out = save(qm, args.output, force=args.force)
-    summary = {"output": str(out), "method": qm.method, "scheme": scheme.weights.label(), "weights_quantized": len(qm.tensors),
-               "kept_full_precision": kept, "bits_per_weight": qm.bits_per_weight, "quantized_bytes": qm.quantized_bytes,
-               "seconds": qm.recipe["seconds"]}
+        print(f"quantized {len(qm.tensors)} weights with {args.method} {scheme.weights.label() if per_target is None else args.type}; "
+              f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} ({len(kept)})", file=sys.stderr)
+        if gguf_plan is not None:
+            fb = qm.recipe["gguf_fallbacks"]
+            print(f"GGUF {args.type.upper()}: {len(fb)} of {len(gguf_plan)} weights fell back to another type "
+                  f"(rows not a multiple of the block), e.g. {next(iter(fb.values()), '-')}; recorded in the file", file=sys.stderr)
+    out = _write_output(qm, args)
+    summary = {"output": str(out), "method": qm.method, "scheme": args.type if per_target else scheme.weights.label(),
+               "weights_quantized": len(qm.tensors), "kept_full_precision": kept, "bits_per_weight": qm.bits_per_weight,
+               "quantized_bytes": qm.quantized_bytes, "seconds": qm.recipe["seconds"]}
     _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "kept_full_precision"], ("", ""))
+
+
+def _write_output(qm, args):
+    """Serialise a QuantizedModel in the requested target format."""
+    from lowbit.export.native import save
+
+    if args.to == "gguf":
+        from lowbit.export.gguf import write_gguf
+
+        full = args.type.upper() if args.type.upper() in ("F32", "F16", "BF16") else None
+        return write_gguf(qm, args.output, full_precision=full, force=args.force)
+    if args.to == "native":
+        return save(qm, args.output, force=args.force)
+    from lowbit.export import checkpoint_exporter
+
+    return checkpoint_exporter(args.to)(qm, args.output, force=args.force)
+
+
+def cmd_export(args):
+    """Serialise a lowbit folder (or a source, in full precision) into another format."""
+    from lowbit.errors import SchemeError
+    from lowbit.model.load import load_source, resolve_source
+
+    path, kind = resolve_source(args.input)
+    if kind == "lowbit":
+        from lowbit.export.native import load
+
+        obj = load(path)
+    else:
+        if args.to != "gguf" or (args.type or "").upper() not in ("F32", "F16", "BF16"):
+            raise SchemeError(f"{args.input} is not a lowbit output: only `--to gguf --type F32|F16|BF16` can export it as it is; "
+                              "run `lowbit quantize ... --to ...` to quantize and export in one step")
+        obj = load_source(path)
+    if args.to == "gguf":
+        from lowbit.export.gguf import write_gguf
+
+        t = (args.type or "").upper()
+        out = write_gguf(obj, args.output, full_precision=t if t in ("F32", "F16", "BF16") else None, force=args.force)
+    else:
+        out = _write_output(obj, args)
+    _print({"output": str(out)}, args.json, [["output", str(out)]], ("", ""))
 
 
 def cmd_eval(args):
@@ -206,12 +299,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
-    q.add_argument("--method", default="rtn")
+    q.add_argument("--method", default="rtn", help="rtn | gptq | awq | smoothquant | hqq")
     _add_scheme_flags(q)
+    q.add_argument("--calib", help="calibration text file (default: Python reference manual, calibration part)")
+    q.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-sequential", action="store_true", help="feed full-precision (not quantized) layer outputs forward")
+    q.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)")
+    q.add_argument("--act-order", dest="act_order", action="store_true", default=None, help="GPTQ: act-order (default on)")
+    q.add_argument("--no-act-order", dest="act_order", action="store_false")
+    q.add_argument("--opt", action="append", help="method option KEY=VALUE (repeatable), e.g. alpha=0.5")
+    q.add_argument("--to", default="native", choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
+    q.add_argument("--type", help="--to gguf: a llama.cpp mix (Q4_K_M, Q8_0, ...) or F32/F16")
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    x = sub.add_parser("export", help="write a lowbit output as GGUF / compressed-tensors / GPTQ / AWQ")
+    x.add_argument("input", help="a lowbit output folder (or a source, for --to gguf --type F32/F16)")
+    x.add_argument("--to", required=True, choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
+    x.add_argument("--type", help="--to gguf: F32/F16/BF16 for a full-precision file; quantized types come from quantize")
+    x.add_argument("--output", "-o", required=True)
+    x.add_argument("--force", action="store_true")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=cmd_export)
 
     e = sub.add_parser("eval", help="perplexity, KLD and top-1 of a candidate against its reference")
     e.add_argument("candidate")

@@ -111,6 +111,14 @@ class QuantScheme:
         return rest
 
 
+def scheme_of(schemes, name: str) -> WeightScheme:
+    """The weight scheme of one parameter: `schemes` is one WeightScheme for all, or a mapping
+    from parameter name to WeightScheme (per-tensor choices such as GGUF mixes)."""
+    if isinstance(schemes, WeightScheme):
+        return schemes
+    return schemes[name]
+
+
 def _presets() -> dict[str, QuantScheme]:
     return {
     "W4A16": QuantScheme(WeightScheme("int", 4, 128, True)),

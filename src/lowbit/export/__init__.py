@@ -1,1 +1,23 @@
 """Exporters: each serialises a QuantizedModel; none quantizes on its own."""
+
+import importlib
+
+from lowbit.errors import SchemeError
+
+# --to name -> (module, function(qm, output, force=...))
+CHECKPOINT_EXPORTERS = {
+    "compressed-tensors": ("lowbit.export.compressed_tensors", "export_compressed_tensors"),
+    "gptq": ("lowbit.export.gptq", "export_gptq"),
+    "awq": ("lowbit.export.awq", "export_awq"),
+}
+
+
+def checkpoint_exporter(name: str):
+    """The export function for a checkpoint format."""
+    if name not in CHECKPOINT_EXPORTERS:
+        raise SchemeError(f"unknown export target {name!r}; choose one of: native, gguf, {', '.join(CHECKPOINT_EXPORTERS)}")
+    module, func = CHECKPOINT_EXPORTERS[name]
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError) as e:
+        raise SchemeError(f"export to {name} is not available in this installation ({e})") from None

@@ -401,3 +401,40 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
         tmp.unlink(missing_ok=True)
         raise
     return final
+
+
+def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | None = None):
+    """The per-weight schemes of a llama.cpp mix (Q4_K_M, ...) for this model.
+
+    Returns (schemes by HF parameter name, [(name, gguf name, type, fallback reason or None)]).
+    token_embd is included: llama.cpp quantizes it (as the output too when embeddings are tied)."""
+    import re
+
+    import gguf
+
+    from lowbit.export.gguf_mixes import lowbit_format, tensor_type_for
+    from lowbit.model.targets import all_weights
+    from lowbit.scheme import WeightScheme
+    from lowbit.tensor import to_matrix
+
+    config = model.config
+    spec = _arch(config)
+    n_layers = int(config.num_hidden_layers)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], n_layers)
+    n_head = config.num_attention_heads
+    n_gqa = n_head // (getattr(config, "num_key_value_heads", None) or n_head)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    schemes, plan = {}, []
+    for t in all_weights(model):
+        gname = _gguf_name(name_map, t.name)
+        if gname is None:
+            continue
+        m = re.match(r"blk\.(\d+)\.", gname)
+        n_cols = to_matrix(t.parameter(model).data, t.transposed).shape[1]
+        type_name, reason = tensor_type_for(mix, gname, int(m.group(1)) if m else None, n_layers, n_cols,
+                                            n_gqa=n_gqa, tied_embeddings=tied, fallbacks=fallbacks)
+        fmt = lowbit_format(type_name)
+        plan.append((t.name, gname, type_name, reason))
+        if fmt is not None:
+            schemes[t.name] = WeightScheme(fmt, None, -1)
+    return schemes, plan

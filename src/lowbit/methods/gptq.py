@@ -143,25 +143,28 @@ def to_quantized_tensor(codes, params, g, scheme: WeightScheme, shape, transpose
     return QuantizedTensor(codes, fmt.store_params(params), fmt, g, tuple(shape), transposed)
 
 
-def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme: WeightScheme,
-                   options: GPTQOptions) -> tuple[dict[str, QuantizedTensor], list[str]]:
-    """GPTQ for the targets of one decoder layer; weights without observed inputs (stacked
-    experts) fall back to RTN and are returned by name so the caller can record it."""
+def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
+                   options: Options) -> tuple[dict[str, QuantizedTensor], list[str]]:
+    """GPTQ for the targets of one decoder layer (`scheme`: a WeightScheme or one per name);
+    weights without observed inputs (stacked experts) fall back to RTN and are returned by name
+    so the caller can record it."""
     from lowbit.methods import rtn
+    from lowbit.scheme import scheme_of
     from lowbit.tensor import to_matrix
 
     out, fallback = {}, []
-    groups: dict[int, list] = {}
+    groups: dict[tuple, list] = {}
     for t in layer_targets:
         st = stats.get(t.name)
+        ws = scheme_of(scheme, t.name)
         if st is None or st.hessian is None:
-            out[t.name] = rtn.quantize_weight(t.parameter(model).data, scheme, t.transposed)
+            out[t.name] = rtn.quantize_weight(t.parameter(model).data, ws, t.transposed)
             fallback.append(t.name)
             continue
-        groups.setdefault(id(st), []).append(t)
-    for members in groups.values():
+        groups.setdefault((id(st), ws), []).append(t)
+    for (_, ws), members in groups.items():
         H = stats[members[0].name].hessian
         mats = [to_matrix(t.parameter(model).data, t.transposed) for t in members]
-        for t, (codes, params, g) in zip(members, quantize_weights_sharing_input(mats, H, scheme, options)):
-            out[t.name] = to_quantized_tensor(codes, params, g, scheme, t.parameter(model).shape, t.transposed)
+        for t, (codes, params, g) in zip(members, quantize_weights_sharing_input(mats, H, ws, options)):
+            out[t.name] = to_quantized_tensor(codes, params, g, ws, t.parameter(model).shape, t.transposed)
     return out, fallback

@@ -19,7 +19,7 @@ class WeightTarget:
     name: str            # full parameter name, e.g. "model.layers.0.self_attn.q_proj.weight"
     module_name: str
     param_name: str
-    kind: str            # "linear" | "conv1d" | "experts"
+    kind: str            # "linear" | "conv1d" | "experts" | "embedding"
     transposed: bool     # stored as (..., in, out)
 
     def parameter(self, model: torch.nn.Module) -> torch.nn.Parameter:
@@ -32,12 +32,15 @@ def _is_conv1d(module: torch.nn.Module) -> bool:
 
 
 def all_weights(model: torch.nn.Module) -> list[WeightTarget]:
-    """Every weight lowbit knows how to quantize, before filtering."""
-    found = []
+    """Every weight lowbit knows how to quantize, before filtering (tied weights once)."""
+    found, seen = [], set()
     for mname, module in model.named_modules():
         prefix = f"{mname}." if mname else ""
         if isinstance(module, torch.nn.Linear):
             found.append(WeightTarget(prefix + "weight", mname, "weight", "linear", False))
+        elif isinstance(module, torch.nn.Embedding):
+            # rows are tokens: quantized row by row like a Linear (GGUF quantizes token_embd)
+            found.append(WeightTarget(prefix + "weight", mname, "weight", "embedding", False))
         elif _is_conv1d(module):
             found.append(WeightTarget(prefix + "weight", mname, "weight", "conv1d", True))
         else:
@@ -46,7 +49,13 @@ def all_weights(model: torch.nn.Module) -> list[WeightTarget]:
             for pname, p in module.named_parameters(recurse=False):
                 if p.ndim == 3:
                     found.append(WeightTarget(prefix + pname, mname, pname, "experts", bool(getattr(module, "is_transposed", False))))
-    return found
+    unique = []
+    for t in found:  # a tied lm_head shares the embedding's storage: keep the first name
+        ptr = t.parameter(model).data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            unique.append(t)
+    return unique
 
 
 def select_targets(model: torch.nn.Module, include: list[str] | None = None, exclude: list[str] | None = None) -> list[WeightTarget]:
