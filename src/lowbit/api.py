@@ -95,7 +95,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
         fallbacks.extend(fb)
 
     outside = run_layers(model, windows, targets, quantize_layer, impl.STATS,
-                         calibration.batch_size, calibration.sequential, progress)
+                         calibration.batch_size, calibration.sequential, progress, recipe["seconds"])
     for t in outside:  # weights outside the decoder stack (embeddings, an included lm_head) get RTN
         qt = rtn.quantize_weight(t.parameter(model).data, scheme_of(ws, t.name), t.transposed)
         install_quantized(model, t, qt)

@@ -104,7 +104,9 @@ class QuantizedTensor:
     params: stored parameters, per group (rows, n_groups) or per tensor (0-d), in storage dtypes;
     format: the Format that encodes/decodes;
     group_size: resolved group size along cols (0 = one group for the whole tensor);
-    shape:  the original parameter shape; transposed: original stores (..., in, out).
+    shape:  the original parameter shape; transposed: original stores (..., in, out);
+    input_quant: optional run-time quantization of the consuming Linear's input (W8A8,
+            SmoothQuant), JSON-serialisable settings, see ``lowbit.nn.act_quant``.
     """
 
     codes: torch.Tensor
@@ -113,6 +115,7 @@ class QuantizedTensor:
     group_size: int
     shape: tuple[int, ...]
     transposed: bool = False
+    input_quant: dict | None = None
 
     @property
     def numel(self) -> int:
@@ -145,9 +148,12 @@ class QuantizedTensor:
 
     def meta(self) -> dict:
         """JSON-serialisable description (everything but the tensors)."""
-        return {"format": self.format.config(), "group_size": self.group_size, "shape": list(self.shape),
+        meta = {"format": self.format.config(), "group_size": self.group_size, "shape": list(self.shape),
                 "matrix_shape": list(self.codes.shape), "transposed": self.transposed,
                 "params": sorted(self.params)}
+        if self.input_quant is not None:
+            meta["input_quant"] = dict(self.input_quant)
+        return meta
 
     @classmethod
     def from_packed(cls, meta: dict, packed: torch.Tensor, params: Params) -> "QuantizedTensor":
@@ -155,7 +161,8 @@ class QuantizedTensor:
         fmt = make_format(fmt_cfg.pop("name"), **fmt_cfg)
         rows, cols = meta["matrix_shape"]
         codes = unpack(packed, fmt.code_bits, rows * cols).view(rows, cols)
-        return cls(codes, params, fmt, meta["group_size"], tuple(meta["shape"]), meta["transposed"])
+        return cls(codes, params, fmt, meta["group_size"], tuple(meta["shape"]), meta["transposed"],
+                   meta.get("input_quant"))
 
 
 def encode_matrix(fmt: Format, W: torch.Tensor, p: Params, group_size: int) -> torch.Tensor:

@@ -51,10 +51,16 @@ class InputStats:
 
 @dataclasses.dataclass(frozen=True)
 class StatsRequest:
-    """What a method needs from calibration."""
+    """What a method needs from calibration.
+
+    staged: quantize each group of modules sharing an input as soon as every batch has reached
+    it, so later modules of the same layer see inputs from already-quantized ones, and each
+    layer runs once. Methods that fold scales into the op *before* a module (AWQ, SmoothQuant)
+    cannot be staged: that op has already run when the module is reached."""
 
     hessian: bool = False
     sample_rows: int = 0
+    staged: bool = False
 
 
 class _StopForward(Exception):
@@ -105,11 +111,19 @@ def _layer_output(out):
 def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[WeightTarget],
                quantize_layer: Callable[[int, list[WeightTarget], dict[str, InputStats]], None],
                request: StatsRequest, batch_size: int = 8, sequential: bool = True,
-               progress: bool = True) -> list[WeightTarget]:
+               progress: bool = True, seconds: dict | None = None) -> list[WeightTarget]:
     """Drive `quantize_layer(index, layer_targets, stats_by_target_name)` over the decoder layers.
 
     With sequential=True each layer sees inputs produced by the already-quantized layers before
-    it. Returns the targets outside the decoder layers (the caller quantizes them without data)."""
+    it. Returns the targets outside the decoder layers (the caller quantizes them without data).
+    `seconds`, if given, accumulates wall time per stage (capture, observe, quantize, propagate)."""
+    import time
+
+    clock = seconds if seconds is not None else {}
+
+    def tick(stage, t0):
+        clock[stage] = clock.get(stage, 0.0) + time.perf_counter() - t0
+
     prefix, layers = find_decoder_layers(model, targets)
     by_layer: dict[int, list[WeightTarget]] = {}
     outside = []
@@ -119,42 +133,206 @@ def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[Weig
             outside.append(t)
             continue
         by_layer.setdefault(int(rest.split(".")[0]), []).append(t)
+    t0 = time.perf_counter()
     batches = capture_layer_inputs(model, layers[0], windows, batch_size)
+    tick("capture", t0)
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, unit="layer")):
         layer_targets = by_layer.get(i, [])
-        stats: dict[str, InputStats] = {}
-        hooks = []
-        last_input: dict[str, torch.Tensor] = {}
-        for t in layer_targets:
-            if t.kind == "experts":
-                continue  # routed per expert inside the module: no single input to observe
-            module = model.get_submodule(t.module_name)
-
-            def hook(_m, args, t=t):
-                x = args[0]
-                # modules fed the same tensor (q/k/v, gate/up) share one statistics object;
-                # holding the tensor keeps its memory from being reused by a later input
-                owner = next((n for n, prev in last_input.items()
-                              if prev.data_ptr() == x.data_ptr() and prev.shape == x.shape), None)
-                if owner is not None:
-                    stats[t.name] = stats[owner]
-                    return
-                last_input[t.name] = x
-                stats.setdefault(t.name, InputStats()).add(x, request.hessian, request.sample_rows)
-
-            hooks.append(module.register_forward_pre_hook(hook))
-        outputs = []
-        try:
-            for hidden, kwargs in batches:
-                last_input.clear()
-                out = _layer_output(layer(hidden, **kwargs))
-                if not sequential:
-                    outputs.append(out)
-        finally:
-            for h in hooks:
-                h.remove()
-        quantize_layer(i, layer_targets, stats)
-        if sequential:
-            outputs = [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+        if request.staged and sequential:
+            outputs = _staged_layer(model, i, layer, layer_targets, batches, quantize_layer, request, tick)
+        else:
+            outputs = _two_pass_layer(model, i, layer, layer_targets, batches, quantize_layer, request, sequential, tick)
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
     return outside
+
+
+def _observing_hook(stats: dict, last_input: dict, request: StatsRequest, name: str):
+    """A pre-hook adding a module's input to its statistics; modules fed the same tensor
+    (q/k/v, gate/up) share one statistics object. Holding the tensor in `last_input` keeps its
+    memory from being reused by a later, different input."""
+
+    def hook(_m, args):
+        x = args[0]
+        owner = next((n for n, prev in last_input.items() if prev.data_ptr() == x.data_ptr() and prev.shape == x.shape), None)
+        if owner is not None:
+            stats[name] = stats[owner]
+            return
+        last_input[name] = x
+        stats.setdefault(name, InputStats()).add(x, request.hessian, request.sample_rows)
+
+    return hook
+
+
+def _two_pass_layer(model, i, layer, layer_targets, batches, quantize_layer, request, sequential, tick):
+    """Observe the whole layer in full precision, quantize it, then run it again quantized."""
+    import time
+
+    stats: dict[str, InputStats] = {}
+    last_input: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(t.module_name).register_forward_pre_hook(_observing_hook(stats, last_input, request, t.name))
+             for t in layer_targets if t.kind != "experts"]  # experts: routed inside the module, no single input
+    outputs = []
+    t0 = time.perf_counter()
+    try:
+        for hidden, kwargs in batches:
+            last_input.clear()
+            out = _layer_output(layer(hidden, **kwargs))
+            if not sequential:
+                outputs.append(out)
+    finally:
+        for h in hooks:
+            h.remove()
+    tick("observe", t0)
+    t0 = time.perf_counter()
+    quantize_layer(i, layer_targets, stats)
+    tick("solve", t0)
+    t0 = time.perf_counter()
+    if sequential:
+        outputs = [_layer_output(layer(hidden, **kwargs)) for hidden, kwargs in batches]
+    tick("propagate", t0)
+    return outputs
+
+
+def _discover_stages(model, layer, layer_targets, hidden, kwargs) -> list[list[WeightTarget]]:
+    """Groups of target modules sharing one input, in execution order, from one probe window."""
+    order: list[tuple[WeightTarget, torch.Tensor]] = []
+    hooks = []
+    for t in layer_targets:
+        if t.kind == "experts":
+            continue
+
+        def hook(_m, args, t=t):
+            if all(t is not seen for seen, _ in order):
+                order.append((t, args[0]))
+
+        hooks.append(model.get_submodule(t.module_name).register_forward_pre_hook(hook))
+    try:
+        probe_kwargs = {k: (v[:1] if isinstance(v, torch.Tensor) and v.shape[:1] == hidden.shape[:1] else v)
+                        for k, v in kwargs.items()}
+        layer(hidden[:1], **probe_kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    stages: list[list[WeightTarget]] = []
+    prev = None
+    for t, x in order:
+        if prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
+            stages[-1].append(t)
+        else:
+            stages.append([t])
+        prev = x
+    return stages
+
+
+class _Abort(BaseException):
+    pass
+
+
+class _StagedBatch:
+    """One calibration batch running through a layer in its own thread, parking at the first
+    module of each stage until the controller has quantized that stage. Only one batch runs at
+    a time, so hooks need no locks and torch keeps all cores for itself."""
+
+    local = __import__("threading").local()
+
+    def __init__(self, layer, hidden, kwargs):
+        import threading
+
+        self.layer, self.hidden, self.kwargs = layer, hidden, kwargs
+        self.resume, self.paused = threading.Event(), threading.Event()
+        self.parked_at: int | None = None
+        self.out, self.exc, self.done, self.abort = None, None, False, False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        _StagedBatch.local.batch = self
+        try:
+            with torch.no_grad():  # grad mode is thread-local
+                self.out = _layer_output(self.layer(self.hidden, **self.kwargs))
+        except _Abort:
+            pass
+        except BaseException as e:  # handed to the controller
+            self.exc = e
+        finally:
+            self.done, self.parked_at = True, None
+            self.paused.set()
+
+    def park(self, stage: int) -> None:
+        self.parked_at = stage
+        self.paused.set()
+        self.resume.wait()
+        self.resume.clear()
+        if self.abort:
+            raise _Abort
+
+    def step(self) -> None:
+        """Run this batch until it parks or finishes."""
+        self.paused.clear()
+        if self.thread.ident is None:
+            self.thread.start()
+        else:
+            self.resume.set()
+        self.paused.wait()
+        if self.exc is not None:
+            raise self.exc
+
+
+def _staged_layer(model, i, layer, layer_targets, batches, quantize_layer, request, tick):
+    """Run the layer once per batch, quantizing each stage when all batches have reached it."""
+    import time
+
+    t0 = time.perf_counter()
+    experts = [t for t in layer_targets if t.kind == "experts"]
+    if experts:  # no observable input: quantized before the layer runs
+        quantize_layer(i, experts, {})
+    stages = _discover_stages(model, layer, layer_targets, *batches[0])
+    stage_of = {t.name: k for k, st in enumerate(stages) for t in st}
+    stats: dict[str, InputStats] = {}
+    done: set[int] = set()
+    hooks = []
+    for k, stage in enumerate(stages):
+        first = stage[0]
+
+        def hook(_m, args, k=k, stage=stage):
+            batch = getattr(_StagedBatch.local, "batch", None)
+            if batch is None or k in done:
+                return
+            st = stats.setdefault(stage[0].name, InputStats())
+            for t in stage:
+                stats[t.name] = st
+            st.add(args[0], request.hessian, request.sample_rows)
+            batch.park(k)
+
+        hooks.append(model.get_submodule(first.module_name).register_forward_pre_hook(hook))
+    runs = [_StagedBatch(layer, hidden, kwargs) for hidden, kwargs in batches]
+    solve = 0.0
+    try:
+        while True:
+            for r in runs:
+                if not r.done:
+                    r.step()
+            parked = {r.parked_at for r in runs if not r.done}
+            if not parked:
+                break
+            if len(parked) > 1:
+                raise RuntimeError(f"calibration batches reached different modules ({sorted(parked)}) in layer {i}; "
+                                   "data-dependent control flow cannot be staged")
+            k = parked.pop()
+            ts = time.perf_counter()
+            quantize_layer(i, stages[k], stats)
+            solve += time.perf_counter() - ts
+            done.add(k)
+    finally:
+        for r in runs:
+            if not r.done:
+                r.abort = True
+                r.resume.set()
+        for h in hooks:
+            h.remove()
+    never = [t for t in layer_targets if t.kind != "experts" and stage_of.get(t.name) not in done]
+    if never:  # modules the layer did not call: quantized without data
+        quantize_layer(i, never, {})
+    total = time.perf_counter() - t0
+    tick("solve", time.perf_counter() - solve)  # tick adds (now - start): pass starts giving durations
+    tick("observe_and_propagate", time.perf_counter() - (total - solve))
+    return [r.out for r in runs]

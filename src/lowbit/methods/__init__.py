@@ -15,6 +15,8 @@ REGISTRY = {
     "rtn": "lowbit.methods.rtn",
     "hqq": "lowbit.methods.hqq",
     "gptq": "lowbit.methods.gptq",
+    "awq": "lowbit.methods.awq",
+    "smoothquant": "lowbit.methods.smoothquant",
 }
 
 

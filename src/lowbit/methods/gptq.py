@@ -27,7 +27,7 @@ class Options:
 
 
 GPTQOptions = Options
-STATS = StatsRequest(hessian=True)
+STATS = StatsRequest(hessian=True, staged=True)
 
 
 def fit_span(fmt: Format, group_size: int) -> int:

@@ -47,10 +47,11 @@ class QuantizedModel:
 
 
 def install_quantized(model: torch.nn.Module, target: WeightTarget, qt: QuantizedTensor) -> None:
-    """Put a quantized weight into the model: nn.Linear becomes QuantLinear; other layouts
-    get their decoded values written in place (same module, same forward)."""
+    """Put a quantized weight into the model: nn.Linear becomes QuantLinear (so does a Conv1D
+    whose input is quantized at run time); other layouts get their decoded values written in
+    place (same module, same forward)."""
     module = model.get_submodule(target.module_name)
-    if target.kind == "linear":
+    if target.kind == "linear" or (target.kind == "conv1d" and qt.input_quant is not None):
         parent_name, _, child = target.module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, QuantLinear(qt, module.bias))
