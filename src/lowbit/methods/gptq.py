@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from lowbit.calib.runner import StatsRequest
+from lowbit.errors import SchemeError
 from lowbit.formats import Format, Params
 from lowbit.scheme import WeightScheme
 from lowbit.tensor import QuantizedTensor, fit_groups, group_index, resolve_group_size
@@ -36,15 +37,21 @@ def fit_span(fmt: Format, group_size: int) -> int:
     return group_size * per_super if isinstance(per_super, int) else group_size
 
 
-def prepare_hessian_inverse(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of the damped inverse Hessian, and the mask of dead input channels."""
-    H = H.double().clone()
+def prepare_hessian_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of the damped inverse Hessian (float32, like the reference; float64
+    only when float32 is not positive definite enough)."""
+    H = H.clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.cholesky_inverse(L)
-    return torch.linalg.cholesky(Hinv, upper=True).float(), dead
+    for dtype in (torch.float32, torch.float64):
+        L, info = torch.linalg.cholesky_ex(H.to(dtype))
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U.float()
+    raise SchemeError("the calibration Hessian is not positive definite even after dampening; raise --damp (e.g. 0.05) or use more calibration samples")
 
 
 def _params_at(p: Params, g: int) -> Params:
@@ -66,50 +73,52 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     span = fit_span(fmt, group_size) if group_size else cols
     tensor_params = fmt.tensor_params(W)
 
-    def fit(cols_slice):
-        return fit_groups(fmt, W[:, cols_slice], group_size, observer, percentile, tensor_params)
-
-    static = fit(slice(0, cols)) if (options.act_order or group_size == 0) else None
+    static = fit_groups(fmt, W, group_size, observer, percentile, tensor_params) if (options.act_order or group_size == 0) else None
     if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W, H, col_group = W[:, perm], H[perm][:, perm], gidx[perm]
     else:
         perm, col_group = None, gidx
-    Hinv, _ = prepare_hessian_inverse(H, options.damp)
-    codes = torch.zeros(rows, cols, dtype=torch.uint8)
+    Hinv = prepare_hessian_inverse(H, options.damp)
+    # work on W^T so each column is a contiguous row: the per-column steps touch contiguous memory
+    Wt = W.T.contiguous()                                   # (cols, rows)
+    codes_t = torch.zeros(cols, rows, dtype=torch.uint8)
     fitted: dict[str, list[torch.Tensor]] = {}
     params: Params | None = static
+    per_group: dict[int, Params] = {}                       # group -> params as (rows,) vectors
     # a fitting span (k-quant super-block) must not straddle lazily-updated blocks
     block = options.block_size if static is not None else max(options.block_size, span)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if static is None and col % span == 0:
                 # the not-yet-quantized part of W must include the updates of this block
-                W[:, i1:i2] = W1
-                part = fit(slice(col, min(col + span, cols)))
+                Wt[i1:i2] = W1
+                part = fit_groups(fmt, Wt[col: min(col + span, cols)].T, group_size, observer, percentile, tensor_params)
                 for k, v in part.items():
                     fitted.setdefault(k, []).append(v)
                 params = {k: (torch.cat(v, dim=1) if v[0].ndim else v[0]) for k, v in fitted.items()}
+                per_group.clear()
             g = int(col_group[col])
-            p = _params_at(params, g)
-            w = W1[:, i: i + 1]
+            p = per_group.get(g)
+            if p is None:
+                p = per_group[g] = {k: (v[:, g].contiguous() if v.ndim else v) for k, v in params.items()}
+            w = W1[i]
             q_codes = fmt.encode(w, p)
-            q = fmt.decode(q_codes, p)
-            codes[:, col] = q_codes[:, 0]
-            err = (w - q) / Hinv1[i, i]
-            W1[:, i:] -= err @ Hinv1[i: i + 1, i:]
-            Err1[:, i] = err[:, 0]
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            err = (w - fmt.decode(q_codes, p)) / Hinv1[i, i]
+            codes_t[col] = q_codes
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        Wt[i1:i2] = W1
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+    codes = codes_t.T
     if perm is not None:
-        inv = torch.argsort(perm)
-        codes = codes[:, inv]
-    return codes, params
+        codes = codes[:, torch.argsort(perm)]
+    return codes.contiguous(), params
 
 
 def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor, scheme: WeightScheme,
