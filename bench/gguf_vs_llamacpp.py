@@ -1,0 +1,140 @@
+"""Benchmark: lowbit's GGUF files against llama.cpp's own quantizer, measured by llama.cpp.
+
+1. lowbit writes an F32 GGUF of the embedded default (the reference, same weights as the source).
+2. For each type, llama.cpp quantizes that F32 file (`llama_model_quantize`, no imatrix), and
+   lowbit quantizes the model with the same mix policy, GPTQ rounding (Hessians from calibration
+   text) into the GGUF block formats, and writes its own file.
+3. llama.cpp computes the logits of every file on the same token windows: PPL, KLD against the
+   F32 file, top-1 agreement. Sizes are file sizes.
+
+    python bench/gguf_vs_llamacpp.py [--types Q8_0 Q4_K_M ...] [--windows 4] [--samples 64]
+
+Writes bench/results/gguf.json and bench/results/gguf.md. Note: this build of llama.cpp crashes
+when it decodes several tokens at once on quantized weights here, so every file is evaluated
+one token at a time (n_batch=1), the same for both sides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
+TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+
+
+def llama_logits(path: Path, windows: np.ndarray) -> list[np.ndarray]:
+    """llama.cpp's logits (n_tokens, vocab) for each window."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=1, logits_all=True, verbose=False,
+                n_threads=os.cpu_count())
+    out = []
+    for w in windows:
+        llm.reset()
+        llm.eval(w.tolist())
+        out.append(np.array(llm.scores[: len(w)], dtype=np.float32))
+    del llm
+    return out
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def score(ref: list[np.ndarray], cand: list[np.ndarray], windows: np.ndarray) -> dict:
+    nll, kl, agree, n = 0.0, [], 0, 0
+    for r, c, w in zip(ref, cand, windows):
+        lr, lc = log_softmax(r[:-1].astype(np.float64)), log_softmax(c[:-1].astype(np.float64))
+        nxt = w[1:]
+        nll += float(-lc[np.arange(len(nxt)), nxt].sum())
+        kl.append((np.exp(lr) * (lr - lc)).sum(axis=-1))
+        agree += int((lr.argmax(-1) == lc.argmax(-1)).sum())
+        n += len(nxt)
+    kl = np.concatenate(kl)
+    return {"ppl": math.exp(nll / n), "kld": float(kl.mean()), "kld_p99": float(np.quantile(kl, 0.99)), "top1": agree / n}
+
+
+def main() -> None:
+    import copy
+
+    import llama_cpp
+    import torch
+
+    from lowbit.api import quantize
+    from lowbit.calib import CalibrationConfig
+    from lowbit.data import token_windows
+    from lowbit.export.gguf import mix_schemes, write_gguf
+    from lowbit.model.load import load_source
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--types", nargs="+", default=TYPES)
+    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--method", default="gptq")
+    ap.add_argument("--work", default="/tmp/lowbit-gguf-bench")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    loaded = load_source(None)
+    windows = token_windows(loaded.tokenizer, (WIKI / "test.txt").read_text(), args.ctx, args.windows).numpy()
+    f32 = write_gguf(loaded, work / "f32.gguf", full_precision="F32", force=True)
+    ref = llama_logits(f32, windows)
+    rows = [{"type": "F32", "side": "reference", "size_bytes": f32.stat().st_size, **score(ref, ref, windows)}]
+    print(json.dumps(rows[-1]), flush=True)
+    calibration = CalibrationConfig(str(WIKI / "valid.txt"), args.samples, 512, 0)
+    for t in args.types:
+        out = work / f"llamacpp-{t}.gguf"
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}")
+        params.nthread = os.cpu_count()
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
+        t_ll = time.perf_counter() - t0
+        if rc != 0:
+            raise SystemExit(f"llama_model_quantize failed for {t} (code {rc})")
+        ll = {"type": t, "side": "llama.cpp", "size_bytes": out.stat().st_size, "seconds": t_ll,
+              **score(ref, llama_logits(out, windows), windows)}
+        print(json.dumps(ll), flush=True)
+        per_target, plan = mix_schemes(loaded.model, t)
+        t0 = time.perf_counter()
+        qm = quantize(copy.deepcopy(loaded), next(iter(per_target.values())), method=args.method,
+                      calibration=calibration, per_target=per_target, extra_targets=list(per_target), progress=False)
+        qm.recipe["gguf_fallbacks"] = {n: r for n, _, _, r in plan if r}
+        t_lb = time.perf_counter() - t0
+        lb_file = write_gguf(qm, work / f"lowbit-{t}.gguf", force=True)
+        lb = {"type": t, "side": f"lowbit {args.method}", "size_bytes": lb_file.stat().st_size, "seconds": t_lb,
+              **score(ref, llama_logits(lb_file, windows), windows)}
+        print(json.dumps(lb), flush=True)
+        rows += [ll, lb]
+    out_dir = ROOT / "bench" / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "eval": f"WikiText-2 test, {args.windows} x {args.ctx} tokens, logits by llama.cpp (llama-cpp-python {llama_cpp.__version__})",
+            "calibration": f"WikiText-2 validation, {args.samples} x 512 tokens (lowbit only; llama.cpp without imatrix)"}
+    (out_dir / "gguf.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [f"# GGUF: lowbit vs llama.cpp's quantizer on {meta['model']}", "", f"Eval: {meta['eval']}. Calibration: {meta['calibration']}.", "",
+             "| type | llama.cpp size MB | lowbit size MB | size ratio | llama.cpp KLD | lowbit KLD | KLD ratio | llama.cpp top-1 | lowbit top-1 | llama.cpp PPL | lowbit PPL |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in args.types:
+        ll = next(r for r in rows if r["type"] == t and r["side"] == "llama.cpp")
+        lb = next(r for r in rows if r["type"] == t and r["side"] != "llama.cpp")
+        lines.append(f"| {t} | {ll['size_bytes']/1e6:.2f} | {lb['size_bytes']/1e6:.2f} | {lb['size_bytes']/ll['size_bytes']:.3f} | "
+                     f"{ll['kld']:.4f} | {lb['kld']:.4f} | {lb['kld']/max(ll['kld'], 1e-12):.2f} | {ll['top1']:.3f} | {lb['top1']:.3f} | "
+                     f"{ll['ppl']:.2f} | {lb['ppl']:.2f} |")
+    lines.append(f"\nReference F32 PPL (llama.cpp): {rows[0]['ppl']:.2f}")
+    (out_dir / "gguf.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
