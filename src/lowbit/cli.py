@@ -101,7 +101,7 @@ def cmd_quantize(args):
     if args.to == "gguf" and args.type.upper() not in ("F32", "F16", "BF16"):
         from lowbit.export.gguf import mix_schemes
 
-        per_target, gguf_plan = mix_schemes(loaded.model, args.type.upper())
+        per_target, gguf_plan = mix_schemes(loaded.model, args.type.upper(), fallback_policy=args.fallback)
         extra = list(per_target)
         scheme = type(scheme)(next(iter(per_target.values())))
     qm = quantize(loaded, scheme, method=args.method, include=args.include, exclude=args.exclude,
@@ -312,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--opt", action="append", help="method option KEY=VALUE (repeatable), e.g. alpha=0.5")
     q.add_argument("--to", default="native", choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
     q.add_argument("--type", help="--to gguf: a llama.cpp mix (Q4_K_M, Q8_0, ...) or F32/F16")
+    q.add_argument("--fallback", default="measured", choices=["measured", "llama.cpp"],
+                   help="--to gguf: type for rows that do not fit 256-blocks: the most accurate block-32 type no "
+                        "larger than llama.cpp's choice (measured), or llama.cpp's fixed table")
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--force", action="store_true", help="replace an existing output")
     q.add_argument("--json", action="store_true")

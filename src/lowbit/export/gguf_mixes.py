@@ -123,6 +123,16 @@ def _category(name: str) -> str:
     return "other"
 
 
+def bits_per_weight(type_name: str) -> float:
+    """Bits per weight of a GGML type, from gguf's size table."""
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    return nbytes * 8 / block
+
+
+# block-32 types lowbit can write, candidates for a measured fallback
+SMALL_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+
 def block_size(type_name: str) -> int:
     """Weights per block of a GGML type (1 for float types)."""
     return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
