@@ -10,7 +10,6 @@ here rounds or fits values again.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from lowbit.errors import SchemeError, SourceError
-from lowbit.export.native import _full_precision_state, commit_output_dir, prepare_output_dir
+from lowbit.export.native import _full_precision_state, staged_output_dir
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.packing import pack, unpack
 from lowbit.model.quantized import QuantizedModel, install_quantized
@@ -153,8 +152,7 @@ def write_checkpoint(qm: QuantizedModel, output, tensors: dict[str, torch.Tensor
                      meta: dict, extra_files: dict[str, dict] | None = None, force: bool = False) -> Path:
     """Write a transformers folder: full-precision tensors + `tensors`, config.json with
     `quantization_config`, tokenizer, extra JSON files; temp dir first, renamed when complete."""
-    final, tmp = prepare_output_dir(output, force)
-    try:
+    with staged_output_dir(output, force) as tmp:
         state = _full_precision_state(qm)  # quantized weights are not in it (QuantLinear holds codes)
         clash = set(state) & set(tensors)
         if clash:
@@ -172,11 +170,7 @@ def write_checkpoint(qm: QuantizedModel, output, tensors: dict[str, torch.Tensor
             (tmp / fname).write_text(json.dumps(content, indent=2, sort_keys=True))
         if qm.tokenizer is not None:
             qm.tokenizer.save_pretrained(tmp)
-        commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(output)
 
 
 # --- reading ---------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ a JSON recipe (lowbit.json), config.json and the tokenizer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,10 +58,22 @@ def commit_output_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def save(qm: QuantizedModel, output: str | os.PathLike, force: bool = False) -> Path:
-    """Write qm as a lowbit folder; nothing appears at `output` unless all of it was written."""
+@contextlib.contextmanager
+def staged_output_dir(output: str | os.PathLike, force: bool = False):
+    """Yield a temporary folder beside `output`; on success it is renamed to `output`, on any
+    error it is removed, so no half-written output is ever left behind."""
     final, tmp = prepare_output_dir(output, force)
     try:
+        yield tmp
+        commit_output_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save(qm: QuantizedModel, output: str | os.PathLike, force: bool = False) -> Path:
+    """Write qm as a lowbit folder; nothing appears at `output` unless all of it was written."""
+    with staged_output_dir(output, force) as tmp:
         tensors = _full_precision_state(qm)
         meta = {}
         for name, qt in qm.tensors.items():
@@ -79,11 +92,7 @@ def save(qm: QuantizedModel, output: str | os.PathLike, force: bool = False) -> 
         config.save_pretrained(tmp)
         if qm.tokenizer is not None:
             qm.tokenizer.save_pretrained(tmp)
-        commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(output)
 
 
 def read_recipe(path: str | os.PathLike) -> dict:

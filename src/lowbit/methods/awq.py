@@ -32,7 +32,7 @@ import torch
 from lowbit.calib.runner import StatsRequest
 from lowbit.errors import SchemeError
 from lowbit.methods import rtn
-from lowbit.methods.smoothing import ROUNDINGS, fold_group, gptq_round, matrix, resolve_groups
+from lowbit.methods.smoothing import ROUNDINGS, fold_group, gptq_round, matrix, resolve_groups, rtn_for_unobserved
 from lowbit.model.arch import NO_CLIP_PATTERNS
 from lowbit.scheme import WeightScheme, scheme_of
 from lowbit.tensor import QuantizedTensor, from_matrix, quantize_tensor, resolve_group_size
@@ -145,11 +145,7 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
     Folds the chosen scales into the model (the previous norms / Linears) in place."""
     options = options or Options()
     stats = dict(stats)  # folding replaces entries by scaled copies; the caller's dict stays as is
-    out, fallback = {}, []
-    for t in layer_targets:
-        if stats.get(t.name) is None:
-            out[t.name] = rtn.quantize_weight(t.parameter(model).data, scheme_of(scheme, t.name), t.transposed)
-            fallback.append(t.name)
+    out, fallback = rtn_for_unobserved(model, layer_targets, stats, scheme)
     for group in resolve_groups(model, layer_targets, stats):
         st = stats[group.members[0].name]
         if st.sample is None:

@@ -101,3 +101,14 @@ def gptq_round(model: torch.nn.Module, targets: list[WeightTarget], stats: dict[
         for t, (codes, params, g) in zip(members, solved):
             out[t.name] = gptq.to_quantized_tensor(codes, params, g, ws, t.parameter(model).shape, t.transposed)
     return out
+
+
+def rtn_for_unobserved(model, layer_targets, stats, scheme) -> tuple[dict, list[str]]:
+    """RTN for the targets no input was observed for (stacked experts); their names are
+    returned as fallbacks for the recipe."""
+    from lowbit.methods import rtn
+    from lowbit.scheme import scheme_of
+
+    out = {t.name: rtn.quantize_weight(t.parameter(model).data, scheme_of(scheme, t.name), t.transposed)
+           for t in layer_targets if stats.get(t.name) is None}
+    return out, list(out)

@@ -20,7 +20,7 @@ import torch
 from lowbit.calib.runner import StatsRequest
 from lowbit.errors import SchemeError
 from lowbit.methods import rtn
-from lowbit.methods.smoothing import ROUNDINGS, fold_group, gptq_round, matrix, resolve_groups
+from lowbit.methods.smoothing import ROUNDINGS, fold_group, gptq_round, matrix, resolve_groups, rtn_for_unobserved
 from lowbit.nn.act_quant import input_quant_spec
 from lowbit.scheme import ActivationScheme, scheme_of
 from lowbit.tensor import QuantizedTensor
@@ -67,11 +67,7 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
     """SmoothQuant for the targets of one decoder layer; folds scales into the model in place."""
     options = options or Options()
     stats = dict(stats)
-    out, fallback = {}, []
-    for t in layer_targets:
-        if stats.get(t.name) is None:
-            out[t.name] = rtn.quantize_weight(t.parameter(model).data, scheme_of(scheme, t.name), t.transposed)
-            fallback.append(t.name)
+    out, fallback = rtn_for_unobserved(model, layer_targets, stats, scheme)
     for group in resolve_groups(model, layer_targets, stats):
         st = stats[group.members[0].name]
         s = smoothing_scale(st.absmax, [matrix(model, t) for t in group.members], options.alpha)
