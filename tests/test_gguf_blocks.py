@@ -183,3 +183,12 @@ def test_lowbit_packed_round_trip(name):
     back = QuantizedTensor.from_packed(qt.meta(), qt.packed_codes(), qt.params)
     _assert_same_qt(back, qt)
     assert back.format == qt.format
+
+
+@pytest.mark.parametrize("name,shape", [("gguf_q8_0", (49152, 576)), ("gguf_q4_0", (576, 1536)),
+                                        ("gguf_q6_k", (576, 1536)), ("gguf_q4_k", (2048, 256))])
+def test_model_shapes_decode_exactly(name, shape):
+    """SmolLM2's shapes: 49152-row embedding, 576/1536-wide rows."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(7)) * 0.05
+    qt = lowbit.quantize_tensor(w, _scheme(name))
+    assert torch.equal(_gguf_dequant(to_gguf_bytes(qt), name), qt.dequantize().float())
