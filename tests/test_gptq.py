@@ -74,3 +74,22 @@ def test_act_order_keeps_contiguous_groups():
     assert g == 32 and params["scale"].shape == (16, 4)
     # static groups: the scales are RTN's min-max scales of the original weights
     assert torch.equal(params["scale"], quantize_tensor(W, scheme).float_params()["scale"])
+
+
+@pytest.mark.parametrize("fmt_name,observer", [("gguf_q4_k", "minmax"), ("gguf_q3_k", "minmax"), ("int", "mse")])
+def test_importance_weighted_fit_lowers_weighted_error(fmt_name, observer):
+    from lowbit.tensor import fit_groups, encode_matrix
+
+    g = torch.Generator().manual_seed(5)
+    W = torch.randn(64, 256, generator=g)
+    importance = torch.ones(256)
+    importance[torch.randperm(256, generator=g)[:32]] = 100.0  # a few columns matter much more
+    scheme = WeightScheme(fmt_name, 3 if fmt_name == "int" else None, 32 if fmt_name == "int" else -1, False, observer=observer)
+    fmt, gs = scheme.make_format(), scheme.effective_group_size()
+
+    def weighted_err(imp):
+        p = fit_groups(fmt, W, gs, observer, tensor_params=None, importance=imp)
+        Wq = fmt.decode(encode_matrix(fmt, W, p, gs), expand_params(p, group_index(256, gs)))
+        return float(((Wq - W) ** 2 * importance).sum())
+
+    assert weighted_err(importance) < weighted_err(None)

@@ -66,14 +66,16 @@ def kl_range(blocks: torch.Tensor, n_levels: int = 128) -> tuple[torch.Tensor, t
     return -t, t
 
 
-def mse_search(blocks, fmt, tensor_params, fit_once, lo, hi, grid: int = 20, min_ratio: float = 0.5):
+def mse_search(blocks, fmt, tensor_params, fit_once, lo, hi, grid: int = 20, min_ratio: float = 0.5,
+               importance: torch.Tensor | None = None):
     """Shrink [lo, hi] by ratios in [min_ratio, 1] and keep, per group, the one with least
-    squared error after quantize-dequantize through the format."""
+    squared error after quantize-dequantize through the format (weighted per column by
+    `importance`, e.g. diag(X^T X), when given)."""
     best_p = fit_once(lo, hi)
-    best_err = _sq_err(blocks, fmt, best_p)
+    best_err = _sq_err(blocks, fmt, best_p, importance)
     for r in torch.linspace(1.0, min_ratio, grid)[1:]:
         p = fit_once(lo * r, hi * r)
-        err = _sq_err(blocks, fmt, p)
+        err = _sq_err(blocks, fmt, p, importance)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         for k, v in p.items():
@@ -82,9 +84,10 @@ def mse_search(blocks, fmt, tensor_params, fit_once, lo, hi, grid: int = 20, min
     return best_p
 
 
-def _sq_err(blocks, fmt, p):
+def _sq_err(blocks, fmt, p, importance=None):
     pe = {k: (v.unsqueeze(-1) if v.ndim else v) for k, v in p.items()}
-    return (fmt.quantize_dequantize(blocks, pe) - blocks).pow(2).sum(dim=-1)
+    e = (fmt.quantize_dequantize(blocks, pe) - blocks).pow(2)
+    return (e if importance is None else e * importance).sum(dim=-1)
 
 
 def observe(blocks: torch.Tensor, observer: str, percentile: float = 99.9, n_levels: int = 128):

@@ -58,37 +58,46 @@ def expand_params(p: Params, gidx: torch.Tensor) -> Params:
     return {k: (v[:, gidx] if v.ndim else v) for k, v in p.items()}
 
 
-def _fit_blocks(fmt: Format, blocks: torch.Tensor, tensor_params: Params, observer: str, percentile: float) -> Params:
-    """Float parameters for blocks (rows, n, size), rounded through the format's storage."""
+def _fit_blocks(fmt: Format, blocks: torch.Tensor, tensor_params: Params, observer: str, percentile: float,
+                importance: torch.Tensor | None = None) -> Params:
+    """Float parameters for blocks (rows, n, size), rounded through the format's storage;
+    importance (1, n, size), if given, weights each column's error in searches."""
 
     def fit_once(lo, hi):
         p = fmt.params_from_range(lo, hi, tensor_params)
         return fmt.load_params(fmt.store_params({**p, **tensor_params}))
 
-    p = fmt.params_from_blocks(blocks, tensor_params)
+    p = fmt.params_from_blocks(blocks, tensor_params, importance)
     if p is not None:  # the format fits from the values themselves; observers do not apply
         return fmt.load_params(fmt.store_params({**p, **tensor_params}))
     lo, hi = observe(blocks, observer, percentile)
     if observer == "mse":
-        return mse_search(blocks, fmt, tensor_params, fit_once, lo, hi)
+        return mse_search(blocks, fmt, tensor_params, fit_once, lo, hi, importance=importance)
     return fit_once(lo, hi)
 
 
 def fit_groups(fmt: Format, W: torch.Tensor, group_size: int, observer: str = "minmax",
-               percentile: float = 99.9, tensor_params: Params | None = None) -> Params:
-    """Float parameters (rows, n_groups) for matrix W, already exact in their stored precision."""
+               percentile: float = 99.9, tensor_params: Params | None = None,
+               importance: torch.Tensor | None = None) -> Params:
+    """Float parameters (rows, n_groups) for matrix W, already exact in their stored precision.
+    importance: optional (cols,) weights of each input column's error (diag of X^T X), used by
+    error-minimising fits (the mse observer, llama.cpp-style k-quant searches)."""
     W = W.float()
     rows, cols = W.shape
     tp = fmt.tensor_params(W) if tensor_params is None else tensor_params
+    imp = None if importance is None else importance.float().reshape(1, -1)
     if group_size == 0:
-        p = _fit_blocks(fmt, W.reshape(1, 1, -1), tp, observer, percentile)
-        return p
+        return _fit_blocks(fmt, W.reshape(1, 1, -1), tp, observer, percentile,
+                           None if imp is None else imp.expand(rows, -1).reshape(1, 1, -1))
     n_full, tail = divmod(cols, group_size)
+    head = n_full * group_size
     parts = []
     if n_full:
-        parts.append(_fit_blocks(fmt, W[:, : n_full * group_size].reshape(rows, n_full, group_size), tp, observer, percentile))
+        parts.append(_fit_blocks(fmt, W[:, :head].reshape(rows, n_full, group_size), tp, observer, percentile,
+                                 None if imp is None else imp[:, :head].reshape(1, n_full, group_size)))
     if tail:
-        parts.append(_fit_blocks(fmt, W[:, n_full * group_size:].reshape(rows, 1, tail), tp, observer, percentile))
+        parts.append(_fit_blocks(fmt, W[:, head:].reshape(rows, 1, tail), tp, observer, percentile,
+                                 None if imp is None else imp[:, head:].reshape(1, 1, tail)))
     out = {}
     for k in parts[0]:
         vs = [pp[k] for pp in parts]

@@ -64,9 +64,11 @@ class Format:
         """Parameters shared by the whole tensor; none by default."""
         return {}
 
-    def params_from_blocks(self, blocks: torch.Tensor, tensor_params: Params) -> Params | None:
+    def params_from_blocks(self, blocks: torch.Tensor, tensor_params: Params,
+                           importance: torch.Tensor | None = None) -> Params | None:
         """Per-group parameters from blocks (rows, n, size) when the format needs more than a range
-        (absmean); None, the default, means "fit from the observer's range"."""
+        (absmean, a weighted search); None, the default, means "fit from the observer's range".
+        importance: optional per-column weights (broadcast to blocks), e.g. diag(X^T X)."""
         return None
 
     def store_params(self, p: Params) -> Params:

@@ -342,14 +342,15 @@ class _KQuantFormat(GGUFFormat):
             return {"scale": (hi.clamp(min=0) - mn) / self.qmax, "min": mn}
         return {"scale": _signed_max(lo, hi) / -self.offset}
 
-    def params_from_blocks(self, blocks, tensor_params) -> Params | None:
-        """llama.cpp's scale(/min) search per sub-block, with its grids per type, but uniform
-        weights: on plain weight MSE this beat llama.cpp's |x| / x^2 / rms+|x| weightings for
-        every k-quant, and beat the min-max and mse observers."""
+    def params_from_blocks(self, blocks, tensor_params, importance=None) -> Params | None:
+        """llama.cpp's scale(/min) search per sub-block, with its grids per type. Weights: the
+        calibration importance of each column (diag X^T X, as llama.cpp's imatrix) when given,
+        else uniform: on plain weight MSE uniform beat llama.cpp's |x| / x^2 / rms+|x|
+        weightings for every k-quant, and beat the min-max and mse observers."""
         if not self.search:
             return None
         x = blocks.float()
-        w = torch.ones_like(x)
+        w = torch.ones_like(x) if importance is None else importance.float().expand_as(x).clamp_min(1e-12)
         if not self.has_min:  # Q3_K / Q6_K
             return {"scale": _search_scale_sym(x, w, self.offset)}
         rmin, nstep = (-1.0, 20) if self.name == "gguf_q4_k" else (-0.5, 15)

@@ -25,7 +25,7 @@ class TernaryFormat(Format):
     def code_bits(self) -> int:
         return 2
 
-    def params_from_blocks(self, blocks, tensor_params) -> Params:
+    def params_from_blocks(self, blocks, tensor_params, importance=None) -> Params:
         # absmean needs every value of the group, not just the observer's [lo, hi]
         return {"scale": blocks.abs().mean(dim=-1).clamp_min(_TINY)}
 
