@@ -177,9 +177,13 @@ def cmd_eval(args):
     windows = eval_windows(ref.tokenizer, args.data, args.ctx, args.windows)
     result = evaluate_candidate(cand, ref.model, windows, progress=not args.json)
     layers = []
-    if cand.quantized is not None and args.layers:
+    if cand.quantized is not None:
         layers = layer_errors(ref.model, cand.quantized.tensors, cand.quantized.targets, windows[0])
         result["layers"] = [vars(r) for r in layers]
+        # worst first; all of them with --layers, the ten worst otherwise
+        layers = sorted(layers, key=lambda r: -(r.output_rel_err if r.output_rel_err is not None else r.weight_rel_err))
+        if not args.layers:
+            layers = layers[:10]
     if args.json:
         _print(result, True)
         return
@@ -335,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", help="text file (default: Python reference manual, evaluation part)")
     e.add_argument("--ctx", type=int, default=512)
     e.add_argument("--windows", type=int, default=16)
-    e.add_argument("--layers", action="store_true", help="also print per-layer weight/output error")
+    e.add_argument("--layers", action="store_true", help="print every layer's weight/output error (default: the ten worst)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
