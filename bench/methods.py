@@ -33,6 +33,7 @@ CONFIGS = [
     ("rtn", dict(format="int", bits=4, group_size=64, symmetric=True), {}),
     ("gptq", dict(format="int", bits=4, group_size=64, symmetric=True), {}),
     ("rtn", dict(format="int", bits=3, group_size=32, symmetric=False), {}),
+    ("rtn", dict(format="int", bits=3, group_size=32, symmetric=False, zero_point="float"), {}),
     ("hqq", dict(format="int", bits=3, group_size=32, symmetric=False, zero_point="float"), {}),
     ("awq", dict(format="int", bits=3, group_size=32, symmetric=False), {}),
     ("gptq", dict(format="int", bits=3, group_size=32, symmetric=False), {}),
@@ -139,6 +140,8 @@ def main() -> None:
             "calibration": f"WikiText-2 validation, {samples} x 512 tokens (seeded positions)",
             "fp_forward_seconds": fp["seconds"], "machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads()}
     name = "methods_quick" if args.quick else "methods"
+    if args.only:  # a subset never overwrites the full table
+        name += "_" + "_".join(args.only)
     (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Methods on {meta['model']}", "", f"Eval: {meta['eval']}. Calibration: {meta['calibration']}. "
              f"One full-precision forward over the calibration tokens: {fp['seconds']:.1f} s.", "",
