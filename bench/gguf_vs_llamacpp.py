@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--work", default="/tmp/lowbit-gguf-bench")
+    ap.add_argument("--name", default="gguf", help="results file name (bench/results/NAME.{json,md})")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "eval": f"WikiText-2 test, {args.windows} x {args.ctx} tokens, logits by llama.cpp (llama-cpp-python {llama_cpp.__version__})",
             "calibration": f"WikiText-2 validation, {args.samples} x 512 tokens (lowbit only; llama.cpp without imatrix)"}
-    (out_dir / "gguf.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# GGUF: lowbit vs llama.cpp's quantizer on {meta['model']}", "", f"Eval: {meta['eval']}. Calibration: {meta['calibration']}.", "",
              "| type | llama.cpp size MB | lowbit size MB | size ratio | llama.cpp KLD | lowbit KLD | KLD ratio | llama.cpp top-1 | lowbit top-1 | llama.cpp PPL | lowbit PPL |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -132,7 +133,7 @@ def main() -> None:
                      f"{ll['kld']:.4f} | {lb['kld']:.4f} | {lb['kld']/max(ll['kld'], 1e-12):.2f} | {ll['top1']:.3f} | {lb['top1']:.3f} | "
                      f"{ll['ppl']:.2f} | {lb['ppl']:.2f} |")
     lines.append(f"\nReference F32 PPL (llama.cpp): {rows[0]['ppl']:.2f}")
-    (out_dir / "gguf.md").write_text("\n".join(lines) + "\n")
+    (out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
