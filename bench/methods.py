@@ -57,7 +57,6 @@ def run_one(spec: dict) -> dict:
     from lowbit.eval.divergence import compare, run_reference
     from lowbit.methods import get_method
     from lowbit.model.load import load_source
-    from lowbit.data import token_windows
 
     torch.manual_seed(0)
     loaded = load_source(None)

@@ -30,3 +30,25 @@ def default_model():
     from lowbit.model.load import load_source
 
     return load_source(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_llama):
+    """The tiny model's character-level tokenizer (vocab 96)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="session")
+def calib(tmp_path_factory):
+    """4 x 32 tokens of seeded random words: calibration for tiny models."""
+    import random
+
+    from lowbit.calib import CalibrationConfig
+
+    r = random.Random(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "Quantize", "42", "model!"]
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text(" ".join(r.choice(words) for _ in range(1000)))
+    return CalibrationConfig(samples=4, seqlen=32, text=str(path))

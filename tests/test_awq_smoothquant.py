@@ -2,16 +2,14 @@
 is exact, AWQ beats RTN where activations have outlier channels, W8A8 runs its activation
 quantization and survives save/load."""
 
-import random
 
 import pytest
 import torch
 
 from lowbit.api import quantize
-from lowbit.calib import CalibrationConfig
 from lowbit.calib.runner import InputStats
 from lowbit.export.native import load, save
-from lowbit.methods.awq import Options as AWQOptions, candidate_scale, clip_search
+from lowbit.methods.awq import candidate_scale, clip_search
 from lowbit.methods.smoothing import scaled_stats
 from lowbit.model.arch import decoder_layer_of, fold_scales, smoothing_groups, weight_matrix
 from lowbit.model.load import LoadedModel
@@ -57,22 +55,6 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             if "norm" in name or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_llama):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tiny_llama)
-
-
-@pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    r = random.Random(0)
-    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away", "Quantize", "42", "model!"]
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text(" ".join(r.choice(words) for _ in range(1000)))
-    return CalibrationConfig(samples=4, seqlen=32, text=str(path))
 
 
 def _logits(model, ids):

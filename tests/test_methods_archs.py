@@ -6,7 +6,7 @@ import torch
 
 from lowbit import WeightScheme
 from lowbit.cli import main
-from tests.test_awq_smoothquant import ARCHS, _logits, _run, build, calib, tokenizer  # noqa: F401
+from tests.test_awq_smoothquant import ARCHS, _logits, _run, build
 
 IDS = torch.tensor([[3, 14, 15, 9, 26, 53, 5, 8, 9, 7, 9, 3]])
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from lowbit import WeightScheme, preset
+from lowbit import WeightScheme
 from lowbit.api import quantize
 from lowbit.cli import main
 from lowbit.export.native import load, save
