@@ -93,3 +93,31 @@ def test_importance_weighted_fit_lowers_weighted_error(fmt_name, observer):
         return float(((Wq - W) ** 2 * importance).sum())
 
     assert weighted_err(importance) < weighted_err(None)
+
+
+def test_staged_propagation_uses_quantized_weights(tiny_llama, calib):
+    """A batch parked inside a module while it is quantized must finish with the quantized weights:
+    after staged GPTQ the layer outputs fed forward equal those of the quantized model itself."""
+    import lowbit.calib.runner as runner
+    from lowbit.api import quantize
+
+    fed = []
+    original = runner._staged_layer
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        fed.append([o.clone() for o in out])
+        return out
+
+    runner._staged_layer = spy
+    try:
+        qm = quantize(str(tiny_llama), WeightScheme("int", 3, 32, False), method="gptq", calibration=calib, progress=False)
+    finally:
+        runner._staged_layer = original
+    windows = calib.windows(qm.tokenizer)
+    captured = []
+    h = qm.model.model.layers[0].register_forward_hook(lambda m, a, o: captured.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        qm.model(windows[:calib.batch_size], use_cache=False)
+    h.remove()
+    assert torch.allclose(fed[0][0], captured[0], atol=1e-5)
