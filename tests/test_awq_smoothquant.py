@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.api import quantize
-from lowbit.calib.runner import InputStats
+from lowbit.calib.runner import InputStats, StatsRequest
 from lowbit.export.native import load, save
 from lowbit.methods.awq import candidate_scale, clip_search
 from lowbit.methods.smoothing import scaled_stats
@@ -109,8 +109,9 @@ def test_scaled_stats_are_the_stats_of_the_scaled_input():
     X = torch.randn(50, 16) * torch.linspace(0.1, 5, 16)
     s = torch.rand(16) + 0.5
     a, b = InputStats(), InputStats()
-    a.add(X, True, 20)
-    b.add(X / s, True, 20)
+    req = StatsRequest(hessian=True, sample_rows=20)
+    a.add(X, req)
+    b.add(X / s, req)
     c = scaled_stats(a, s)
     for k in ("hessian", "absmax", "abssum", "sample"):
         assert torch.allclose(getattr(c, k), getattr(b, k), rtol=1e-5, atol=1e-6), k

@@ -1,6 +1,8 @@
 """GPTQ against independent expectations: RTN on a diagonal Hessian, lower output error on
 correlated inputs, every format through the same solver."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -121,3 +123,60 @@ def test_staged_propagation_uses_quantized_weights(tiny_llama, calib):
         qm.model(windows[:calib.batch_size], use_cache=False)
     h.remove()
     assert torch.allclose(fed[0][0], captured[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [48, 1000])  # 1000: row panels of the lower triangle
+def test_gram_accumulation_fp32_is_exact_and_symmetric(d):
+    from lowbit.calib.runner import accumulate_gram
+
+    X = torch.randn(300, d, dtype=torch.float64).float() * torch.linspace(0.01, 4, d)
+    H = torch.zeros(d, d)
+    accumulate_gram(H, X[:120])
+    accumulate_gram(H, X[120:])
+    ref = X.double().T @ X.double()
+    assert torch.equal(H, H.T)
+    assert float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+def test_bf16_gram_is_the_gram_of_bf16_inputs():
+    """bf16 products round the inputs only: the result is (to fp32 accumulation) the Gram matrix
+    of bf16(X), so it stays positive semi-definite; with damping GPTQ's Cholesky succeeds."""
+    from lowbit.calib.runner import accumulate_gram, resolve_hessian_precision
+    from lowbit.methods.gptq import prepare_hessian_inverse
+
+    d = 800
+    X = torch.randn(2000, 40) @ torch.randn(40, d)  # rank 40: only the damping makes it definite
+    H = torch.zeros(d, d)
+    accumulate_gram(H, X, "bf16")
+    Xb = X.bfloat16().double()
+    ref = Xb.T @ Xb
+    assert torch.equal(H, H.T)
+    assert float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    prepare_hessian_inverse(H, 0.01)
+    assert resolve_hessian_precision("fp32") == "fp32"
+    assert resolve_hessian_precision("auto", "cuda") == "fp32"
+    with pytest.raises(Exception, match="unknown Hessian precision"):
+        resolve_hessian_precision("fp8")
+
+
+def test_error_inside_a_staged_batch_propagates_and_cleans_up(tiny_llama, calib):
+    """A failure in the middle of a parked forward reaches the caller; no hooks stay behind."""
+    from lowbit.api import quantize
+    from lowbit.model.load import load_source
+
+    loaded = load_source(str(tiny_llama))
+    mlp = loaded.model.model.layers[1].mlp
+    calls = []
+
+    def fail_second_batch(_m, _args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("boom in batch 2")
+
+    h = mlp.down_proj.register_forward_pre_hook(fail_second_batch)
+    with pytest.raises(ValueError, match="boom in batch 2"):
+        quantize(loaded, WeightScheme("int", 4, 32, False), method="gptq",
+                 calibration=dataclasses.replace(calib, batch_size=1), progress=False)
+    h.remove()
+    leftover = [m for m in loaded.model.modules() if m._forward_pre_hooks]
+    assert leftover == []

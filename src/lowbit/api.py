@@ -77,7 +77,7 @@ def quantize(source, scheme, method: str = "rtn", include: list[str] | None = No
 def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration: CalibrationConfig,
                          recipe: dict, progress: bool) -> dict:
     """Run a calibrated method layer by layer; returns the quantized tensors (installed)."""
-    from lowbit.calib.runner import run_layers
+    from lowbit.calib.runner import resolve_hessian_precision, run_layers
     from lowbit.methods import rtn
 
     t0 = time.perf_counter()
@@ -94,7 +94,10 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
         tensors.update(out)
         fallbacks.extend(fb)
 
-    outside = run_layers(model, windows, targets, quantize_layer, impl.STATS,
+    request = dataclasses.replace(impl.STATS, hessian_precision=resolve_hessian_precision(
+        calibration.hessian_precision, next(model.parameters()).device))
+    recipe["calibration"]["hessian_precision"] = request.hessian_precision
+    outside = run_layers(model, windows, targets, quantize_layer, request,
                          calibration.batch_size, calibration.sequential, progress, recipe["seconds"])
     for t in outside:  # weights outside the decoder stack (embeddings, an included lm_head) get RTN
         qt = rtn.quantize_weight(t.parameter(model).data, scheme_of(ws, t.name), t.transposed)

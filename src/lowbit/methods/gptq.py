@@ -31,7 +31,7 @@ class Options:
 
 
 GPTQOptions = Options
-STATS = StatsRequest(hessian=True, staged=True)
+STATS = StatsRequest(hessian=True, staged=True, channel_stats=False)
 
 
 def fit_span(fmt: Format, group_size: int) -> int:
