@@ -7,7 +7,12 @@
 3. llama.cpp computes the logits of every file on the same token windows: PPL, KLD against the
    F32 file, top-1 agreement. Sizes are file sizes.
 
+4. With --budget Q4_0: lowbit fits llama.cpp's Q4_0 file size with `--max-size`, choosing each
+   tensor's type by Fisher-priced error, once from every type and once without Q4_1 (the one
+   type that reproduces this model's Q4_1-grid weights exactly, so the gain is not that artifact).
+
     python bench/gguf_vs_llamacpp.py [--types Q8_0 Q4_K_M ...] [--windows 4] [--samples 64]
+    python bench/gguf_vs_llamacpp.py --types --budget Q4_0 --name gguf_budget
 
 Writes bench/results/gguf.json and bench/results/gguf.md. Note: this build of llama.cpp crashes
 when it decodes several tokens at once on quantized weights here, so every file is evaluated
@@ -73,16 +78,20 @@ def main() -> None:
     from lowbit.calib import CalibrationConfig
     from lowbit.data import token_windows
     from lowbit.export.gguf import mix_schemes, write_gguf
+    from lowbit.export.gguf_budget import BUDGET_TYPES, budget_schemes
     from lowbit.model.load import load_source
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--types", nargs="+", default=TYPES)
+    ap.add_argument("--types", nargs="*", default=TYPES)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--method", default="gptq")
     ap.add_argument("--work", default="/tmp/lowbit-gguf-bench")
     ap.add_argument("--name", default="gguf", help="results file name (bench/results/NAME.{json,md})")
+    ap.add_argument("--budget", nargs="*", default=[], metavar="TYPE",
+                    help="also: lowbit --max-size = llama.cpp's file of TYPE, choosing types by Fisher (e.g. Q4_0)")
+    ap.add_argument("--fisher-windows", type=int, default=16)
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -94,7 +103,8 @@ def main() -> None:
     rows = [{"type": "F32", "side": "reference", "size_bytes": f32.stat().st_size, **score(ref, ref, windows)}]
     print(json.dumps(rows[-1]), flush=True)
     calibration = CalibrationConfig(str(WIKI / "valid.txt"), args.samples, 512, 0)
-    for t in args.types:
+
+    def llama_cpp_file(t):
         out = work / f"llamacpp-{t}.gguf"
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}")
@@ -107,6 +117,10 @@ def main() -> None:
         ll = {"type": t, "side": "llama.cpp", "size_bytes": out.stat().st_size, "seconds": t_ll,
               **score(ref, llama_logits(out, windows), windows)}
         print(json.dumps(ll), flush=True)
+        return ll
+
+    for t in args.types:
+        ll = llama_cpp_file(t)
         per_target, plan = mix_schemes(loaded.model, t)
         t0 = time.perf_counter()
         qm = quantize(copy.deepcopy(loaded), next(iter(per_target.values())), method=args.method,
@@ -118,6 +132,30 @@ def main() -> None:
               **score(ref, llama_logits(lb_file, windows), windows)}
         print(json.dumps(lb), flush=True)
         rows += [ll, lb]
+    budget_rows = []
+    for t in args.budget:
+        ll = next((r for r in rows if r["type"] == t and r["side"] == "llama.cpp"), None) or llama_cpp_file(t)
+        if ll not in rows:
+            rows.append(ll)
+        fisher_windows = calibration.windows(loaded.tokenizer)[: args.fisher_windows]
+        # all types; then without Q4_1, the one type that reproduces this model's Q4_1-grid weights exactly
+        for label, allowed in (("all types", BUDGET_TYPES), ("without Q4_1", tuple(x for x in BUDGET_TYPES if x != "Q4_1"))):
+            t0 = time.perf_counter()
+            per_target, plan, budget = budget_schemes(loaded, ll["size_bytes"], fisher_windows, allowed, 0, progress=False)
+            t_alloc = time.perf_counter() - t0
+            qm = quantize(copy.deepcopy(loaded), next(iter(per_target.values())), method=args.method,
+                          calibration=calibration, per_target=per_target, extra_targets=list(per_target), progress=False)
+            qm.recipe["gguf_budget"] = budget
+            t_lb = time.perf_counter() - t0
+            lb_file = write_gguf(qm, work / f"lowbit-budget-{t}-{label.replace(' ', '_')}.gguf", force=True)
+            lb = {"type": f"<= {t} size", "side": f"lowbit {args.method} --max-size ({label})", "candidates": list(allowed),
+                  "size_bytes": lb_file.stat().st_size, "max_bytes": ll["size_bytes"], "seconds": t_lb,
+                  "seconds_allocation": t_alloc, "predicted_kld_rtn": budget["predicted_kld_rtn"],
+                  "type_counts": budget["type_counts"], "types": budget["types"],
+                  **score(ref, llama_logits(lb_file, windows), windows)}
+            print(json.dumps({k: v for k, v in lb.items() if k != "types"}), flush=True)
+            budget_rows.append((ll, lb))
+            rows.append(lb)
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "eval": f"WikiText-2 test, {args.windows} x {args.ctx} tokens, logits by llama.cpp (llama-cpp-python {llama_cpp.__version__})",
@@ -132,6 +170,18 @@ def main() -> None:
         lines.append(f"| {t} | {ll['size_bytes']/1e6:.2f} | {lb['size_bytes']/1e6:.2f} | {lb['size_bytes']/ll['size_bytes']:.3f} | "
                      f"{ll['kld']:.4f} | {lb['kld']:.4f} | {lb['kld']/max(ll['kld'], 1e-12):.2f} | {ll['top1']:.3f} | {lb['top1']:.3f} | "
                      f"{ll['ppl']:.2f} | {lb['ppl']:.2f} |")
+    if budget_rows:
+        lines += ["", "Size-budgeted: lowbit chooses each tensor's type to fit llama.cpp's file size "
+                  "(`lowbit quantize --method gptq --to gguf --max-size SIZE`), pricing each type's error by the diagonal "
+                  f"Fisher information from {args.fisher_windows} calibration windows.", "",
+                  "| budget | lowbit types from | llama.cpp MB | lowbit MB | llama.cpp KLD | lowbit KLD | KLD ratio | "
+                  "Fisher-estimated KLD (RTN) | lowbit PPL | types chosen (tensors) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for ll, lb in budget_rows:
+            counts = ", ".join(f"{k} {v}" for k, v in lb["type_counts"].items())
+            lines.append(f"| {lb['type']} | {lb['side'].split('(')[1].rstrip(')')} | {ll['size_bytes']/1e6:.2f} | "
+                         f"{lb['size_bytes']/1e6:.2f} | {ll['kld']:.4f} | {lb['kld']:.4f} | {lb['kld']/max(ll['kld'], 1e-12):.2f} | "
+                         f"{lb['predicted_kld_rtn']:.4f} | {lb['ppl']:.2f} | {counts} |")
     lines.append(f"\nReference F32 PPL (llama.cpp): {rows[0]['ppl']:.2f}")
     (out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -141,7 +141,7 @@ def test_gram_accumulation_fp32_is_exact_and_symmetric(d):
 def test_bf16_gram_is_the_gram_of_bf16_inputs():
     """bf16 products round the inputs only: the result is (to fp32 accumulation) the Gram matrix
     of bf16(X), so it stays positive semi-definite; with damping GPTQ's Cholesky succeeds."""
-    from lowbit.calib.runner import accumulate_gram, resolve_hessian_precision
+    from lowbit.calib.runner import accumulate_gram, check_hessian_precision
     from lowbit.methods.gptq import prepare_hessian_inverse
 
     d = 800
@@ -153,10 +153,9 @@ def test_bf16_gram_is_the_gram_of_bf16_inputs():
     assert torch.equal(H, H.T)
     assert float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     prepare_hessian_inverse(H, 0.01)
-    assert resolve_hessian_precision("fp32") == "fp32"
-    assert resolve_hessian_precision("auto", "cuda") == "fp32"
+    assert check_hessian_precision("bf16") == "bf16"
     with pytest.raises(Exception, match="unknown Hessian precision"):
-        resolve_hessian_precision("fp8")
+        check_hessian_precision("fp8")
 
 
 def test_error_inside_a_staged_batch_propagates_and_cleans_up(tiny_llama, calib):
@@ -180,3 +179,4 @@ def test_error_inside_a_staged_batch_propagates_and_cleans_up(tiny_llama, calib)
     h.remove()
     leftover = [m for m in loaded.model.modules() if m._forward_pre_hooks]
     assert leftover == []
+

@@ -77,7 +77,7 @@ def quantize(source, scheme, method: str = "rtn", include: list[str] | None = No
 def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration: CalibrationConfig,
                          recipe: dict, progress: bool) -> dict:
     """Run a calibrated method layer by layer; returns the quantized tensors (installed)."""
-    from lowbit.calib.runner import resolve_hessian_precision, run_layers
+    from lowbit.calib.runner import check_hessian_precision, run_layers
     from lowbit.methods import rtn
 
     t0 = time.perf_counter()
@@ -94,8 +94,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
         tensors.update(out)
         fallbacks.extend(fb)
 
-    request = dataclasses.replace(impl.STATS, hessian_precision=resolve_hessian_precision(
-        calibration.hessian_precision, next(model.parameters()).device))
+    request = dataclasses.replace(impl.STATS, hessian_precision=check_hessian_precision(calibration.hessian_precision))
     recipe["calibration"]["hessian_precision"] = request.hessian_precision
     outside = run_layers(model, windows, targets, quantize_layer, request,
                          calibration.batch_size, calibration.sequential, progress, recipe["seconds"])

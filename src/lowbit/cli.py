@@ -90,15 +90,33 @@ def cmd_quantize(args):
     from lowbit.model.load import load_source
 
     scheme = _scheme_from_args(args)
+    if args.max_size is not None:
+        if args.to != "gguf":
+            raise SchemeError("--max-size sizes a GGUF file: add --to gguf")
+        if args.type and args.type.upper() != "AUTO":
+            raise SchemeError(f"--max-size chooses every tensor's type itself; drop --type {args.type} (or pass --type auto)")
+        args.type = "auto"
     if args.to == "gguf" and not args.type:
-        raise SchemeError("--to gguf needs --type (a mix such as Q4_K_M, Q8_0, Q4_0, or F32/F16)")
+        raise SchemeError("--to gguf needs --type (a mix such as Q4_K_M, Q8_0, Q4_0, or F32/F16) or --max-size SIZE")
+    if args.to == "gguf" and args.type.upper() == "AUTO" and args.max_size is None:
+        raise SchemeError("--type auto needs --max-size SIZE (e.g. 91.7MB): the file size to fit")
     t0 = time.perf_counter()
     loaded = load_source(args.source)
     t_load = time.perf_counter() - t0
     calibration = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed, sequential=not args.no_sequential,
                                     hessian_precision=args.hessian_precision)
-    per_target, extra, gguf_plan = None, None, None
-    if args.to == "gguf" and args.type.upper() not in ("F32", "F16", "BF16"):
+    per_target, extra, gguf_plan, budget = None, None, None, None
+    if args.to == "gguf" and args.type.upper() == "AUTO":
+        from lowbit.export.gguf_budget import BUDGET_TYPES, budget_schemes, parse_size
+
+        max_bytes = parse_size(args.max_size)
+        allowed = tuple(x.strip().upper() for x in args.gguf_types.split(",") if x.strip()) if args.gguf_types else BUDGET_TYPES
+        fisher_windows = calibration.windows(loaded.tokenizer)[: args.fisher_windows]
+        per_target, gguf_plan, budget = budget_schemes(loaded, max_bytes, fisher_windows, allowed, args.seed,
+                                                       progress=not args.json)
+        extra = list(per_target)
+        scheme = type(scheme)(next(iter(per_target.values())))
+    elif args.to == "gguf" and args.type.upper() not in ("F32", "F16", "BF16"):
         from lowbit.export.gguf import mix_schemes
 
         per_target, gguf_plan = mix_schemes(loaded.model, args.type.upper(), fallback_policy=args.fallback)
@@ -111,15 +129,26 @@ def cmd_quantize(args):
     if gguf_plan is not None:
         qm.recipe["gguf_mix"] = args.type.upper()
         qm.recipe["gguf_fallbacks"] = {name: reason for name, _, _, reason in gguf_plan if reason}
+    if budget is not None:
+        qm.recipe["gguf_budget"] = budget
     kept = qm.recipe["kept_full_precision"]
     if not args.json:
         print(f"quantized {len(qm.tensors)} weights with {args.method} {scheme.weights.label() if per_target is None else args.type}; "
               f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} ({len(kept)})", file=sys.stderr)
-        if gguf_plan is not None:
+        if budget is not None:
+            counts = ", ".join(f"{t} x{n}" for t, n in budget["type_counts"].items())
+            print(f"GGUF types chosen for --max-size {budget['max_bytes'] / 1e6:.2f} MB (estimated file "
+                  f"{budget['estimated_file_bytes'] / 1e6:.2f} MB): {counts}; Fisher-estimated KLD of round-to-nearest "
+                  f"in these types {budget['predicted_kld_rtn']:.4f}; recorded in the file", file=sys.stderr)
+        elif gguf_plan is not None:
             fb = qm.recipe["gguf_fallbacks"]
             print(f"GGUF {args.type.upper()}: {len(fb)} of {len(gguf_plan)} weights fell back to another type "
                   f"(rows not a multiple of the block), e.g. {next(iter(fb.values()), '-')}; recorded in the file", file=sys.stderr)
     out = _write_output(qm, args)
+    if budget is not None and (size := out.stat().st_size) > budget["max_bytes"]:
+        out.unlink()
+        raise SchemeError(f"the GGUF came out {size} bytes, over --max-size {budget['max_bytes']}, so it was removed; "
+                          "lowbit's size estimate is wrong here: lower --max-size meanwhile and please report it")
     summary = {"output": str(out), "method": qm.method, "scheme": args.type if per_target else scheme.weights.label(),
                "weights_quantized": len(qm.tensors), "kept_full_precision": kept, "bits_per_weight": qm.bits_per_weight,
                "quantized_bytes": qm.quantized_bytes, "seconds": qm.recipe["seconds"]}
@@ -310,15 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-sequential", action="store_true", help="feed full-precision (not quantized) layer outputs forward")
-    q.add_argument("--hessian-precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="X^T X products: bf16 inputs with fp32 accumulation (auto: where the CPU has bf16 "
-                        "matmul hardware, 2.8x faster) or fp32")
+    q.add_argument("--hessian-precision", default="fp32", choices=["fp32", "bf16"],
+                   help="X^T X products: fp32 (default) or bf16 inputs with fp32 accumulation, faster on CPUs "
+                        "with AMX/AVX512-BF16")
     q.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)")
     q.add_argument("--act-order", dest="act_order", action="store_true", default=None, help="GPTQ: act-order (default on)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false")
     q.add_argument("--opt", action="append", help="method option KEY=VALUE (repeatable), e.g. alpha=0.5")
     q.add_argument("--to", default="native", choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
     q.add_argument("--type", help="--to gguf: a llama.cpp mix (Q4_K_M, Q8_0, ...) or F32/F16")
+    q.add_argument("--max-size", help="--to gguf: largest file size (e.g. 91.7MB, 87MiB); lowbit chooses each tensor's "
+                                      "type to minimise the Fisher-estimated KL divergence within it (--type auto)")
+    q.add_argument("--gguf-types", help="--max-size: GGUF types to choose from, comma-separated (default: "
+                                        "Q2_K,Q3_K,Q4_0,Q4_K,Q4_1,Q5_0,Q5_K,Q5_1,Q6_K,Q8_0)")
+    q.add_argument("--fisher-windows", type=int, default=16,
+                   help="--max-size: calibration windows for the Fisher information that prices each type (default 16)")
     q.add_argument("--fallback", default="measured", choices=["measured", "llama.cpp"],
                    help="--to gguf: type for rows that do not fit 256-blocks: the most accurate block-32 type no "
                         "larger than llama.cpp's choice (measured), or llama.cpp's fixed table")

@@ -17,7 +17,7 @@ class CalibrationConfig:
     seed: int = 0
     batch_size: int = 8
     sequential: bool = True       # feed quantized layers' outputs to the next layer
-    hessian_precision: str = "auto"  # X^T X products: auto | fp32 | bf16 (see calib.runner.accumulate_gram)
+    hessian_precision: str = "fp32"  # X^T X products: fp32 | bf16 (see calib.runner.accumulate_gram)
 
     def windows(self, tokenizer) -> torch.Tensor:
         """(samples, seqlen) token windows at seeded positions of the calibration text."""

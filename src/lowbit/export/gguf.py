@@ -323,6 +323,54 @@ def _file_type(plan) -> int:
     return _FILE_TYPES.get(main, 0)
 
 
+def _add_metadata(w, m: _Model, config, spec: ArchSpec, file_type: int) -> None:
+    """Every key/value of the file: names, architecture, recipe and the full tokenizer."""
+    import gguf
+
+    source = Path(m.source) if m.source else None
+    gguf_source = source is not None and source.suffix.lower() == ".gguf" and source.is_file()
+    reader = gguf.GGUFReader(source) if gguf_source else None
+    if reader is not None:  # names, license, ... of the original model
+        _copy_gguf_keys(w, reader, ("general.",), {"general.architecture", "general.file_type",
+                                                   "general.quantization_version", "general.alignment"})
+    elif source is not None:
+        w.add_name(source.name)
+    _write_arch_metadata(w, config, spec)
+    w.add_file_type(file_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_quantized_by("lowbit")
+    if m.recipe:
+        w.add_string("lowbit.recipe", json.dumps(m.recipe, sort_keys=True, default=str))
+    if reader is not None:
+        copied = _copy_gguf_keys(w, reader, ("tokenizer.",), set())
+        if "tokenizer.ggml.tokens" not in copied:
+            raise SourceError(f"{source} has no tokenizer.ggml.tokens; cannot write a usable GGUF from it")
+    else:
+        _write_hf_tokenizer(w, m.tokenizer, int(config.vocab_size))
+
+
+def metadata_bytes(qm_or_model, tensor_shapes: dict[str, tuple[int, ...]], reserve: int = 65536) -> int:
+    """Bytes of a GGUF file that are not tensor data, for a file holding `tensor_shapes` (by GGUF
+    name): header, key/values (tokenizer included) and tensor infos, plus the worst-case
+    alignment padding of every tensor and `reserve` bytes for the recipe written later.
+    Used to turn a file-size budget into a tensor-data budget."""
+    import gguf
+
+    m = _unpack(qm_or_model)
+    spec = _arch(m.model.config)
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "meta.gguf"
+        w = gguf.GGUFWriter(path, spec.gguf_arch)
+        _add_metadata(w, m, m.model.config, spec, 0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.close()
+        kv = path.stat().st_size
+    align = gguf.GGUF_DEFAULT_ALIGNMENT
+    infos = sum(8 + len(name.encode()) + 4 + 8 * len(shape) + 4 + 8 for name, shape in tensor_shapes.items())
+    return kv + infos + align + (align - 1) * len(tensor_shapes) + reserve
+
+
 def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str] | None = None, *,
                full_precision: str | None = None, force: bool = False) -> Path:
     """Write a QuantizedModel (or a plain LoadedModel) as one GGUF file for llama.cpp.
@@ -352,27 +400,7 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     w = gguf.GGUFWriter(tmp, spec.gguf_arch)
     try:
-        source = Path(m.source) if m.source else None
-        gguf_source = source is not None and source.suffix.lower() == ".gguf" and source.is_file()
-        reader = gguf.GGUFReader(source) if gguf_source else None
-        if reader is not None:  # names, license, ... of the original model
-            _copy_gguf_keys(w, reader, ("general.",), {"general.architecture", "general.file_type",
-                                                       "general.quantization_version", "general.alignment"})
-        elif source is not None:
-            w.add_name(source.name)
-        _write_arch_metadata(w, config, spec)
-        w.add_file_type(_file_type(plan))
-        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_quantized_by("lowbit")
-        if m.recipe:
-            w.add_string("lowbit.recipe", json.dumps(m.recipe, sort_keys=True, default=str))
-        if reader is not None:
-            copied = _copy_gguf_keys(w, reader, ("tokenizer.",), set())
-            if "tokenizer.ggml.tokens" not in copied:
-                raise SourceError(f"{source} has no tokenizer.ggml.tokens; cannot write a usable GGUF from it")
-        else:
-            _write_hf_tokenizer(w, m.tokenizer, int(config.vocab_size))
-
+        _add_metadata(w, m, config, spec, _file_type(plan))
         for gname, type_name, value in plan:
             heads = None
             if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
