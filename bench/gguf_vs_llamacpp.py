@@ -8,11 +8,12 @@
    F32 file, top-1 agreement. Sizes are file sizes.
 
 4. With --budget Q4_0: lowbit fits llama.cpp's Q4_0 file size with `--max-size`, choosing each
-   tensor's type by Fisher-priced error, once from every type and once without Q4_1 (the one
-   type that reproduces this model's Q4_1-grid weights exactly, so the gain is not that artifact).
+   tensor's type by Fisher-priced error: from every type; without Q4_1 (the one type that
+   reproduces this model's Q4_1-grid weights exactly); and from types without a per-block
+   minimum only (Q3_K Q4_0 Q5_0 Q6_K Q8_0), none of which can express that grid.
 
     python bench/gguf_vs_llamacpp.py [--types Q8_0 Q4_K_M ...] [--windows 4] [--samples 64]
-    python bench/gguf_vs_llamacpp.py --types --budget Q4_0 --name gguf_budget
+    python bench/gguf_vs_llamacpp.py --budget Q4_0
 
 Writes bench/results/gguf.json and bench/results/gguf.md. Note: this build of llama.cpp crashes
 when it decodes several tokens at once on quantized weights here, so every file is evaluated
@@ -138,8 +139,10 @@ def main() -> None:
         if ll not in rows:
             rows.append(ll)
         fisher_windows = calibration.windows(loaded.tokenizer)[: args.fisher_windows]
-        # all types; then without Q4_1, the one type that reproduces this model's Q4_1-grid weights exactly
-        for label, allowed in (("all types", BUDGET_TYPES), ("without Q4_1", tuple(x for x in BUDGET_TYPES if x != "Q4_1"))):
+        # all types; without Q4_1 (the one type that reproduces this model's Q4_1-grid weights exactly);
+        # only types without a per-block minimum, none of which can express that grid
+        for label, allowed in (("all types", BUDGET_TYPES), ("without Q4_1", tuple(x for x in BUDGET_TYPES if x != "Q4_1")),
+                               ("no-min types only", ("Q3_K", "Q4_0", "Q5_0", "Q6_K", "Q8_0"))):
             t0 = time.perf_counter()
             per_target, plan, budget = budget_schemes(loaded, ll["size_bytes"], fisher_windows, allowed, 0, progress=False)
             t_alloc = time.perf_counter() - t0

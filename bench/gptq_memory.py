@@ -57,15 +57,20 @@ def run_one(n_layers: int, samples: int) -> dict:
     calibration = CalibrationConfig(str(WIKI / "valid.txt"), samples, 512, 0)
     import gc
 
+    with torch.no_grad():  # weights may be lazily mapped from disk: make "the model itself" resident
+        for prm in model.parameters():
+            prm.data = prm.data.clone()
     gc.collect()
     loaded_rss = _status_mb("VmRSS")
     _reset_peak()  # loading (GGUF conversion) must not count as quantizing
     t0 = time.perf_counter()
-    quantize(loaded, WeightScheme("int", 4, 32, False), method="gptq", calibration=calibration, progress=False)
+    qm = quantize(loaded, WeightScheme("int", 4, 32, False), method="gptq", calibration=calibration, progress=False)
     seconds = time.perf_counter() - t0
     peak = _status_mb("VmHWM")
+    codes_mb = qm.quantized_bytes / 2**20  # the quantized model's own new tensors (codes, scales)
     return {"layers": n_layers, "samples": samples, "rss_loaded_mb": loaded_rss, "peak_rss_mb": peak,
-            "added_mb": peak - loaded_rss, "seconds": seconds,
+            "added_mb": peak - loaded_rss, "quantized_tensors_mb": codes_mb,
+            "added_beyond_model_mb": peak - loaded_rss - codes_mb, "seconds": seconds,
             "process_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
@@ -94,10 +99,12 @@ def main() -> None:
     (out / "gptq_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# GPTQ peak memory vs decoder layers ({meta['model']})", "",
              f"{meta['scheme']}, {meta['calibration']}, each N in a fresh process.", "",
-             "| decoder layers | RSS after load MB | peak RSS MB | added by quantizing MB | quantize s |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {r['layers']} | {r['rss_loaded_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['added_mb']:.0f} | {r['seconds']:.1f} |"
-              for r in rows]
+             "RSS after load: the fp32 model made resident. Quantized tensors: codes and scales of the "
+             "quantized model (they grow with depth by nature). The last column is what calibration itself adds.", "",
+             "| decoder layers | RSS after load MB | peak RSS MB | added MB | quantized tensors MB | added beyond the model MB | quantize s |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['layers']} | {r['rss_loaded_mb']:.0f} | {r['peak_rss_mb']:.0f} | {r['added_mb']:.0f} | "
+              f"{r['quantized_tensors_mb']:.0f} | {r['added_beyond_model_mb']:.0f} | {r['seconds']:.1f} |" for r in rows]
     (out / "gptq_memory.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

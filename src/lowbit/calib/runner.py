@@ -10,6 +10,7 @@ touches one layer's weights at a time, so weights could be streamed per layer fr
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -318,19 +319,23 @@ class _StagedBatch:
         self.parked_at: int | None = None
         self.out, self.done = None, False
         self.greenlet = greenlet(self._run)
-        self.greenlet.batch = self
+        # a weak reference: a cycle batch <-> greenlet would keep every layer's activations
+        # alive until the cyclic garbage collector happens to run (memory grew with depth)
+        self.greenlet.batch = weakref.ref(self)
 
     @staticmethod
     def current() -> "_StagedBatch | None":
         from greenlet import getcurrent
 
-        return getattr(getcurrent(), "batch", None)
+        ref = getattr(getcurrent(), "batch", None)
+        return ref() if ref is not None else None
 
     def _run(self):
         try:
             self.out = _layer_output(self.layer(self.hidden, **self.kwargs))
         finally:
             self.done, self.parked_at = True, None
+            self.hidden = self.kwargs = None  # the layer's input is not needed any more
 
     def park(self, stage: int) -> None:
         self.parked_at = stage
