@@ -13,7 +13,7 @@
    minimum only (Q3_K Q4_0 Q5_0 Q6_K Q8_0), none of which can express that grid.
 
     python bench/gguf_vs_llamacpp.py [--types Q8_0 Q4_K_M ...] [--windows 4] [--samples 64]
-    python bench/gguf_vs_llamacpp.py --budget Q4_0
+    python bench/gguf_vs_llamacpp.py --types Q4_0 --budget Q4_0 --name gguf_budget
 
 Writes bench/results/gguf.json and bench/results/gguf.md. Note: this build of llama.cpp crashes
 when it decodes several tokens at once on quantized weights here, so every file is evaluated

@@ -133,6 +133,9 @@ def test_cli_max_size_writes_a_file_within_budget(tiny_bpe_llama, calib, tmp_pat
         # the estimate is conservative but close: within the recipe reserve (64 KiB) and padding
         assert 0 <= max_size - out.stat().st_size < max_size - budget["estimated_file_bytes"] + 70_000
     assert sizes[0.3] < sizes[0.45]
+    again = tmp_path / "again.gguf"
+    assert _quantize_to_budget(tiny_llama, calib, again, int(f32.stat().st_size * 0.3)) == 0
+    assert again.read_bytes() == (tmp_path / "b0.3.gguf").read_bytes()  # same inputs, same bytes
 
 
 def test_cli_max_size_errors(tiny_bpe_llama, calib, tmp_path, capsys):

@@ -106,7 +106,9 @@ def _unpack(qm_or_model) -> _Model:
     from lowbit.model.quantized import QuantizedModel
 
     if isinstance(qm_or_model, QuantizedModel):
-        recipe = {"method": qm_or_model.method, "scheme": qm_or_model.scheme.to_dict(), **qm_or_model.recipe}
+        from lowbit.model.quantized import recorded_recipe
+
+        recipe = recorded_recipe({"method": qm_or_model.method, "scheme": qm_or_model.scheme.to_dict(), **qm_or_model.recipe})
         return _Model(qm_or_model.model, qm_or_model.tokenizer, qm_or_model.tensors, qm_or_model.source, recipe)
     if isinstance(qm_or_model, LoadedModel):
         return _Model(qm_or_model.model, qm_or_model.tokenizer, {}, qm_or_model.source, {})

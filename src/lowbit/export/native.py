@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import SourceError
-from lowbit.model.quantized import QuantizedModel, install_quantized
+from lowbit.model.quantized import QuantizedModel, install_quantized, recorded_recipe
 from lowbit.model.targets import WeightTarget
 from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
@@ -86,7 +86,7 @@ def save(qm: QuantizedModel, output: str | os.PathLike, force: bool = False) -> 
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": f"lowbit-{FORMAT_VERSION}"})  # one key: safetensors orders metadata keys arbitrarily
         recipe = {"format_version": FORMAT_VERSION, "source": qm.source, "method": qm.method,
                   "scheme": qm.scheme.to_dict(), "bits_per_weight": qm.bits_per_weight,
-                  "recipe": qm.recipe, "tensors": meta}
+                  "recipe": recorded_recipe(qm.recipe), "tensors": meta}
         (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
         config = qm.model.config
         config.save_pretrained(tmp)

@@ -46,6 +46,12 @@ class QuantizedModel:
         return self.quantized_bytes * 8 / max(1, self.quantized_numel)
 
 
+def recorded_recipe(recipe: dict) -> dict:
+    """The recipe as written into outputs: without wall-clock timings (the same inputs must give
+    the same bytes) and without empty entries."""
+    return {k: v for k, v in recipe.items() if k != "seconds" and v not in (None, [], {})}
+
+
 def install_quantized(model: torch.nn.Module, target: WeightTarget, qt: QuantizedTensor) -> None:
     """Put a quantized weight into the model: nn.Linear becomes QuantLinear (so does a Conv1D
     whose input is quantized at run time); other layouts get their decoded values written in
