@@ -114,21 +114,19 @@ def parse_size(text: str) -> int:
     return int(value * mult)
 
 
-def budget_options(model: torch.nn.Module, fisher: dict[str, torch.Tensor], names: dict[str, str],
+def budget_options(model: torch.nn.Module, fisher: dict[str, torch.Tensor], targets: list,
                    candidates: tuple[str, ...] = BUDGET_TYPES, progress: bool = True) -> dict[str, list[Choice]]:
-    """Choices (type, bytes, estimated KL) for every weight in `names` (HF name -> GGUF name)."""
+    """Choices (type, bytes, estimated KL) for every weight target (lowbit.model.targets.WeightTarget)."""
     from tqdm.auto import tqdm
 
     from lowbit.calib.fisher import predicted_kld
     from lowbit.export.gguf_mixes import lowbit_format
-    from lowbit.model.targets import all_weights
     from lowbit.scheme import WeightScheme
     from lowbit.tensor import quantize_tensor, to_matrix
 
     unknown = [t for t in candidates if t not in BUDGET_TYPES]
     if unknown:
         raise SchemeError(f"unknown GGUF type(s) {', '.join(unknown)} for a size budget; choose from {', '.join(BUDGET_TYPES)}")
-    targets = [t for t in all_weights(model) if t.name in names]
     options: dict[str, list[Choice]] = {}
     for t in tqdm(targets, desc="pricing types", disable=not progress, unit="tensor"):
         W = to_matrix(t.parameter(model).data, t.transposed).float()
@@ -166,8 +164,8 @@ def budget_schemes(loaded, max_size: int, windows: torch.Tensor, candidates: tup
     spec = _arch(config)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config.num_hidden_layers))
     every = _plan_tensors(_unpack(loaded), spec, {}, "F32", name_map)   # all tensors of the file, as F32
-    targets = {t.name: _gguf_name(name_map, t.name) for t in all_weights(model)}
-    targets = {hf: g for hf, g in targets.items() if g is not None}
+    weights = [t for t in all_weights(model) if _gguf_name(name_map, t.name) is not None]
+    targets = {t.name: _gguf_name(name_map, t.name) for t in weights}
     quantized = set(targets.values())
     fixed = sum(int(v.numel()) * 4 for g, _, v in every if g not in quantized)
     overhead = metadata_bytes(loaded, {g: tuple(v.shape) for g, _, v in every})
@@ -175,8 +173,8 @@ def budget_schemes(loaded, max_size: int, windows: torch.Tensor, candidates: tup
     if data_budget <= 0:
         raise SchemeError(f"--max-size {max_size / 1e6:.2f} MB does not even hold the metadata and float tensors "
                           f"({(overhead + fixed) / 1e6:.2f} MB); raise it")
-    fisher = diagonal_fisher(model, windows, [t for t in all_weights(model) if t.name in targets], seed, progress)
-    options = budget_options(model, fisher, targets, candidates, progress)
+    fisher = diagonal_fisher(model, windows, weights, seed, progress)
+    options = budget_options(model, fisher, weights, candidates, progress)
     del fisher
     chosen = allocate(options, data_budget)
     schemes, plan = {}, []
