@@ -133,6 +133,14 @@ def test_cli_max_size_writes_a_file_within_budget(tiny_bpe_llama, calib, tmp_pat
         # the estimate is conservative but close: within the recipe reserve (64 KiB) and padding
         assert 0 <= max_size - out.stat().st_size < max_size - budget["estimated_file_bytes"] + 70_000
     assert sizes[0.3] < sizes[0.45]
+    # llama.cpp itself loads the mixed-type file and computes finite logits from it
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "b0.3.gguf"), logits_all=True, n_ctx=64, n_batch=1, verbose=False)
+    llm.eval([1, 2, 3, 4])
+    assert np.isfinite(np.array(llm.scores[:4])).all()
+    del llm
     again = tmp_path / "again.gguf"
     assert _quantize_to_budget(tiny_llama, calib, again, int(f32.stat().st_size * 0.3)) == 0
     assert again.read_bytes() == (tmp_path / "b0.3.gguf").read_bytes()  # same inputs, same bytes
