@@ -75,12 +75,13 @@ def main() -> None:
     import llama_cpp
     import torch
 
-    from lowbit.api import quantize
+    from lowbit.api import execute, make_recipe, quantize
     from lowbit.calib import CalibrationConfig
     from lowbit.data import token_windows
-    from lowbit.export.gguf import mix_schemes, write_gguf
-    from lowbit.export.gguf_budget import BUDGET_TYPES, budget_schemes
+    from lowbit.export.gguf import write_gguf
     from lowbit.model.load import load_source
+    from lowbit.plan import Budget, build_plan
+    from lowbit.plan.budget import BUDGET_TYPES
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--types", nargs="*", default=TYPES)
@@ -122,11 +123,9 @@ def main() -> None:
 
     for t in args.types:
         ll = llama_cpp_file(t)
-        per_target, plan = mix_schemes(loaded.model, t)
         t0 = time.perf_counter()
-        qm = quantize(copy.deepcopy(loaded), next(iter(per_target.values())), method=args.method,
-                      calibration=calibration, per_target=per_target, extra_targets=list(per_target), progress=False)
-        qm.recipe["gguf_fallbacks"] = {n: r for n, _, _, r in plan if r}
+        qm = quantize(copy.deepcopy(loaded), recipe=make_recipe(method=args.method, calibration=calibration, gguf_mix=t),
+                      container="gguf", progress=False)
         t_lb = time.perf_counter() - t0
         lb_file = write_gguf(qm, work / f"lowbit-{t}.gguf", force=True)
         lb = {"type": t, "side": f"lowbit {args.method}", "size_bytes": lb_file.stat().st_size, "seconds": t_lb,
@@ -138,23 +137,24 @@ def main() -> None:
         ll = next((r for r in rows if r["type"] == t and r["side"] == "llama.cpp"), None) or llama_cpp_file(t)
         if ll not in rows:
             rows.append(ll)
-        fisher_windows = calibration.windows(loaded.tokenizer)[: args.fisher_windows]
         # all types; without Q4_1 (the one type that reproduces this model's Q4_1-grid weights exactly);
         # only types without a per-block minimum, none of which can express that grid
         for label, allowed in (("all types", BUDGET_TYPES), ("without Q4_1", tuple(x for x in BUDGET_TYPES if x != "Q4_1")),
                                ("no-min types only", ("Q3_K", "Q4_0", "Q5_0", "Q6_K", "Q8_0"))):
             t0 = time.perf_counter()
-            per_target, plan, budget = budget_schemes(loaded, ll["size_bytes"], fisher_windows, allowed, 0, progress=False)
+            work_model = copy.deepcopy(loaded)
+            recipe = make_recipe(method=args.method, calibration=calibration,
+                                 budget=Budget(max_size=ll["size_bytes"], candidates=allowed, fisher_windows=args.fisher_windows))
+            plan = build_plan(work_model, recipe, "gguf", progress=False)
+            budget = plan.budget
             t_alloc = time.perf_counter() - t0
-            qm = quantize(copy.deepcopy(loaded), next(iter(per_target.values())), method=args.method,
-                          calibration=calibration, per_target=per_target, extra_targets=list(per_target), progress=False)
-            qm.recipe["gguf_budget"] = budget
+            qm = execute(work_model, plan, progress=False)
             t_lb = time.perf_counter() - t0
             lb_file = write_gguf(qm, work / f"lowbit-budget-{t}-{label.replace(' ', '_')}.gguf", force=True)
             lb = {"type": f"<= {t} size", "side": f"lowbit {args.method} --max-size ({label})", "candidates": list(allowed),
                   "size_bytes": lb_file.stat().st_size, "max_bytes": ll["size_bytes"], "seconds": t_lb,
                   "seconds_allocation": t_alloc, "predicted_kld_rtn": budget["predicted_kld_rtn"],
-                  "type_counts": budget["type_counts"], "types": budget["types"],
+                  "type_counts": budget["counts"], "types": budget["choices"],
                   **score(ref, llama_logits(lb_file, windows), windows)}
             print(json.dumps({k: v for k, v in lb.items() if k != "types"}), flush=True)
             budget_rows.append((ll, lb))

@@ -6,8 +6,12 @@ tokens is timed in the same run, so GPTQ's cost is reported as a ratio to it.
 
     python bench/methods.py                 # full: 128 x 512 calibration tokens, 16 x 512 eval
     python bench/methods.py --quick         # 32 calibration windows, 8 eval windows
+    python bench/methods.py --only gptq --scheme "int4 g32 asym" --hessian-precision fp32 bf16
+    python bench/methods.py --name activations --scheme "W8A8: ..." ...   # a subset by row label
 
-Writes bench/results/methods.json and bench/results/methods.md.
+Writes bench/results/methods.json and bench/results/methods.md (a subset: methods_<names>.*).
+With --hessian-precision each selected row runs once per Hessian precision, and the results go
+to bench/results/hessian_precision.{json,md}, which name the CPU and the bf16 path it takes.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import resource
 import subprocess
 import sys
@@ -43,15 +48,45 @@ CONFIGS = [
     ("gptq", dict(format="nf4", bits=None, group_size=64), {}),
     ("rtn", dict(format="nvfp4", bits=None, group_size=16), {}),
     ("gptq", dict(format="nvfp4", bits=None, group_size=16), {}),
-    ("smoothquant", dict(format="int", bits=8, group_size=-1, symmetric=True), {}),
+    # activations quantized too (the preset's activation spec is named in the row)
+    ("rtn", dict(preset="W8A8"), {}),
+    ("smoothquant", dict(preset="W8A8"), {}),
+    ("smoothquant", dict(preset="W8A8"), {"alpha_grid": 10}),
+    ("smoothquant", dict(preset="W8A8"), {"rounding": "gptq"}),
+    ("gptq", dict(preset="W8A8"), {}),
+    ("rtn", dict(preset="W8A8_STATIC"), {}),
+    ("rtn", dict(preset="FP8_DYNAMIC"), {}),
+    ("smoothquant", dict(preset="FP8_DYNAMIC"), {}),
+    ("gptq", dict(preset="W4A8"), {}),
+    ("rtn", dict(preset="NVFP4"), {}),
+    ("gptq", dict(preset="NVFP4"), {}),
+    # mixed precision: each tensor's scheme chosen under a bits-per-weight budget (Fisher-priced
+    # RTN error, int2..int8 at g32/g64/g128 sym), against uniform int4 g64 sym at the same 4.25
+    ("gptq", dict(format="int", bits=4, group_size=64, symmetric=True, target_bpw=4.25), {}),
 ]
+
+
+def make_scheme(s: dict):
+    """(scheme for quantize(), budget or None, row label) of a CONFIGS entry."""
+    from lowbit import WeightScheme
+    from lowbit.scheme import preset
+
+    s = dict(s)
+    bpw = s.pop("target_bpw", None)
+    if "preset" in s:
+        scheme, label = s["preset"], f"{s['preset']}: {preset(s['preset']).label()}"
+    else:
+        ws = WeightScheme(**s)
+        scheme, label = ws, ws.label() + (f" {ws.observer}" if ws.observer != "minmax" else "")
+    if bpw is not None:
+        label = f"budget --target-bpw {bpw} (int2..int8 g32/g64/g128 sym)"
+    return scheme, bpw, label
 
 
 def run_one(spec: dict) -> dict:
     """Quantize + evaluate one configuration (runs in a subprocess)."""
     import torch
 
-    from lowbit import WeightScheme
     from lowbit.api import quantize
     from lowbit.calib import CalibrationConfig
     from lowbit.eval.divergence import compare, run_reference
@@ -64,7 +99,8 @@ def run_one(spec: dict) -> dict:
     t0 = time.perf_counter()
     ref = run_reference(loaded.model, windows, progress=False)
     t_ref = time.perf_counter() - t0
-    calibration = CalibrationConfig(spec["calib_text"], spec["samples"], spec["seqlen"], 0)
+    calibration = CalibrationConfig(spec["calib_text"], spec["samples"], spec["seqlen"], 0,
+                                    hessian_precision=spec.get("hessian_precision", "fp32"))
     if spec["method"] == "fp_forward":
         cal = calibration.windows(loaded.tokenizer)
         t0 = time.perf_counter()
@@ -74,25 +110,70 @@ def run_one(spec: dict) -> dict:
         return {"method": "fp_forward", "seconds": time.perf_counter() - t0,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     get_method(spec["method"])
-    ws = WeightScheme(**spec["scheme"])
+    scheme, bpw, label = make_scheme(spec["scheme"])
+    import lowbit.calib.runner as runner
+
+    gram = {"seconds": 0.0}
+    accumulate_gram = runner.accumulate_gram
+
+    def timed_gram(*args, **kwargs):  # the X^T X products alone (part of the "observe" stage)
+        t = time.perf_counter()
+        accumulate_gram(*args, **kwargs)
+        gram["seconds"] += time.perf_counter() - t
+
+    runner.accumulate_gram = timed_gram
     t0 = time.perf_counter()
-    qm = quantize(loaded, ws, method=spec["method"], calibration=calibration, options=spec["options"], progress=False)
+    if bpw is None:
+        qm = quantize(loaded, scheme, method=spec["method"], calibration=calibration, options=spec["options"],
+                      progress=False)
+    else:
+        from lowbit.api import make_recipe
+        from lowbit.plan import Budget
+
+        qm = quantize(loaded, recipe=make_recipe(scheme, spec["method"], calibration=calibration,
+                                                 options=spec["options"], budget=Budget(target_bpw=bpw)), progress=False)
     t_q = time.perf_counter() - t0
+    cal = qm.recipe.get("calibration", {})
     res = compare(qm.model, ref, progress=False)
-    return {"method": spec["method"] + ("+" + spec["options"]["rounding"] if spec["options"].get("rounding") else ""),
-            "scheme": ws.label() + (f" {ws.observer}" if ws.observer != "minmax" else ""),
+    suffix = "".join(f"+{k}={v}" if k != "rounding" else f"+{v}" for k, v in spec["options"].items())
+    return {"method": spec["method"] + suffix, "scheme": label,
+            "budget": qm.recipe.get("budget", {}).get("counts"),
             "bits_per_weight": qm.bits_per_weight, "ppl": res.ppl, "ref_ppl": res.ref_ppl, "kld": res.kld,
             "kld_p99": res.kld_p99, "top1": res.top1, "seconds_quantize": t_q, "seconds_reference_eval": t_ref,
-            "stage_seconds": qm.recipe.get("seconds", {}),
+            "stage_seconds": qm.recipe.get("seconds", {}), "gram_seconds": gram["seconds"],
+            "hessian_precision": cal.get("hessian_precision"), "hessian_precision_path": cal.get("hessian_precision_path"),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and its bf16 matmul features (Linux: /proc/cpuinfo, as lscpu reads it)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {"cpu": name, "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "amx_tile": "amx_tile" in flags}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", nargs="*", help="methods to run (default all)")
+    ap.add_argument("--scheme", nargs="*", help='scheme labels to run, as in the table ("int4 g32 asym"; default all)')
+    ap.add_argument("--hessian-precision", nargs="*", choices=["fp32", "bf16"],
+                    help="run each selected row with these Hessian precisions; writes hessian_precision.{json,md}")
+    ap.add_argument("--name", help="results file name (bench/results/NAME.{json,md}); default methods[_ONLY...]")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.scheme and not args.name and not args.hessian_precision and not args.only:
+        raise SystemExit("a --scheme subset needs --name (so it does not overwrite the full table)")
     if args.worker:
         spec = json.loads(args.worker)
         print("RESULT " + json.dumps(run_one(spec)))
@@ -115,10 +196,17 @@ def main() -> None:
     del loaded
     base = {"eval_windows": str(win_file), "calib_text": str(calib_text), "samples": samples, "seqlen": 512}
     specs = [{**base, "method": "fp_forward", "scheme": {}, "options": {}}]
-    specs += [{**base, "method": m, "scheme": s, "options": o} for m, s, o in CONFIGS
-              if not args.only or m in args.only]
+
+    def label(s):
+        return make_scheme(s)[2]
+
+    precisions = args.hessian_precision or [None]
+    specs += [{**base, "method": m, "scheme": s, "options": o, **({"hessian_precision": p} if p else {})}
+              for m, s, o in CONFIGS if (not args.only or m in args.only) and (not args.scheme or label(s) in args.scheme)
+              for p in precisions]
     rows = []
     for spec in specs:
+        load_before = os.getloadavg()[0]  # others' work on the machine inflates the seconds
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
@@ -129,6 +217,7 @@ def main() -> None:
             continue
         r = json.loads(line[7:])
         r["wall_seconds"] = time.perf_counter() - t0
+        r["loadavg_1m"] = [load_before, os.getloadavg()[0]]
         rows.append(r)
         print(json.dumps(r), flush=True)
     fp = next(r for r in rows if r["method"] == "fp_forward")
@@ -141,16 +230,39 @@ def main() -> None:
     name = "methods_quick" if args.quick else "methods"
     if args.only:  # a subset never overwrites the full table
         name += "_" + "_".join(args.only)
+    if args.name:
+        name = args.name
+    if args.hessian_precision:
+        from lowbit.calib.runner import bf16_gram_path
+
+        name = "hessian_precision" + ("_quick" if args.quick else "")
+        meta.update(cpu_info())
+        meta["torch"] = torch.__version__
+        meta["bf16_gram_path"] = bf16_gram_path()
     (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Methods on {meta['model']}", "", f"Eval: {meta['eval']}. Calibration: {meta['calibration']}. "
              f"One full-precision forward over the calibration tokens: {fp['seconds']:.1f} s.", "",
              "Note: SmolLM2's shipped weights lie on a Q4_1 grid (4-bit, groups of 32, float min), which W4 g32 "
              "with an integer zero-point cannot express exactly; W3 is where methods separate.", "",
+             "Rows named by a preset quantize the inputs of every quantized Linear as the preset says (int8 per token, "
+             "FP8 E4M3 per token, NVFP4 with a calibrated global scale, ...); the others are weight-only. "
+             "The budget row picks each tensor's scheme under 4.25 bits/weight (scales included); its "
+             "counts are in the JSON.", "",
              "| method | scheme | bits/weight | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    if args.hessian_precision:
+        head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+        lines[head:head + 2] = [f"CPU: {meta['cpu']} (avx512_bf16: {meta['avx512_bf16']}, amx_bf16: {meta['amx_bf16']}), "
+                      f"torch {meta['torch']}; bf16 Hessians take the `{meta['bf16_gram_path']}` path here.", "",
+                      "| method | scheme | Hessian | path | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | XᵀX s | peak RSS MB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['scheme']} | failed: {r['error']} |||||||")
+        elif "ppl" in r and args.hessian_precision:
+            lines.append(f"| {r['method']} | {r['scheme']} | {r['hessian_precision']} | {r['hessian_precision_path']} | "
+                         f"{r['ppl']:.3f} | {r['ref_ppl']:.3f} | {r['kld']:.4f} | {r['top1']:.3f} | {r['seconds_quantize']:.1f} | "
+                         f"{r['quantize_over_fp_forward']:.2f} | {r['gram_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
         elif "ppl" in r:
             lines.append(f"| {r['method']} | {r['scheme']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['ref_ppl']:.3f} | "
                          f"{r['kld']:.4f} | {r['top1']:.3f} | {r['seconds_quantize']:.1f} | {r['quantize_over_fp_forward']:.2f} | "

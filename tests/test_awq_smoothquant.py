@@ -16,7 +16,7 @@ from lowbit.model.load import LoadedModel
 from lowbit.model.targets import select_targets
 from lowbit.nn import QuantLinear
 from lowbit.nn.act_quant import fake_quantize_input, input_quant_spec
-from lowbit.scheme import ActivationScheme, WeightScheme
+from lowbit.scheme import ActivationScheme, QuantScheme, WeightScheme
 from lowbit.tensor import quantize_tensor
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "opt"]
@@ -183,16 +183,18 @@ def test_awq_beats_rtn_with_activation_outliers(tokenizer, calib):
 def test_smoothquant_w8a8_end_to_end(arch, tokenizer, calib, tmp_path):
     ids = calib.windows(tokenizer)[:2]
     ref = _logits(build(arch), ids)
-    for opts in ({}, {"act_static": True}, {"act_format": "fp8_e4m3"}):
-        qm = _run(arch, tokenizer, calib, W8, "smoothquant", **opts)
+    # no activation spec: smoothquant's default (W8A8's int8 per token); static int8; FP8 per token
+    for act in (None, ActivationScheme("int", 8, "tensor", False), ActivationScheme("fp8_e4m3", 8, "token", True)):
+        qm = _run(arch, tokenizer, calib, QuantScheme(W8, act), "smoothquant")
         out = _logits(qm.model, ids)
-        assert (out - ref).abs().max() < 0.05 * ref.abs().max(), opts
+        assert (out - ref).abs().max() < 0.05 * ref.abs().max(), act
         linears = [qm.model.get_submodule(t.module_name) for t in qm.targets.values()]
         assert all(isinstance(m, QuantLinear) and m.input_quant is not None for m in linears)
         spec = linears[0].input_quant
-        assert spec["dynamic"] != opts.get("act_static", False)
-        assert spec["format"] == opts.get("act_format", "int")
-        assert (spec["scale"] is not None) == opts.get("act_static", False)
+        static = act is not None and not act.dynamic
+        assert spec["dynamic"] != static
+        assert spec["format"] == (act.format if act is not None else "int")
+        assert (spec["scale"] is not None) == static
         # the activation quantization runs: switching it off changes the output
         for m in linears:
             m.input_quant = None
@@ -200,7 +202,7 @@ def test_smoothquant_w8a8_end_to_end(arch, tokenizer, calib, tmp_path):
         for m, t in zip(linears, qm.targets.values()):
             m.input_quant = qm.tensors[t.name].input_quant
         assert torch.equal(_logits(qm.model, ids), out)
-        back = load(save(qm, tmp_path / f"{arch}-{len(opts)}-{sorted(opts)}"))
+        back = load(save(qm, tmp_path / f"{arch}-{None if act is None else act.label()}"))
         assert torch.equal(_logits(back.model, ids), out)
         assert all(back.tensors[n].input_quant == qt.input_quant for n, qt in qm.tensors.items())
 
@@ -209,11 +211,28 @@ def test_smoothing_helps_w8a8_with_activation_outliers(tokenizer, calib):
     ids = calib.windows(tokenizer)
     ref = _logits(_with_outlier_channel(build("llama"), factor=50.0), ids)
     err = {}
-    for alpha in (0.0, 0.5):
-        qm = _run("llama", tokenizer, calib, W8, "smoothquant", model=_with_outlier_channel(build("llama"), factor=50.0),
-                  alpha=alpha, act_static=True)
+    for alpha, grid in ((0.0, 0), (0.5, 0), ("searched", 10)):
+        opts = {"alpha_grid": grid} if grid else {"alpha": alpha, "alpha_grid": 0}
+        qm = _run("llama", tokenizer, calib, QuantScheme(W8, ActivationScheme("int", 8, "tensor", False)), "smoothquant",
+                  model=_with_outlier_channel(build("llama"), factor=50.0), **opts)
         err[alpha] = float((_logits(qm.model, ids) - ref).pow(2).mean())
     assert err[0.5] < 0.5 * err[0.0], err
+    assert err["searched"] < 0.5 * err[0.0], err   # the search measures what fixed α = 0.5 guesses
+
+
+def test_alpha_search_never_loses_to_the_grid_points_on_its_rows():
+    from lowbit.methods.smoothquant import search_alpha, smoothing_scale
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 64, generator=g)
+    X[:, 3] *= 40.0   # an outlier channel
+    W = [torch.randn(32, 64, generator=g) * 0.05, torch.randn(48, 64, generator=g) * 0.05]
+    act = ActivationScheme("int", 8, "token", True)
+    alpha, errors = search_alpha(X, X.abs().amax(0), W, [W8, W8], act, 10)
+    assert len(errors) == 11 and errors[round(alpha * 10)] == min(errors)
+    assert 0.0 < alpha and errors[round(alpha * 10)] < errors[0]   # smoothing beats none on outliers
+    s = smoothing_scale(X.abs().amax(0), W, alpha)
+    assert s[3] == s.max()   # the outlier channel is the one scaled down
 
 
 def test_activation_fake_quant_matches_references():

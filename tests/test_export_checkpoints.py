@@ -235,6 +235,8 @@ def test_unrepresentable_formats_are_scheme_errors(tiny_llama, tmp_path):
 
 
 def test_run_time_input_quantization_is_not_dropped(tiny_llama, tmp_path):
+    """GPTQ checkpoints hold weights only: a quantized input is refused, not silently dropped;
+    compressed-tensors writes it as input_activations (tests/test_ct_activations.py)."""
     import dataclasses
 
     qm = qmodel(tiny_llama, "w8")
@@ -245,3 +247,13 @@ def test_run_time_input_quantization_is_not_dropped(tiny_llama, tmp_path):
     for export in (ct_export.export_compressed_tensors, gptq.export_gptq):
         with pytest.raises(SchemeError, match="input"):
             export(w8a8, tmp_path / "x")
+    spec = {"format": "int", "bits": 8, "granularity": "token", "dynamic": True, "symmetric": True,
+            "observer": "minmax", "scale": None}
+    w8a8 = dataclasses.replace(qm, tensors={**qm.tensors, name: dataclasses.replace(qt, input_quant=spec)})
+    with pytest.raises(SchemeError, match="input"):
+        gptq.export_gptq(w8a8, tmp_path / "x")
+    out = ct_export.export_compressed_tensors(w8a8, tmp_path / "ct")
+    inputs = [g["input_activations"] for g in json.loads((out / "config.json").read_text())
+              ["quantization_config"]["config_groups"].values()]
+    assert len(inputs) == 2 and None in inputs and {"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                                    "strategy": "token", "dynamic": True} in inputs

@@ -11,7 +11,7 @@ import torch
 
 from lowbit.calib.fisher import diagonal_fisher, predicted_kld
 from lowbit.errors import SchemeError
-from lowbit.export.gguf_budget import Choice, allocate, parse_size, tensor_bytes
+from lowbit.plan.budget import Choice, allocate, parse_size, tensor_bytes
 
 
 def _random_problem(rng: random.Random, n_tensors: int):
@@ -126,9 +126,9 @@ def test_cli_max_size_writes_a_file_within_budget(tiny_bpe_llama, calib, tmp_pat
         assert out.stat().st_size <= max_size
         r = gguf.GGUFReader(out)
         recipe = json.loads(bytes(r.fields["lowbit.recipe"].parts[-1]).decode())
-        budget = recipe["gguf_budget"]
-        types = {t.name: t.tensor_type.name for t in r.tensors if t.name in budget["types"]}
-        assert types == budget["types"]  # the file holds what was chosen
+        budget = recipe["budget"]
+        types = {t.name: t.tensor_type.name for t in r.tensors if t.name in budget["choices"]}
+        assert types == budget["choices"]  # the file holds what was chosen (by GGUF name)
         sizes[budget_frac] = out.stat().st_size
         # the estimate is conservative but close: within the recipe reserve (64 KiB) and padding
         assert 0 <= max_size - out.stat().st_size < max_size - budget["estimated_file_bytes"] + 70_000
@@ -153,7 +153,9 @@ def test_cli_max_size_errors(tiny_bpe_llama, calib, tmp_path, capsys):
     out = tmp_path / "tiny.gguf"
     assert _quantize_to_budget(tiny_llama, calib, out, 1000) == 2
     assert "raise" in capsys.readouterr().err and not out.exists()
-    assert main(["quantize", str(tiny_llama), "--max-size", "1MB", "--output", str(out)]) == 2
-    assert "--to gguf" in capsys.readouterr().err
+    native = tmp_path / "native"
+    assert main(["quantize", str(tiny_llama), "--max-size", "1000", "--calib", calib.text, "--samples", "4",
+                 "--seqlen", "32", "--fisher-windows", "2", "--output", str(native)]) == 2
+    assert "raise it" in capsys.readouterr().err and not native.exists()
     assert main(["quantize", str(tiny_llama), "--to", "gguf", "--type", "Q4_0", "--max-size", "1MB", "--output", str(out)]) == 2
     assert "drop --type" in capsys.readouterr().err

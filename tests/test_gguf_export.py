@@ -11,7 +11,7 @@ import torch
 import lowbit
 from lowbit.errors import SchemeError
 from lowbit.export.gguf import permute_rows, qk_permutation, write_gguf
-from lowbit.export.gguf_mixes import LLAMA_CPP_FALLBACK, fallback_type, tensor_type_for, use_more_bits
+from lowbit.plan.gguf_mixes import LLAMA_CPP_FALLBACK, fallback_type, tensor_type_for, use_more_bits
 from lowbit.model.load import LoadedModel, default_gguf_path
 from lowbit.tensor import quantize_tensor
 

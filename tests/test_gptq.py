@@ -138,24 +138,101 @@ def test_gram_accumulation_fp32_is_exact_and_symmetric(d):
     assert float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
-def test_bf16_gram_is_the_gram_of_bf16_inputs():
+def _bf16_gram(X):
+    Xb = X.bfloat16().double()
+    return Xb.T @ Xb
+
+
+@pytest.mark.parametrize("path", [None, "fp32-emulated", "onednn-bf16"])  # None: as probed on this CPU
+@pytest.mark.parametrize("n,d", [(2000, 800), (20, 12)])  # 800: row panels; 12: small enough for torch to use MKL
+def test_bf16_gram_is_the_gram_of_bf16_inputs(monkeypatch, path, n, d):
     """bf16 products round the inputs only: the result is (to fp32 accumulation) the Gram matrix
-    of bf16(X), so it stays positive semi-definite; with damping GPTQ's Cholesky succeeds."""
-    from lowbit.calib.runner import accumulate_gram, check_hessian_precision
+    of bf16(X), so it stays positive semi-definite; with damping GPTQ's Cholesky succeeds. The
+    inputs are rounded before the product, so this holds on every path and every CPU, also when
+    the fast path is forced where oneDNN ignores the bf16 hint (AVX512-BF16 without AMX, no bf16)."""
+    import lowbit.calib.runner as runner
     from lowbit.methods.gptq import prepare_hessian_inverse
 
-    d = 800
-    X = torch.randn(2000, 40) @ torch.randn(40, d)  # rank 40: only the damping makes it definite
+    if path is not None:
+        monkeypatch.setattr(runner, "_bf16_gram_path", lambda _device_type: path)
+    g = torch.Generator().manual_seed(0)
+    rank = min(40, d // 2)
+    X = torch.randn(n, rank, generator=g) @ torch.randn(rank, d, generator=g)  # rank-deficient: only the damping makes it definite
     H = torch.zeros(d, d)
-    accumulate_gram(H, X, "bf16")
-    Xb = X.bfloat16().double()
-    ref = Xb.T @ Xb
+    runner.accumulate_gram(H, X[: n // 2], "bf16")
+    runner.accumulate_gram(H, X[n // 2:], "bf16")
+    ref = _bf16_gram(X)
     assert torch.equal(H, H.T)
     assert float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    # and it is not the fp32 Gram: the test would not see inputs left unrounded otherwise
+    assert float((H.double() - X.double().T @ X.double()).abs().max() / ref.abs().max()) > 1e-5
     prepare_hessian_inverse(H, 0.01)
+
+
+def test_hessian_precision_names():
+    from lowbit.calib.runner import check_hessian_precision
+
     assert check_hessian_precision("bf16") == "bf16"
+    assert check_hessian_precision("fp32") == "fp32"
     with pytest.raises(Exception, match="unknown Hessian precision"):
         check_hessian_precision("fp8")
+
+
+def _chunked_bf16_outputs(X, chunk=16):
+    Xb = X.bfloat16()
+    return sum((Xb[i:i + chunk].T @ Xb[i:i + chunk]).float() for i in range(0, X.shape[0], chunk))
+
+
+@pytest.mark.parametrize("product,expected", [
+    (lambda X: _bf16_gram(X).float(), "onednn-bf16"),              # bf16 inputs, fp32 (or better) accumulation
+    (lambda X: X.T @ X, "fp32-emulated"),                           # hint ignored: float32 products of raw inputs
+    (lambda X: (X.bfloat16().T @ X.bfloat16()).float(), "fp32-emulated"),  # output rounded to bf16
+    (_chunked_bf16_outputs, "fp32-emulated"),                       # partial sums rounded to bf16
+    (lambda X: _bf16_gram(X).float() * (1 + 1e-4), "fp32-emulated"),  # off by more than the tolerance
+    (lambda X: _bf16_gram(X).float() * float("nan"), "fp32-emulated"),
+    (lambda X: torch.ones(()).expand(5), "fp32-emulated"),          # wrong shape: an error, not a crash
+], ids=["exact", "fp32", "bf16-output", "bf16-partial-sums", "inexact", "nan", "error"])
+def test_bf16_probe_accepts_only_the_gram_of_bf16_inputs(product, expected):
+    from lowbit.calib.runner import probe_bf16_products
+
+    assert probe_bf16_products(product) == expected
+
+
+def test_bf16_gram_path_matches_this_cpu():
+    """The probe's verdict agrees with an independent look at this CPU: a float32 product under
+    oneDNN's bf16 hint, at another shape, is the Gram of bf16 inputs exactly when the path is
+    onednn-bf16 (Intel with AMX); on AVX512-BF16 without AMX (AMD EPYC) oneDNN 3.12 keeps its
+    float32 kernel, and without bf16 hardware the hint cannot apply, so those get fp32-emulated."""
+    import lowbit.calib.runner as runner
+
+    path = runner.bf16_gram_path()
+    assert path in (runner.BF16_ONEDNN, runner.BF16_EMULATED)
+    assert runner.bf16_gram_path("cpu") == path and runner.bf16_gram_path(torch.device("cpu")) == path
+    assert runner.bf16_gram_path("meta") == runner.BF16_EMULATED  # only the CPU has a probed fast path
+    X = torch.randn(512, 320, generator=torch.Generator().manual_seed(1))
+    matmul = torch.backends.mkldnn.matmul
+    saved, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+    try:
+        H = X.T @ X
+    finally:
+        matmul.fp32_precision = saved
+    ref = _bf16_gram(X)
+    rounds_inputs = float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+    assert path == (runner.BF16_ONEDNN if rounds_inputs else runner.BF16_EMULATED)
+    cpu = torch.cpu
+    if not (cpu._is_amx_tile_supported() or cpu._is_avx512_bf16_supported()):
+        assert path == runner.BF16_EMULATED
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_recipe_records_the_hessian_path(tiny_llama, calib, precision):
+    from lowbit.api import quantize
+    from lowbit.calib.runner import bf16_gram_path
+
+    qm = quantize(str(tiny_llama), WeightScheme("int", 4, 32, False), method="gptq",
+                  calibration=dataclasses.replace(calib, hessian_precision=precision), progress=False)
+    assert qm.recipe["calibration"]["hessian_precision"] == precision
+    assert qm.recipe["calibration"]["hessian_precision_path"] == ("fp32" if precision == "fp32" else bf16_gram_path())
 
 
 def test_error_inside_a_staged_batch_propagates_and_cleans_up(tiny_llama, calib):

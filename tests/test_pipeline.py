@@ -31,7 +31,7 @@ def test_default_targets_skip_head_embeddings_norms(tiny_llama):
     assert len(only_mlp) == 2 * 3
 
 
-@pytest.mark.parametrize("scheme", ["W4A16_G32_ASYM", "W8A16", "NF4", "MXFP4", "NVFP4", "FP8_WEIGHT", "TERNARY"])
+@pytest.mark.parametrize("scheme", ["W4A16_G32_ASYM", "W8A16", "W8A8", "FP8_DYNAMIC", "NF4", "MXFP4", "NVFP4", "FP8_WEIGHT", "TERNARY"])
 def test_quantize_save_load_same_logits(tiny_llama, tmp_path, scheme):
     qm = quantize(tiny_llama, scheme, progress=False)
     assert all(isinstance(qm.model.get_submodule(t.module_name), QuantLinear) for t in qm.targets.values())
@@ -88,7 +88,7 @@ def test_eval_of_identical_model_is_zero(tiny_llama, tmp_path, capsys):
     (["quantize", "TINY", "--bits", "9", "-o", "X"], "2..8 bits"),
     (["quantize", "TINY", "--group-size", "4096", "-o", "X"], "larger than the row"),
     (["quantize", "TINY", "--format", "nf4", "--bits", "3", "-o", "X"], "drop --bits"),
-    (["quantize", "TINY", "--include", "nothing-matches", "-o", "X"], "no weights matched"),
+    (["quantize", "TINY", "--include", "nothing-matches", "-o", "X"], "matches no weight"),
 ])
 def test_user_errors_exit_2_with_one_line_and_no_output(tiny_llama, tmp_path, capsys, argv, msg):
     out = tmp_path / "X"

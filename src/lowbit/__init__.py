@@ -5,11 +5,27 @@ from lowbit.scheme import ActivationScheme, QuantScheme, WeightScheme, preset
 from lowbit.tensor import QuantizedTensor, quantize_tensor
 
 
-def quantize(source, scheme, method: str = "rtn", **kwargs):
-    """Quantize a model (LoadedModel, path, or None for the embedded default); see lowbit.api.quantize."""
+def quantize(source, scheme=None, method: str | None = None, **kwargs):
+    """Quantize a model (path, None for the embedded default, LoadedModel or an in-memory
+    transformers model) by scheme/method, recipe= or plan=; see lowbit.api.quantize."""
     from lowbit.api import quantize as _quantize
 
     return _quantize(source, scheme, method=method, **kwargs)
+
+
+def plan(source, recipe=None, container: str = "native", **kwargs):
+    """What each weight would become (scheme, activations, why, bytes), nothing quantized;
+    see lowbit.api.plan_model."""
+    from lowbit.api import plan_model
+
+    return plan_model(source, recipe, container, **kwargs)
+
+
+def load_recipe(path):
+    """A recipe (YAML) as a lowbit.plan.Recipe."""
+    from lowbit.plan.recipe import load_recipe as _load_recipe
+
+    return _load_recipe(path)
 
 
 def load(path):
@@ -27,4 +43,4 @@ def save(qm, path, force: bool = False):
 
 
 __all__ = ["LowbitError", "ActivationScheme", "QuantScheme", "WeightScheme", "preset",
-           "QuantizedTensor", "quantize_tensor", "quantize", "load", "save"]
+           "QuantizedTensor", "quantize_tensor", "quantize", "plan", "load_recipe", "load", "save"]

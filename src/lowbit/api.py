@@ -1,94 +1,193 @@
-"""The public Python API: quantize a model, load a lowbit folder."""
+"""The public Python API: plan and quantize a model, load a lowbit folder.
+
+    plan = lowbit.plan_model(source, recipe, container="gguf")     # what each tensor becomes
+    qm = lowbit.quantize(source, "W8A8", method="smoothquant")     # or recipe=..., plan=...
+    qm = lowbit.quantize(hf_model, "W4A8", method="gptq", forward_loop=lambda: run(hf_model))
+"""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from lowbit.errors import SchemeError
 from lowbit.calib import CalibrationConfig
+from lowbit.errors import SchemeError
 from lowbit.methods import get_method, is_calibrated, method_options
 from lowbit.model.load import LoadedModel, load_source
 from lowbit.model.quantized import QuantizedModel, install_quantized
-from lowbit.model.targets import all_weights, select_targets
-from lowbit.scheme import QuantScheme, WeightScheme, scheme_of
+from lowbit.model.targets import all_weights
+from lowbit.plan import Plan, Recipe, as_recipe, build_plan
+from lowbit.scheme import QuantScheme, WeightScheme, preset, scheme_of
 
 
-def _as_scheme(scheme) -> QuantScheme:
+def _as_scheme(scheme) -> tuple[QuantScheme, str | None]:
+    """(scheme, preset name or None)."""
     if isinstance(scheme, QuantScheme):
-        return scheme
+        return scheme, None
     if isinstance(scheme, WeightScheme):
-        return QuantScheme(scheme)
+        return QuantScheme(scheme), None
     if isinstance(scheme, str):
-        from lowbit.scheme import preset
-        return preset(scheme)
+        return preset(scheme), scheme.upper()
     raise SchemeError(f"scheme must be a QuantScheme, WeightScheme or preset name, got {type(scheme).__name__}")
 
 
-def quantize(source, scheme, method: str = "rtn", include: list[str] | None = None,
-             exclude: list[str] | None = None, calibration: CalibrationConfig | None = None,
-             options: dict | None = None, per_target: dict[str, WeightScheme] | None = None,
-             extra_targets: list[str] | None = None, progress: bool = True) -> QuantizedModel:
-    """Quantize a model (a LoadedModel, or a source path / None for the embedded default).
+def make_recipe(scheme=None, method: str | None = None, include: list[str] | None = None,
+                exclude: list[str] | None = None, calibration: CalibrationConfig | None = None,
+                options: dict | None = None, **extra) -> Recipe:
+    """A Recipe from the keyword arguments quantize() takes (extra: Recipe fields such as
+    budget, groups, gguf_mix)."""
+    qs, name = _as_scheme(scheme if scheme is not None else "W4A16")
+    return Recipe(scheme=qs, preset=name, method=method or "rtn", options=dict(options or {}),
+                  calibration=calibration or CalibrationConfig(),
+                  targets=tuple(include) if include is not None else None,
+                  ignore=tuple(exclude) if exclude is not None else None, **extra)
 
-    method: "rtn" (no data) or a calibrated method ("gptq"), which reads `calibration`
-    (default: 128 x 512 tokens of the default text) and method `options` (e.g. damp, act_order).
-    per_target: a weight scheme per parameter name overriding `scheme` (GGUF mixes);
-    extra_targets: parameter names to quantize in addition to the selected ones (token_embd).
-    The model inside `source` is modified in place when a LoadedModel is given."""
-    scheme = _as_scheme(scheme)
-    impl = get_method(method)
-    opts = method_options(method, options or {})
-    loaded = source if isinstance(source, LoadedModel) else load_source(source)
+
+def _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options) -> Recipe:
+    given = [k for k, v in (("scheme", scheme), ("method", method), ("include", include), ("exclude", exclude),
+                            ("calibration", calibration), ("options", options)) if v is not None]
+    if plan is not None or recipe is not None:
+        if given:
+            raise SchemeError(f"pass either a recipe/plan or {', '.join(given)}, not both: the recipe says everything")
+        if plan is not None and recipe is not None:
+            raise SchemeError("pass a plan or a recipe, not both (a plan already holds its recipe)")
+        return plan.recipe if plan is not None else as_recipe(recipe)
+    return make_recipe(scheme, method, include, exclude, calibration, options)
+
+
+def _as_loaded(source, tokenizer=None) -> LoadedModel:
+    if isinstance(source, LoadedModel):
+        return source
+    if isinstance(source, torch.nn.Module):  # an in-memory transformers model: quantized in place
+        return LoadedModel(source, tokenizer, getattr(getattr(source, "config", None), "_name_or_path", "") or "in-memory", "module")
+    return load_source(source)
+
+
+def plan_model(source, recipe=None, container: str = "native", progress: bool = True, **kwargs) -> Plan:
+    """The plan for a source (path, None for the embedded default, LoadedModel or nn.Module)
+    under a recipe (Recipe, dict, YAML path; or quantize()'s keyword arguments)."""
+    recipe = as_recipe(recipe) if recipe is not None else make_recipe(**kwargs)
+    return build_plan(_as_loaded(source), recipe, container, progress)
+
+
+def quantize(source, scheme=None, method: str | None = None, include: list[str] | None = None,
+             exclude: list[str] | None = None, calibration: CalibrationConfig | None = None,
+             options: dict | None = None, *, recipe=None, plan: Plan | None = None, container: str = "native",
+             forward_loop=None, tokenizer=None, progress: bool = True) -> QuantizedModel:
+    """Quantize a model: a path, None (the embedded default), a LoadedModel, or an in-memory
+    transformers model (modified in place).
+
+    Say what to do with scheme/method/... (a preset name, a QuantScheme or WeightScheme; method
+    "rtn", "hqq" or a calibrated one: "gptq", "awq", "smoothquant"), or with a `recipe` (Recipe,
+    dict or YAML path), or with a `plan` from plan_model(). `container` is the output the plan
+    is sized for. Calibrated methods and static activation scales read `calibration` windows, or
+    call `forward_loop()` (a function running the model on the user's data) instead."""
+    recipe = _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options)
+    loaded = _as_loaded(source, tokenizer)
+    if plan is None:
+        plan = build_plan(loaded, recipe, container, progress)
+    elif container != "native" and container != plan.container:
+        raise SchemeError(f"the plan was made for {plan.container}, not {container}")
+    if forward_loop is None and loaded.tokenizer is None and (is_calibrated(recipe.method) or plan.needs_static_activations):
+        raise SchemeError("an in-memory model without a tokenizer needs forward_loop= (or tokenizer=) for calibration")
+    return execute(loaded, plan, forward_loop=forward_loop, progress=progress)
+
+
+def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool = True) -> QuantizedModel:
+    """Run a plan: the method decides the values of every planned weight, then activation specs
+    are attached (static scales calibrated on the weight-quantized model)."""
+    recipe = plan.recipe
+    impl = get_method(recipe.method)
+    opts = method_options(recipe.method, dict(recipe.options))
     model = loaded.model
-    targets = select_targets(model, include, exclude)
-    if extra_targets:
-        chosen = {t.name for t in targets}
-        targets += [w for w in all_weights(model) if w.name in extra_targets and w.name not in chosen]
-    if not targets:
-        raise SchemeError("no weights matched the include/exclude patterns; loosen --include/--exclude")
-    kept = sorted({w.name for w in all_weights(model)} - {t.name for t in targets})
-    recipe = {"targets": len(targets), "kept_full_precision": kept, "include": include, "exclude": exclude,
-              "seconds": {}}
-    t0 = time.perf_counter()
+    by_name = {w.name: w for w in all_weights(model)}
+    targets = [by_name[n] for n in plan.tensors]
+    ws = plan.weight_schemes()
+    record = {"targets": len(targets), "kept_full_precision": plan.kept, "seconds": {}}
     if opts is not None:
-        recipe["options"] = dataclasses.asdict(opts)
-    if is_calibrated(method):
-        ws = dict(per_target) if per_target else scheme.weights
-        tensors = _quantize_calibrated(model, loaded.tokenizer, targets, ws, impl, opts,
-                                       calibration or CalibrationConfig(), recipe, progress)
+        record["options"] = dataclasses.asdict(opts)
+    t0 = time.perf_counter()
+    if is_calibrated(recipe.method):
+        tensors = _quantize_calibrated(model, loaded.tokenizer, targets, ws, impl, opts, recipe.calibration,
+                                       record, progress, forward_loop,
+                                       {n: t.activations for n, t in plan.tensors.items()})
     else:
         tensors = {}
         extra = dataclasses.asdict(opts) if opts is not None else {}
         with torch.no_grad():
-            for t in tqdm(targets, desc=f"{method} {scheme.weights.label()}", disable=not progress, unit="w"):
-                ws = (per_target or {}).get(t.name, scheme.weights)
-                qt = impl.quantize_weight(t.parameter(model).data, ws, t.transposed, **extra)
+            for t in tqdm(targets, desc=f"{recipe.method}", disable=not progress, unit="w"):
+                qt = impl.quantize_weight(t.parameter(model).data, ws[t.name], t.transposed, **extra)
                 install_quantized(model, t, qt)
                 tensors[t.name] = qt
-    recipe["seconds"]["quantize"] = time.perf_counter() - t0
-    return QuantizedModel(model, loaded.tokenizer, scheme, tensors, {t.name: t for t in targets},
-                          loaded.source, method, recipe)
+    record["seconds"]["quantize"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _attach_activations(model, loaded.tokenizer, plan, tensors, by_name, forward_loop, record, progress)
+    record["seconds"]["activations"] = time.perf_counter() - t0
+    record["recipe"] = recipe.to_dict()
+    record["plan"] = plan.summary()
+    if plan.budget is not None:
+        record["budget"] = plan.budget
+    if plan.notes:
+        record["plan_notes"] = plan.notes
+    if recipe.gguf_mix is not None:
+        record["gguf_mix"] = recipe.gguf_mix
+        record["gguf_fallbacks"] = {n: t.reason.split("fallback: ", 1)[1] for n, t in plan.tensors.items()
+                                    if "fallback: " in t.reason}
+    common = collections.Counter(t.weights for t in plan.tensors.values()).most_common(1)[0][0]
+    acts = collections.Counter(t.activations for t in plan.tensors.values()).most_common(1)[0][0]
+    return QuantizedModel(model, loaded.tokenizer, QuantScheme(common, acts), tensors, {t.name: t for t in targets},
+                          loaded.source, recipe.method, record, plan)
+
+
+def _attach_activations(model, tokenizer, plan: Plan, tensors: dict, by_name: dict, forward_loop, record, progress) -> None:
+    """Give every planned Linear its input quantization (calibrating static scales first)."""
+    from lowbit.calib.activations import observe_input_ranges, window_runner
+    from lowbit.nn.act_quant import input_quant_spec
+
+    acts = {n: t.activations for n, t in plan.tensors.items() if t.activations is not None}
+    if not acts:
+        return
+    static = {n: (by_name[n].module_name, a) for n, a in acts.items() if a.needs_calibration}
+    ranges: dict[str, float] = {}
+    if static:
+        if forward_loop is not None:
+            run = lambda _m: forward_loop()  # noqa: E731
+        else:
+            cal = plan.recipe.calibration
+            run = window_runner(cal.windows(tokenizer), cal.batch_size, progress)
+        ranges = observe_input_ranges(model, static, run)
+        record["activation_calibration"] = "forward_loop" if forward_loop is not None else "calibration windows"
+    for n, act in acts.items():
+        qt = dataclasses.replace(tensors[n], input_quant=input_quant_spec(act, ranges.get(n)))
+        install_quantized(model, by_name[n], qt)
+        tensors[n] = qt
 
 
 def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration: CalibrationConfig,
-                         recipe: dict, progress: bool) -> dict:
+                         recipe: dict, progress: bool, forward_loop=None, activations: dict | None = None) -> dict:
     """Run a calibrated method layer by layer; returns the quantized tensors (installed)."""
-    from lowbit.calib.runner import check_hessian_precision, run_layers
+    from lowbit.calib.runner import bf16_gram_path, check_hessian_precision, run_layers
     from lowbit.methods import rtn
 
     t0 = time.perf_counter()
-    windows = calibration.windows(tokenizer)
-    recipe["calibration"] = {**dataclasses.asdict(calibration), "tokens": int(windows.numel())}
+    if forward_loop is None:
+        windows = calibration.windows(tokenizer)
+        recipe["calibration"] = {**dataclasses.asdict(calibration), "tokens": int(windows.numel())}
+    else:
+        windows = None
+        recipe["calibration"] = {"forward_loop": True, "hessian_precision": calibration.hessian_precision}
     recipe["seconds"]["calibration_data"] = time.perf_counter() - t0
     tensors: dict = {}
     fallbacks: list[str] = []
 
+    extra = {"activations": activations} if getattr(impl, "USES_ACTIVATIONS", False) else {}
+
     def quantize_layer(_index, layer_targets, stats):
-        out, fb = impl.quantize_layer(model, layer_targets, stats, ws, opts)
+        out, fb = impl.quantize_layer(model, layer_targets, stats, ws, opts, **extra)
         for t in layer_targets:
             install_quantized(model, t, out[t.name])
         tensors.update(out)
@@ -96,8 +195,10 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
 
     request = dataclasses.replace(impl.STATS, hessian_precision=check_hessian_precision(calibration.hessian_precision))
     recipe["calibration"]["hessian_precision"] = request.hessian_precision
+    recipe["calibration"]["hessian_precision_path"] = bf16_gram_path(next(model.parameters()).device) if request.hessian_precision == "bf16" else "fp32"
     outside = run_layers(model, windows, targets, quantize_layer, request,
-                         calibration.batch_size, calibration.sequential, progress, recipe["seconds"])
+                         calibration.batch_size, calibration.sequential, progress, recipe["seconds"],
+                         forward_loop=forward_loop)
     for t in outside:  # weights outside the decoder stack (embeddings, an included lm_head) get RTN
         qt = rtn.quantize_weight(t.parameter(model).data, scheme_of(ws, t.name), t.transposed)
         install_quantized(model, t, qt)

@@ -13,25 +13,108 @@ from tabulate import tabulate
 from lowbit.errors import LowbitError
 
 
+# --act spellings -> activation schemes (static ones take --act-observer)
+_ACT_CHOICES = ("none", "int8", "int8-static", "int4", "fp8", "fp8-static", "nvfp4", "nvfp4-dynamic", "mxfp8", "mxfp4")
+
+
+def _activation_from_args(args):
+    from lowbit.scheme import ActivationScheme
+
+    act, obs = args.act, args.act_observer
+    if act in (None, "none"):
+        return None
+    table = {"int8": ("int", 8, "token", True), "int8-static": ("int", 8, "tensor", False),
+             "int4": ("int", 4, "token", True), "fp8": ("fp8_e4m3", 8, "token", True),
+             "fp8-static": ("fp8_e4m3", 8, "tensor", False), "nvfp4": ("nvfp4", 4, "block", False),
+             "nvfp4-dynamic": ("nvfp4", 4, "block", True), "mxfp8": ("mxfp8", 8, "block", True),
+             "mxfp4": ("mxfp4", 4, "block", True)}
+    return ActivationScheme(*table[act], observer=obs)
+
+
 def _scheme_from_args(args):
+    """(QuantScheme, preset name or None) from the scheme flags."""
+    from lowbit.errors import SchemeError
     from lowbit.scheme import QuantScheme, WeightScheme, preset
 
     if args.scheme:
-        base = preset(args.scheme)
-        return base
+        if args.act is not None:
+            raise SchemeError(f"--scheme {args.scheme} already fixes the activations; drop --act, or spell the weights "
+                              "with --format/--bits/--group-size and add --act")
+        return preset(args.scheme), args.scheme.upper()
     fmt = args.format
     bits = args.bits
     if fmt in ("int8", "int4", "int3", "int2"):  # convenience spellings
         fmt, bits = "int", int(fmt[3:])
     if fmt == "int" and bits is None:
         bits = 4
-    return QuantScheme(WeightScheme(format=fmt, bits=bits, group_size=args.group_size, symmetric=not args.asym,
-                                    zero_point=args.zero_point, observer=args.observer,
-                                    percentile=args.percentile, double_quant=args.double_quant))
+    ws = WeightScheme(format=fmt, bits=bits, group_size=args.group_size, symmetric=not args.asym,
+                      zero_point=args.zero_point, observer=args.observer, percentile=args.percentile,
+                      double_quant=args.double_quant)
+    return QuantScheme(ws, _activation_from_args(args)), None
+
+
+# flags a --recipe replaces: (dest, flag) — giving one with --recipe is an error
+_RECIPE_FLAGS = (("scheme", "--scheme"), ("format", "--format"), ("bits", "--bits"), ("group_size", "--group-size"),
+                 ("asym", "--asym"), ("zero_point", "--zero-point"), ("observer", "--observer"),
+                 ("percentile", "--percentile"), ("double_quant", "--double-quant"), ("include", "--include"),
+                 ("exclude", "--exclude"), ("method", "--method"), ("calib", "--calib"), ("samples", "--samples"),
+                 ("seqlen", "--seqlen"), ("seed", "--seed"), ("no_sequential", "--no-sequential"),
+                 ("hessian_precision", "--hessian-precision"), ("damp", "--damp"), ("act_order", "--act-order"),
+                 ("opt", "--opt"), ("act", "--act"), ("act_observer", "--act-observer"), ("target_bpw", "--target-bpw"),
+                 ("max_size", "--max-size"), ("candidates", "--candidates"), ("fisher_windows", "--fisher-windows"),
+                 ("fallback", "--fallback"))
+
+
+def _recipe_from_args(args, parser_defaults: dict):
+    """The Recipe the flags (or --recipe FILE) describe: the CLI and the API run the same thing."""
+    from lowbit.api import make_recipe
+    from lowbit.calib import CalibrationConfig
+    from lowbit.errors import SchemeError
+    from lowbit.plan import Budget, load_recipe
+    from lowbit.plan.budget import parse_size
+
+    gguf_type = (args.type or "").upper() if args.to == "gguf" else ""
+    if args.recipe:
+        given = [flag for dest, flag in _RECIPE_FLAGS if getattr(args, dest, None) != parser_defaults.get(dest)]
+        if given:
+            raise SchemeError(f"--recipe {args.recipe} says how to quantize; drop {', '.join(given)} (or edit the recipe)")
+        if gguf_type and gguf_type not in ("AUTO", "F32", "F16", "BF16"):
+            raise SchemeError(f"--recipe with --type {args.type}: put the mix in the recipe (gguf: {{mix: {gguf_type}}})")
+        return load_recipe(args.recipe)
+    scheme, name = _scheme_from_args(args)
+    budget = None
+    if args.target_bpw is not None or args.max_size is not None:
+        if args.target_bpw is not None and args.max_size is not None:
+            raise SchemeError("pass --target-bpw or --max-size, not both")
+        if gguf_type and gguf_type != "AUTO":
+            raise SchemeError(f"a budget chooses every tensor's type itself; drop --type {args.type} (or pass --type auto)")
+        cands = tuple(x.strip() for x in args.candidates.split(",") if x.strip()) if args.candidates else None
+        budget = Budget(args.target_bpw, parse_size(args.max_size) if args.max_size is not None else None, cands,
+                        args.fisher_windows)
+    elif args.candidates:
+        raise SchemeError("--candidates lists what a budget chooses from; add --target-bpw B or --max-size SIZE")
+    if args.to == "gguf" and not gguf_type and budget is None:
+        raise SchemeError("--to gguf needs --type (a mix such as Q4_K_M, Q8_0, Q4_0, or F32/F16) or --max-size SIZE")
+    if gguf_type == "AUTO" and budget is None:
+        raise SchemeError("--type auto needs --max-size SIZE (e.g. 91.7MB) or --target-bpw B: the size to fit")
+    mix = gguf_type if gguf_type not in ("", "AUTO", "F32", "F16", "BF16") else None
+    calibration = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed, sequential=not args.no_sequential,
+                                    hessian_precision=args.hessian_precision)
+    return make_recipe(scheme if name is None else name, args.method, args.include, args.exclude, calibration,
+                       _method_options(args), budget=budget, gguf_mix=mix, gguf_fallback=args.fallback)
+
+
+def _container(args) -> str:
+    """The container a plan is sized for; a float GGUF (--type F32/F16/BF16) holds decoded values."""
+    if args.to == "gguf" and (args.type or "").upper() in ("F32", "F16", "BF16"):
+        return "native"
+    return args.to
 
 
 def _add_scheme_flags(p):
-    p.add_argument("--scheme", help="preset: W4A16, W4A16_G32_ASYM, W3A16_G32, W8A16, W8A8, FP8, NF4, MXFP4, MXFP8, NVFP4, TERNARY")
+    p.add_argument("--scheme", help="preset (weights and activations, as compressed-tensors names them): W4A16, "
+                                    "W4A16_G32_ASYM, W3A16_G32, W8A16, W8A8, W8A8_STATIC, W4A8, FP8, FP8_DYNAMIC, "
+                                    "FP8_WEIGHT, NF4, MXFP4, MXFP4A16, MXFP8, MXFP8A16, NVFP4, NVFP4A16, TERNARY")
     p.add_argument("--format", default="int", help="int | fp8_e4m3 | fp8_e5m2 | fp4 | nf4 | mxfp4 | mxfp8 | nvfp4 | ternary | gguf_* (default int)")
     p.add_argument("--bits", type=int, default=None, help="bits for --format int (2-8, default 4)")
     p.add_argument("--group-size", type=int, default=128, help="group size along the input dim; -1 per channel, 0 per tensor (default 128)")
@@ -83,76 +166,91 @@ def _method_options(args) -> dict:
     return opts
 
 
-def cmd_quantize(args):
-    from lowbit.api import quantize
-    from lowbit.calib import CalibrationConfig
-    from lowbit.errors import SchemeError
+def _plan_from_args(args):
     from lowbit.model.load import load_source
+    from lowbit.plan import build_plan
 
-    scheme = _scheme_from_args(args)
-    if args.max_size is not None:
-        if args.to != "gguf":
-            raise SchemeError("--max-size sizes a GGUF file: add --to gguf")
-        if args.type and args.type.upper() != "AUTO":
-            raise SchemeError(f"--max-size chooses every tensor's type itself; drop --type {args.type} (or pass --type auto)")
-        args.type = "auto"
-    if args.to == "gguf" and not args.type:
-        raise SchemeError("--to gguf needs --type (a mix such as Q4_K_M, Q8_0, Q4_0, or F32/F16) or --max-size SIZE")
-    if args.to == "gguf" and args.type.upper() == "AUTO" and args.max_size is None:
-        raise SchemeError("--type auto needs --max-size SIZE (e.g. 91.7MB): the file size to fit")
+    recipe = _recipe_from_args(args, args.parser_defaults)
     t0 = time.perf_counter()
     loaded = load_source(args.source)
     t_load = time.perf_counter() - t0
-    calibration = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed, sequential=not args.no_sequential,
-                                    hessian_precision=args.hessian_precision)
-    per_target, extra, gguf_plan, budget = None, None, None, None
-    if args.to == "gguf" and args.type.upper() == "AUTO":
-        from lowbit.export.gguf_budget import BUDGET_TYPES, budget_schemes, parse_size
+    return loaded, build_plan(loaded, recipe, _container(args), progress=not args.json), t_load
 
-        max_bytes = parse_size(args.max_size)
-        allowed = tuple(x.strip().upper() for x in args.gguf_types.split(",") if x.strip()) if args.gguf_types else BUDGET_TYPES
-        fisher_windows = calibration.windows(loaded.tokenizer)[: args.fisher_windows]
-        per_target, gguf_plan, budget = budget_schemes(loaded, max_bytes, fisher_windows, allowed, args.seed,
-                                                       progress=not args.json)
-        extra = list(per_target)
-        scheme = type(scheme)(next(iter(per_target.values())))
-    elif args.to == "gguf" and args.type.upper() not in ("F32", "F16", "BF16"):
-        from lowbit.export.gguf import mix_schemes
 
-        per_target, gguf_plan = mix_schemes(loaded.model, args.type.upper(), fallback_policy=args.fallback)
-        extra = list(per_target)
-        scheme = type(scheme)(next(iter(per_target.values())))
-    qm = quantize(loaded, scheme, method=args.method, include=args.include, exclude=args.exclude,
-                  calibration=calibration, options=_method_options(args), per_target=per_target,
-                  extra_targets=extra, progress=not args.json)
+def _weights_file(out):
+    return out if out.is_file() else out / "model.safetensors"
+
+
+def cmd_quantize(args):
+    from lowbit.api import execute
+    from lowbit.errors import SchemeError
+    from lowbit.export.native import remove_output
+
+    loaded, plan, t_load = _plan_from_args(args)
+    qm = execute(loaded, plan, progress=not args.json)
     qm.recipe["seconds"]["load"] = t_load
-    if gguf_plan is not None:
-        qm.recipe["gguf_mix"] = args.type.upper()
-        qm.recipe["gguf_fallbacks"] = {name: reason for name, _, _, reason in gguf_plan if reason}
-    if budget is not None:
-        qm.recipe["gguf_budget"] = budget
     kept = qm.recipe["kept_full_precision"]
     if not args.json:
-        print(f"quantized {len(qm.tensors)} weights with {args.method} {scheme.weights.label() if per_target is None else args.type}; "
-              f"kept in full precision: {', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} ({len(kept)})", file=sys.stderr)
-        if budget is not None:
-            counts = ", ".join(f"{t} x{n}" for t, n in budget["type_counts"].items())
-            print(f"GGUF types chosen for --max-size {budget['max_bytes'] / 1e6:.2f} MB (estimated file "
-                  f"{budget['estimated_file_bytes'] / 1e6:.2f} MB): {counts}; Fisher-estimated KLD of round-to-nearest "
-                  f"in these types {budget['predicted_kld_rtn']:.4f}; recorded in the file", file=sys.stderr)
-        elif gguf_plan is not None:
+        print(f"quantized {len(qm.tensors)} weights with {plan.recipe.method}: {_plan_line(plan)}; kept in full precision: "
+              f"{', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} ({len(kept)})", file=sys.stderr)
+        for note in plan.notes[:5]:
+            print(f"note: {note}", file=sys.stderr)
+        if plan.recipe.gguf_mix is not None:
             fb = qm.recipe["gguf_fallbacks"]
-            print(f"GGUF {args.type.upper()}: {len(fb)} of {len(gguf_plan)} weights fell back to another type "
+            print(f"GGUF {plan.recipe.gguf_mix}: {len(fb)} of {len(plan.tensors)} weights fell back to another type "
                   f"(rows not a multiple of the block), e.g. {next(iter(fb.values()), '-')}; recorded in the file", file=sys.stderr)
     out = _write_output(qm, args)
-    if budget is not None and (size := out.stat().st_size) > budget["max_bytes"]:
-        out.unlink()
-        raise SchemeError(f"the GGUF came out {size} bytes, over --max-size {budget['max_bytes']}, so it was removed; "
-                          "lowbit's size estimate is wrong here: lower --max-size meanwhile and please report it")
-    summary = {"output": str(out), "method": qm.method, "scheme": args.type if per_target else scheme.weights.label(),
+    budget = plan.budget
+    if budget is not None and budget.get("max_bytes") is not None:
+        size = _weights_file(out).stat().st_size
+        if size > budget["max_bytes"]:
+            remove_output(out)
+            raise SchemeError(f"the output came out {size} bytes, over --max-size {budget['max_bytes']}, so it was removed; "
+                              "lowbit's size estimate is wrong here: lower --max-size meanwhile and please report it")
+    summary = {"output": str(out), "method": qm.method, "scheme": _plan_line(plan),
                "weights_quantized": len(qm.tensors), "kept_full_precision": kept, "bits_per_weight": qm.bits_per_weight,
                "quantized_bytes": qm.quantized_bytes, "seconds": qm.recipe["seconds"]}
-    _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "kept_full_precision"], ("", ""))
+    if budget is not None:
+        summary["budget"] = budget
+    _print(summary, args.json, [[k, v] for k, v in summary.items() if k not in ("kept_full_precision", "budget")], ("", ""))
+
+
+def _plan_line(plan) -> str:
+    """One line naming what the plan does: the preset, the mix, the budget, or the scheme counts."""
+    r = plan.recipe
+    if r.gguf_mix is not None:
+        return f"GGUF {r.gguf_mix}"
+    if plan.budget is not None:
+        what = (f"--target-bpw {r.budget.target_bpw}" if r.budget.target_bpw is not None
+                else f"--max-size {r.budget.max_size / 1e6:.2f} MB")
+        counts = ", ".join(f"{k} x{v}" for k, v in plan.budget["counts"].items())
+        return f"budget {what}: {counts} ({plan.bits_per_weight:.3f} bits/weight)"
+    labels = {}
+    for t in plan.tensors.values():
+        key = t.weights.label() + ("" if t.activations is None else f", inputs {t.activations.label()}")
+        labels[key] = labels.get(key, 0) + 1
+    text = "; ".join(f"{k}" + (f" x{n}" if len(labels) > 1 else "") for k, n in labels.items())
+    return f"{r.preset} ({text})" if r.preset and len(labels) == 1 else text
+
+
+def cmd_plan(args):
+    """The plan, its estimated size and cost; nothing quantized (like llama-quantize --dry-run)."""
+    _loaded, plan, _ = _plan_from_args(args)
+    if args.json:
+        _print(plan.to_dict(), True)
+        return
+    rows = [[t.name, f"{t.shape[0]}x{t.shape[1]}", t.label or t.weights.label(),
+             "-" if t.activations is None else t.activations.label(), t.nbytes * 8 / t.numel,
+             "" if t.cost is None else f"{t.cost:.2e}", t.reason] for t in plan.tensors.values()]
+    print(tabulate(rows, headers=("weight", "shape", "scheme", "inputs", "bits/w", "est. KLD", "why"), floatfmt=".3f"))
+    print()
+    print(f"{len(plan.tensors)} weights planned for --to {plan.container}: {_plan_line(plan)}")
+    print(f"quantized weights {plan.quantized_bytes / 1e6:.2f} MB at {plan.bits_per_weight:.3f} bits/weight; estimated "
+          f"weights file {plan.estimated_file_bytes / 1e6:.2f} MB; kept in full precision: {len(plan.kept)}")
+    if plan.budget is not None:
+        print(f"budget: Fisher-estimated KLD of round-to-nearest in the chosen schemes {plan.budget['predicted_kld_rtn']:.4f}")
+    for note in plan.notes:
+        print(f"note: {note}")
 
 
 def _write_output(qm, args):
@@ -162,7 +260,8 @@ def _write_output(qm, args):
     if args.to == "gguf":
         from lowbit.export.gguf import write_gguf
 
-        full = args.type.upper() if args.type.upper() in ("F32", "F16", "BF16") else None
+        t = (args.type or "").upper()
+        full = t if t in ("F32", "F16", "BF16") else None
         return write_gguf(qm, args.output, full_precision=full, force=args.force)
     if args.to == "native":
         return save(qm, args.output, force=args.force)
@@ -246,12 +345,12 @@ def cmd_compare(args):
         scheme = preset(name)
         work = copy.deepcopy(loaded)
         t0 = time.perf_counter()
-        qm = quantize(work, scheme, method=args.method, progress=False)
+        qm = quantize(work, name, method=args.method, progress=False)
         t_q = time.perf_counter() - t0
         t0 = time.perf_counter()
         res = compare(qm.model, ref, progress=not args.json)
         t_e = time.perf_counter() - t0
-        rows.append({"method": args.method, "scheme": name, "format": scheme.weights.label(),
+        rows.append({"method": args.method, "scheme": name, "format": scheme.label(),
                      "bits_per_weight": qm.bits_per_weight, "quantized_mb": qm.quantized_bytes / 1e6,
                      "ppl": res.ppl, "ref_ppl": res.ref_ppl, "kld": res.kld, "kld_p99": res.kld_p99, "top1": res.top1,
                      "seconds_quantize": t_q, "seconds_eval": t_e})
@@ -325,15 +424,18 @@ def cmd_size(args):
                    headers=("format", "bits", "weights GB", "scales GB", "KV cache GB", "total GB"), floatfmt=".2f"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = ap.add_subparsers(dest="command", required=True)
-
-    q = sub.add_parser("quantize", help="quantize a model and save it")
+def _add_plan_flags(q):
+    """Flags shared by quantize and plan: they describe one Recipe."""
     q.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
+    q.add_argument("--recipe", help="a YAML recipe (method, scheme, targets, groups, budget, ...) instead of the flags below")
     q.add_argument("--method", default="rtn", help="rtn | gptq | awq | smoothquant | hqq")
     _add_scheme_flags(q)
+    q.add_argument("--act", choices=_ACT_CHOICES, default=None,
+                   help="input (activation) quantization with --format: int8 (per-token dynamic), int8-static (per "
+                        "tensor, calibrated), int4, fp8 (E4M3 per token), fp8-static, nvfp4 (static global scale), "
+                        "nvfp4-dynamic, mxfp8, mxfp4 (default: none, or the --scheme preset's)")
+    q.add_argument("--act-observer", default="minmax", choices=["minmax", "percentile", "mse", "kl"],
+                   help="static activation ranges from calibration activations (default minmax)")
     q.add_argument("--calib", help="calibration text file (default: Python reference manual, calibration part)")
     q.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
@@ -347,20 +449,37 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", dest="act_order", action="store_false")
     q.add_argument("--opt", action="append", help="method option KEY=VALUE (repeatable), e.g. alpha=0.5")
     q.add_argument("--to", default="native", choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
-    q.add_argument("--type", help="--to gguf: a llama.cpp mix (Q4_K_M, Q8_0, ...) or F32/F16")
-    q.add_argument("--max-size", help="--to gguf: largest file size (e.g. 91.7MB, 87MiB); lowbit chooses each tensor's "
-                                      "type to minimise the Fisher-estimated KL divergence within it (--type auto)")
-    q.add_argument("--gguf-types", help="--max-size: GGUF types to choose from, comma-separated (default: "
-                                        "Q2_K,Q3_K,Q4_0,Q4_K,Q4_1,Q5_0,Q5_K,Q5_1,Q6_K,Q8_0)")
+    q.add_argument("--type", help="--to gguf: a llama.cpp mix (Q4_K_M, Q8_0, ...), F32/F16, or auto (with a budget)")
+    q.add_argument("--max-size", help="largest weights file (e.g. 91.7MB, 87MiB): lowbit chooses each tensor's scheme "
+                                      "among --candidates to minimise the Fisher-estimated KL divergence within it")
+    q.add_argument("--target-bpw", type=float, help="average bits per weight of the quantized weights (e.g. 4.25), "
+                                                    "each tensor's scheme chosen like --max-size")
+    q.add_argument("--candidates", "--gguf-types", dest="candidates",
+                   help="a budget's choices, comma-separated: GGUF types for --to gguf (default Q2_K,Q3_K,Q4_0,Q4_K,"
+                        "Q4_1,Q5_0,Q5_K,Q5_1,Q6_K,Q8_0), else schemes like int4_g64, int8_ch, nf4_g64 (default "
+                        "int2..int8 at g32/g64/g128)")
     q.add_argument("--fisher-windows", type=int, default=16,
-                   help="--max-size: calibration windows for the Fisher information that prices each type (default 16)")
+                   help="budgets: calibration windows for the Fisher information that prices each scheme (default 16)")
     q.add_argument("--fallback", default="measured", choices=["measured", "llama.cpp"],
                    help="--to gguf: type for rows that do not fit 256-blocks: the most accurate block-32 type no "
                         "larger than llama.cpp's choice (measured), or llama.cpp's fixed table")
+    q.add_argument("--json", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    _add_plan_flags(q)
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--force", action="store_true", help="replace an existing output")
-    q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_quantize)
+
+    pl = sub.add_parser("plan", help="what each tensor would become, its size and estimated cost; nothing quantized")
+    _add_plan_flags(pl)
+    pl.set_defaults(func=cmd_plan)
 
     x = sub.add_parser("export", help="write a lowbit output as GGUF / compressed-tensors / GPTQ / AWQ")
     x.add_argument("input", help="a lowbit output folder (or a source, for --to gguf --type F32/F16)")
@@ -383,7 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="quantize with several presets and evaluate each (the demo table)")
     c.add_argument("source", nargs="?")
-    c.add_argument("--schemes", nargs="+", default=["W8A16", "W4A16_G32_ASYM", "NF4", "MXFP4", "NVFP4"])
+    c.add_argument("--schemes", nargs="+", default=["W8A16", "W8A8", "W4A16_G32_ASYM", "NF4", "MXFP4A16", "NVFP4A16"])
     c.add_argument("--method", default="rtn")
     c.add_argument("--data")
     c.add_argument("--ctx", type=int, default=512)
@@ -419,7 +538,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("quantize", "plan"):
+        sub = parser._subparsers._group_actions[0].choices[args.command]
+        args.parser_defaults = {}
+        for a in sub._actions:  # argparse keeps the first action's default for a shared dest
+            args.parser_defaults.setdefault(a.dest, a.default)
     try:
         args.func(args)
     except LowbitError as e:

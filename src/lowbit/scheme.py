@@ -70,22 +70,65 @@ class WeightScheme:
         return f"{self.format} {gtxt}" + (" dq" if self.double_quant else "")
 
 
+# activation formats: block formats fix their block along the last dim (NVFP4 16, MX 32)
+ACTIVATION_FORMATS = ("int", "fp8_e4m3", "fp8_e5m2", "nvfp4", "mxfp8", "mxfp4")
+ACTIVATION_BLOCK = {"nvfp4": 16, "mxfp8": 32, "mxfp4": 32}
+
+
 @dataclasses.dataclass(frozen=True)
 class ActivationScheme:
-    """How activations are quantized at run time: per token (dynamic) or per tensor (static)."""
+    """How a Linear's input is quantized at run time.
+
+    int / fp8: one scale per token (dynamic) or per tensor (dynamic, or static: calibrated on
+    calibration activations with `observer`). nvfp4: E4M3 scales per block of 16 computed from
+    each block, and a per-tensor global scale that is static (calibrated, compressed-tensors'
+    "local" dynamic) or dynamic. mxfp8 / mxfp4: E8M0 scales per block of 32, always dynamic."""
 
     format: str = "int"
     bits: int = 8
-    granularity: str = "token"
+    granularity: str = "token"     # token | tensor | block (nvfp4, mx)
     dynamic: bool = True
     symmetric: bool = True
-    observer: str = "minmax"
+    observer: str = "minmax"       # static ranges: minmax | percentile | mse | kl
+    percentile: float = 99.9
 
     def __post_init__(self):
-        if self.granularity not in ("token", "tensor"):
-            raise SchemeError(f"activation granularity must be 'token' or 'tensor', got {self.granularity!r}")
-        if self.format not in ("int", "fp8_e4m3", "fp8_e5m2"):
-            raise SchemeError(f"activation format must be int, fp8_e4m3 or fp8_e5m2, got {self.format!r}")
+        if self.format not in ACTIVATION_FORMATS:
+            raise SchemeError(f"activation format must be one of {', '.join(ACTIVATION_FORMATS)}, got {self.format!r}")
+        if not self.symmetric:
+            raise SchemeError("asymmetric activation quantization is not supported; use symmetric activations")
+        if self.observer not in OBSERVERS:
+            raise SchemeError(f"unknown activation observer {self.observer!r}; choose one of: {', '.join(OBSERVERS)}")
+        if self.format == "int":
+            if not 2 <= self.bits <= 8:
+                raise SchemeError(f"integer activations take 2..8 bits, got {self.bits}")
+        elif self.format.startswith("fp8") or self.format == "mxfp8":
+            if self.bits != 8:
+                raise SchemeError(f"{self.format} activations are 8-bit, got bits={self.bits}")
+        elif self.bits != 4:
+            raise SchemeError(f"{self.format} activations are 4-bit, got bits={self.bits}")
+        if self.format in ACTIVATION_BLOCK:
+            if self.granularity != "block":
+                raise SchemeError(f"{self.format} activations are scaled per block; use granularity 'block', not {self.granularity!r}")
+            if self.format.startswith("mx") and not self.dynamic:
+                raise SchemeError(f"{self.format} activation scales come from each block: it is always dynamic")
+        else:
+            if self.granularity not in ("token", "tensor"):
+                raise SchemeError(f"{self.format} activation granularity must be 'token' or 'tensor', got {self.granularity!r}")
+            if self.granularity == "token" and not self.dynamic:
+                raise SchemeError("per-token activation scales are dynamic; a static scale is per tensor (granularity 'tensor')")
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when a scale is fixed before run time from calibration activations."""
+        return not self.dynamic
+
+    def label(self) -> str:
+        name = f"int{self.bits}" if self.format == "int" else self.format
+        if self.format in ACTIVATION_BLOCK:
+            scale = "dynamic" if self.dynamic else f"static global ({self.observer})"
+            return f"{name} block{ACTIVATION_BLOCK[self.format]} {scale}"
+        return f"{name} per-{self.granularity} " + ("dynamic" if self.dynamic else f"static ({self.observer})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +138,10 @@ class QuantScheme:
     weights: WeightScheme = dataclasses.field(default_factory=WeightScheme)
     activations: ActivationScheme | None = None
     version: int = SCHEME_VERSION
+
+    def label(self) -> str:
+        w = self.weights.label()
+        return w if self.activations is None else f"{w}, inputs {self.activations.label()}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,24 +167,33 @@ def scheme_of(schemes, name: str) -> WeightScheme:
 
 
 def _presets() -> dict[str, QuantScheme]:
+    # names and meanings follow compressed-tensors' presets (what llm-compressor users type)
+    int8_token = ActivationScheme("int", 8, "token", True)
+    fp8_token = ActivationScheme("fp8_e4m3", 8, "token", True)
     return {
     "W4A16": QuantScheme(WeightScheme("int", 4, 128, True)),
     "W4A16_G32_ASYM": QuantScheme(WeightScheme("int", 4, 32, False)),
     "W3A16_G32": QuantScheme(WeightScheme("int", 3, 32, False)),
     "W8A16": QuantScheme(WeightScheme("int", 8, -1, True)),
-    "W8A8": QuantScheme(WeightScheme("int", 8, -1, True), ActivationScheme("int", 8, "token", True)),
-    "FP8": QuantScheme(WeightScheme("fp8_e4m3", None, -1), ActivationScheme("fp8_e4m3", 8, "token", True)),
+    "W8A8": QuantScheme(WeightScheme("int", 8, -1, True), int8_token),
+    "W8A8_STATIC": QuantScheme(WeightScheme("int", 8, -1, True), ActivationScheme("int", 8, "tensor", False)),
+    "W4A8": QuantScheme(WeightScheme("int", 4, 128, True), int8_token),
+    "FP8": QuantScheme(WeightScheme("fp8_e4m3", None, 0), ActivationScheme("fp8_e4m3", 8, "tensor", False)),
+    "FP8_DYNAMIC": QuantScheme(WeightScheme("fp8_e4m3", None, -1), fp8_token),
     "FP8_WEIGHT": QuantScheme(WeightScheme("fp8_e4m3", None, -1)),
     "NF4": QuantScheme(WeightScheme("nf4", None, 64, double_quant=True)),
-    "MXFP4": QuantScheme(WeightScheme("mxfp4", None, 32)),
-    "MXFP8": QuantScheme(WeightScheme("mxfp8", None, 32)),
-    "NVFP4": QuantScheme(WeightScheme("nvfp4", None, 16)),
+    "MXFP4": QuantScheme(WeightScheme("mxfp4", None, 32), ActivationScheme("mxfp4", 4, "block", True)),
+    "MXFP4A16": QuantScheme(WeightScheme("mxfp4", None, 32)),
+    "MXFP8": QuantScheme(WeightScheme("mxfp8", None, 32), ActivationScheme("mxfp8", 8, "block", True)),
+    "MXFP8A16": QuantScheme(WeightScheme("mxfp8", None, 32)),
+    "NVFP4": QuantScheme(WeightScheme("nvfp4", None, 16), ActivationScheme("nvfp4", 4, "block", False)),
+    "NVFP4A16": QuantScheme(WeightScheme("nvfp4", None, 16)),
     "TERNARY": QuantScheme(WeightScheme("ternary", None, -1)),
     }
 
 
-PRESET_NAMES = ("W4A16", "W4A16_G32_ASYM", "W3A16_G32", "W8A16", "W8A8", "FP8", "FP8_WEIGHT", "NF4",
-                "MXFP4", "MXFP8", "NVFP4", "TERNARY")
+PRESET_NAMES = ("W4A16", "W4A16_G32_ASYM", "W3A16_G32", "W8A16", "W8A8", "W8A8_STATIC", "W4A8", "FP8", "FP8_DYNAMIC",
+                "FP8_WEIGHT", "NF4", "MXFP4", "MXFP4A16", "MXFP8", "MXFP8A16", "NVFP4", "NVFP4A16", "TERNARY")
 
 
 def preset(name: str) -> QuantScheme:

@@ -9,7 +9,9 @@ touches one layer's weights at a time, so weights could be streamed per layer fr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import weakref
 from collections.abc import Callable
 
@@ -62,32 +64,27 @@ def check_hessian_precision(precision: str) -> str:
     return precision
 
 
-def _cpu_has_bf16_matmul() -> bool:
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)() or getattr(cpu, "_is_avx512_bf16_supported", lambda: False)())
+# Paths of accumulate_gram(..., "bf16"); both compute H += bf16(X)^T bf16(X) with fp32 accumulation
+# (< 1e-5 relative to the float64 Gram of the bf16 inputs), they differ only in speed:
+BF16_ONEDNN = "onednn-bf16"      # bf16-rounded inputs, float32 matmuls with oneDNN's bf16 fpmath hint
+BF16_EMULATED = "fp32-emulated"  # bf16-rounded inputs, plain float32 matmuls (same numbers, no speed-up)
+_BF16_TOLERANCE = 1e-5
 
 
-class _Bf16Products:
-    """Within: float32 matmuls on the CPU round their inputs to bf16 and accumulate in fp32
-    (oneDNN on AMX/AVX512-BF16). Without that hardware the caller rounds the inputs itself, so
-    the numbers are the same either way."""
-
-    def __init__(self, device: torch.device):
-        mkldnn = getattr(torch.backends, "mkldnn", None)
-        self.matmul = getattr(mkldnn, "matmul", None)
-        self.active = (device.type == "cpu" and _cpu_has_bf16_matmul() and hasattr(self.matmul, "fp32_precision"))
-
-    def round(self, X: torch.Tensor) -> torch.Tensor:
-        return X if self.active else X.to(torch.bfloat16).float()
-
-    def __enter__(self):
-        if self.active:
-            self.saved, self.matmul.fp32_precision = self.matmul.fp32_precision, "bf16"
-        return self
-
-    def __exit__(self, *exc):
-        if self.active:
-            self.matmul.fp32_precision = self.saved
+@contextlib.contextmanager
+def _bf16_matmul_hint():
+    """Within: oneDNN *may* compute float32 CPU matmuls from bf16-rounded inputs (fpmath mode bf16).
+    Only a hint: oneDNN 3.12 (torch 2.13) honours it with AMX; on AVX512-BF16 without AMX (AMD
+    EPYC, measured) it keeps its float32 kernel, and torch sends small products to MKL anyway."""
+    matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if not hasattr(matmul, "fp32_precision"):
+        yield
+        return
+    saved, matmul.fp32_precision = matmul.fp32_precision, "bf16"
+    try:
+        yield
+    finally:
+        matmul.fp32_precision = saved
 
 
 # wide inputs (down_proj's 1536) are accumulated in row panels of the lower triangle: ~1/2 + 1/(2k)
@@ -107,21 +104,68 @@ def _add_lower_gram(H: torch.Tensor, A: torch.Tensor) -> None:
         H[a0:a1, :a1].addmm_(A[:, a0:a1].T, A[:, :a1])
 
 
+def _hinted_lower_gram(X: torch.Tensor) -> torch.Tensor:
+    H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32)
+    with _bf16_matmul_hint():
+        _add_lower_gram(H, X)
+    return H
+
+
+def probe_bf16_products(product: Callable[[torch.Tensor], torch.Tensor] = _hinted_lower_gram) -> str:
+    """BF16_ONEDNN if `product(X)` (lower triangle of X^T X, by default float32 matmuls under the
+    bf16 hint, as accumulate_gram runs them) is the Gram of bf16(X) to fp32 accumulation for raw
+    float32 inputs -- so the hardware really rounds the inputs, which is where the speed-up comes
+    from -- and for already-rounded ones (what accumulate_gram passes), on one product and on the
+    row panels of a wide input; BF16_EMULATED otherwise (the hint ignored, outputs or partial sums
+    rounded to bf16, an error). The raw inputs have full fp32 mantissas: an fp32 product of them
+    is ~2e-4 off the Gram of their bf16 roundings, 20x the tolerance."""
+    g = torch.Generator().manual_seed(0)
+    for n, d in ((256, 96), (64, 4 * _PANEL)):
+        X = torch.randn(n, d, generator=g)
+        Xb = X.to(torch.bfloat16).double()
+        ref = torch.tril(Xb.T @ Xb)
+        for inputs in (X, Xb.float()):
+            try:
+                H = torch.tril(product(inputs).double())
+            except Exception:  # whatever goes wrong, the fast path is not used
+                return BF16_EMULATED
+            if not bool((H - ref).abs().max() / ref.abs().max() < _BF16_TOLERANCE):  # NaN fails too
+                return BF16_EMULATED
+    return BF16_ONEDNN
+
+
+@functools.lru_cache(maxsize=None)
+def _bf16_gram_path(device_type: str) -> str:
+    return probe_bf16_products() if device_type == "cpu" else BF16_EMULATED
+
+
+def bf16_gram_path(device: torch.device | str = "cpu") -> str:
+    """Which path accumulate_gram(..., "bf16") takes on `device` (probed once per process):
+    BF16_ONEDNN ("onednn-bf16") or BF16_EMULATED ("fp32-emulated"); recorded in the recipe."""
+    return _bf16_gram_path(torch.device(device).type)
+
+
 def accumulate_gram(H: torch.Tensor, X: torch.Tensor, precision: str = "fp32") -> None:
     """H += X^T X (float32 accumulation); H comes out exactly symmetric (lower triangle mirrored).
 
     fp32: float32 products (the default).
-    bf16: H += bf16(X)^T bf16(X), one product at bf16 speed where the CPU has AMX/AVX512-BF16
-        (2.8x faster here); still a Gram matrix, so positive semi-definite, with inputs off by up
-        to 2^-9. On SmolLM2 W4 g32 GPTQ took 82 s instead of 100 s with KLD 0.0965 instead of
-        0.0924: opt-in. (Rounding the *output* to bf16 would break positive-definiteness.)"""
+    bf16: H += bf16(X)^T bf16(X) accumulated in fp32, the same numbers on every CPU (< 1e-5
+        relative to the float64 Gram of the bf16 inputs): the inputs are rounded here, so a
+        product of two of them is exact in fp32 whichever kernel runs. Still a Gram matrix, so
+        positive semi-definite, with inputs off by up to 2^-9; damping keeps it definite. Faster
+        only where bf16_gram_path() finds oneDNN's bf16 kernels (AMX); elsewhere the products are
+        float32 ("fp32-emulated"). @@MEASURED@@
+        (Rounding the *output* to bf16 would break positive-definiteness.)"""
     check_hessian_precision(precision)
     if precision == "fp32":
         _add_lower_gram(H, X)
     else:
-        ctx = _Bf16Products(X.device)
-        with ctx:
-            _add_lower_gram(H, ctx.round(X))
+        Xb = X.to(torch.bfloat16).float()
+        if bf16_gram_path(X.device) == BF16_ONEDNN:
+            with _bf16_matmul_hint():
+                _add_lower_gram(H, Xb)
+        else:
+            _add_lower_gram(H, Xb)
     lower = torch.tril(H)
     H.copy_(lower + torch.tril(H, -1).T)
 
@@ -182,6 +226,31 @@ def capture_layer_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, w
     return captured
 
 
+@torch.no_grad()
+def capture_layer_inputs_from_loop(first_layer: torch.nn.Module, forward_loop: Callable[[], None]) -> list[tuple[torch.Tensor, dict]]:
+    """(hidden_states, kwargs) of every call to the first decoder layer while the user's
+    `forward_loop()` runs the model on their own data (modelopt's pattern). The forward is not
+    interrupted (the loop is the user's code), so each batch costs one full forward."""
+    captured = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        # the user's loop may run with a KV cache: replaying a layer must not append to it
+        kw = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value", "cache")}
+        if "use_cache" in kw:
+            kw["use_cache"] = False
+        captured.append((hidden.detach().clone(), kw))
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        forward_loop()
+    finally:
+        handle.remove()
+    if not captured:
+        raise SourceError("the forward_loop never ran the model's decoder layers; it must call model(...) on calibration data")
+    return captured
+
+
 def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -190,11 +259,13 @@ def _layer_output(out):
 def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[WeightTarget],
                quantize_layer: Callable[[int, list[WeightTarget], dict[str, InputStats]], None],
                request: StatsRequest, batch_size: int = 8, sequential: bool = True,
-               progress: bool = True, seconds: dict | None = None) -> list[WeightTarget]:
+               progress: bool = True, seconds: dict | None = None,
+               forward_loop: Callable[[], None] | None = None) -> list[WeightTarget]:
     """Drive `quantize_layer(index, layer_targets, stats_by_target_name)` over the decoder layers.
 
     With sequential=True each layer sees inputs produced by the already-quantized layers before
     it. Returns the targets outside the decoder layers (the caller quantizes them without data).
+    forward_loop, if given, replaces `windows`: the user's function that runs the model on data.
     `seconds`, if given, accumulates wall time per stage (capture, observe, quantize, propagate)."""
     import time
 
@@ -213,7 +284,10 @@ def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[Weig
             continue
         by_layer.setdefault(int(rest.split(".")[0]), []).append(t)
     t0 = time.perf_counter()
-    batches = capture_layer_inputs(model, layers[0], windows, batch_size)
+    if forward_loop is not None:
+        batches = capture_layer_inputs_from_loop(layers[0], forward_loop)
+    else:
+        batches = capture_layer_inputs(model, layers[0], windows, batch_size)
     tick("capture", t0)
     for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, unit="layer")):
         layer_targets = by_layer.get(i, [])

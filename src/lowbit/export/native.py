@@ -58,6 +58,12 @@ def commit_output_dir(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def remove_output(path: str | os.PathLike) -> None:
+    """Remove a written output (a folder or a file), e.g. one found over its size budget."""
+    p = Path(path)
+    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def staged_output_dir(output: str | os.PathLike, force: bool = False):
     """Yield a temporary folder beside `output`; on success it is renamed to `output`, on any

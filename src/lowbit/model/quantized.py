@@ -20,7 +20,8 @@ class QuantizedModel:
               weights (Conv1D, stacked experts) hold their decoded values;
     tensors:  parameter name -> QuantizedTensor (the source of truth for exporters);
     targets:  parameter name -> WeightTarget (layout of each quantized weight);
-    recipe:   method, its options, excluded weights, timings: recorded in outputs.
+    recipe:   method, its options, excluded weights, the recipe and plan that ran, timings:
+              recorded in outputs.
     """
 
     model: torch.nn.Module
@@ -31,6 +32,7 @@ class QuantizedModel:
     source: str
     method: str
     recipe: dict = dataclasses.field(default_factory=dict)
+    plan: object = None   # the lowbit.plan.Plan it was made from (None when loaded from a file)
 
     @property
     def quantized_bytes(self) -> int:

@@ -1,8 +1,9 @@
-"""GGUF type per tensor under a file-size budget, by measured sensitivity.
+"""A scheme per tensor under a size budget, by measured sensitivity (every exporter).
 
 llama.cpp's named mixes fix the type of each tensor by its role (attn_v and ffn_down get more
-bits, ...). Given a size instead, lowbit chooses: for every weight and every GGUF type whose
-blocks fit its rows, it measures the round-to-nearest error δ and prices it with the diagonal
+bits, ...). Given a size (a file size, or bits per weight) instead, lowbit chooses: for every
+weight and every candidate scheme its container can hold (GGUF types whose blocks fit the rows,
+integer group sizes compressed-tensors accepts, ...), it measures the round-to-nearest error δ and prices it with the diagonal
 Fisher information of that weight (``lowbit.calib.fisher``): ½ Σ F δ², an estimate of the KL
 divergence the error alone adds. Then it picks one type per tensor minimising the summed
 estimate subject to the bytes (a multiple-choice knapsack: Lagrangian relaxation, then a greedy
@@ -21,6 +22,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from lowbit.errors import SchemeError
+from lowbit.scheme import WeightScheme
 
 # types lowbit writes, cheapest first; F16 is not offered (a budget this loose needs no search)
 BUDGET_TYPES = ("Q2_K", "Q3_K", "Q4_0", "Q4_K", "Q4_1", "Q5_0", "Q5_K", "Q5_1", "Q6_K", "Q8_0")
@@ -34,9 +36,9 @@ def tensor_bytes(type_name: str, rows: int, cols: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
-    type_name: str
+    label: str       # the candidate's label (a GGUF type name for GGUF budgets)
     nbytes: int
-    cost: float      # estimated KL divergence added by this tensor in this type
+    cost: float      # estimated KL divergence added by this tensor in this scheme
 
 
 def allocate(options: dict[str, list[Choice]], budget: int) -> dict[str, Choice]:
@@ -114,79 +116,39 @@ def parse_size(text: str) -> int:
     return int(value * mult)
 
 
-def budget_options(model: torch.nn.Module, fisher: dict[str, torch.Tensor], targets: list,
-                   candidates: tuple[str, ...] = BUDGET_TYPES, progress: bool = True) -> dict[str, list[Choice]]:
-    """Choices (type, bytes, estimated KL) for every weight target (lowbit.model.targets.WeightTarget)."""
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One scheme a budget may give a tensor: its label (a GGUF type name, a preset or a short
+    spelling like int4_g64) and the weight scheme."""
+
+    label: str
+    scheme: WeightScheme
+
+
+def price_candidates(model: torch.nn.Module, fisher: dict[str, torch.Tensor], targets: list,
+                     candidates: list[Candidate], nbytes, fits, progress: bool = True) -> dict[str, list[Choice]]:
+    """Choices (label, bytes, estimated KL of round-to-nearest) for every weight target.
+
+    nbytes(candidate, rows, cols) -> stored bytes in the output container; fits(candidate, cols)
+    -> whether the container can hold rows of `cols` in that candidate."""
     from tqdm.auto import tqdm
 
     from lowbit.calib.fisher import predicted_kld
-    from lowbit.export.gguf_mixes import lowbit_format
-    from lowbit.scheme import WeightScheme
     from lowbit.tensor import quantize_tensor, to_matrix
 
-    unknown = [t for t in candidates if t not in BUDGET_TYPES]
-    if unknown:
-        raise SchemeError(f"unknown GGUF type(s) {', '.join(unknown)} for a size budget; choose from {', '.join(BUDGET_TYPES)}")
     options: dict[str, list[Choice]] = {}
-    for t in tqdm(targets, desc="pricing types", disable=not progress, unit="tensor"):
+    for t in tqdm(targets, desc="pricing schemes", disable=not progress, unit="tensor"):
         W = to_matrix(t.parameter(model).data, t.transposed).float()
         F = to_matrix(fisher[t.name], t.transposed)
         rows, cols = W.shape
         choices = []
-        for type_name in candidates:
-            block = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][0]
-            if cols % block:
+        for c in candidates:
+            if not fits(c, cols):
                 continue
-            qt = quantize_tensor(W, WeightScheme(lowbit_format(type_name), None, -1))
-            choices.append(Choice(type_name, tensor_bytes(type_name, rows, cols), predicted_kld(F, qt.dequantize_matrix() - W)))
+            qt = quantize_tensor(W, c.scheme)
+            choices.append(Choice(c.label, nbytes(c, rows, cols), predicted_kld(F, qt.dequantize_matrix() - W)))
         if not choices:
-            raise SchemeError(f"{t.name}: no allowed GGUF type fits rows of {cols} columns; allow a block-32 type (Q4_0, Q8_0, ...)")
+            raise SchemeError(f"{t.name}: no candidate scheme fits rows of {cols} columns; add one whose group "
+                              f"divides {cols} (e.g. a block-32 type or a per-channel scheme)")
         options[t.name] = choices
     return options
-
-
-def budget_schemes(loaded, max_size: int, windows: torch.Tensor, candidates: tuple[str, ...] = BUDGET_TYPES,
-                   seed: int = 0, progress: bool = True):
-    """Per-weight GGUF schemes whose file fits `max_size` bytes, chosen by Fisher-priced error.
-
-    windows: token windows for the Fisher (a few suffice: 16 x 512 tokens here).
-    Returns (schemes by HF name, plan [(HF name, GGUF name, type, reason)], report dict)."""
-    import gguf
-
-    from lowbit.calib.fisher import diagonal_fisher
-    from lowbit.export.gguf import _arch, _gguf_name, _plan_tensors, _unpack, metadata_bytes
-    from lowbit.export.gguf_mixes import lowbit_format
-    from lowbit.model.targets import all_weights
-    from lowbit.scheme import WeightScheme
-
-    model = loaded.model
-    config = model.config
-    spec = _arch(config)
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config.num_hidden_layers))
-    every = _plan_tensors(_unpack(loaded), spec, {}, "F32", name_map)   # all tensors of the file, as F32
-    weights = [t for t in all_weights(model) if _gguf_name(name_map, t.name) is not None]
-    targets = {t.name: _gguf_name(name_map, t.name) for t in weights}
-    quantized = set(targets.values())
-    fixed = sum(int(v.numel()) * 4 for g, _, v in every if g not in quantized)
-    overhead = metadata_bytes(loaded, {g: tuple(v.shape) for g, _, v in every})
-    data_budget = max_size - overhead - fixed
-    if data_budget <= 0:
-        raise SchemeError(f"--max-size {max_size / 1e6:.2f} MB does not even hold the metadata and float tensors "
-                          f"({(overhead + fixed) / 1e6:.2f} MB); raise it")
-    fisher = diagonal_fisher(model, windows, weights, seed, progress)
-    options = budget_options(model, fisher, weights, candidates, progress)
-    del fisher
-    chosen = allocate(options, data_budget)
-    schemes, plan = {}, []
-    for hf, c in chosen.items():
-        schemes[hf] = WeightScheme(lowbit_format(c.type_name), None, -1)
-        plan.append((hf, targets[hf], c.type_name, None))
-    data = sum(c.nbytes for c in chosen.values())
-    counts: dict[str, int] = {}
-    for c in chosen.values():
-        counts[c.type_name] = counts.get(c.type_name, 0) + 1
-    report = {"max_bytes": max_size, "estimated_file_bytes": overhead + fixed + data, "tensor_data_bytes": data,
-              "predicted_kld_rtn": sum(c.cost for c in chosen.values()), "fisher_windows": int(windows.shape[0]),
-              "candidates": list(candidates), "type_counts": dict(sorted(counts.items())),
-              "types": {targets[hf]: c.type_name for hf, c in sorted(chosen.items())}}
-    return schemes, plan, report
