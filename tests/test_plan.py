@@ -328,3 +328,20 @@ def test_gguf_refuses_quantized_inputs_with_one_line(tiny_llama, calib, tmp_path
     assert main(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "lowbit: error" in line]
     assert len(err) == 1 and ("--act" in err[0] or "quantized inputs" in err[0]) and not out.exists()
+
+
+def test_cli_max_size_native_fits_and_plan_predicts_it(tiny_llama, calib, tmp_path, capsys):
+    common = [str(tiny_llama), "--method", "rtn", "--calib", calib.text, "--samples", "4", "--seqlen", "32",
+              "--fisher-windows", "2", "--candidates", "int2_g32,int4_g32,int8_ch"]
+    assert main(["plan", *common, "--target-bpw", "8.1", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["estimated_file_bytes"]
+    max_size = int(full * 0.8)
+    assert main(["plan", *common, "--max-size", str(max_size), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["estimated_file_bytes"] <= max_size and plan["budget"]["max_bytes"] == max_size
+    out = tmp_path / "fit"
+    assert main(["quantize", *common, "--max-size", str(max_size), "-o", str(out), "--json"]) == 0
+    size = (out / "model.safetensors").stat().st_size
+    assert size <= max_size and 0 <= plan["estimated_file_bytes"] - size < 0.05 * size   # conservative, close
+    recorded = json.loads((out / "lowbit.json").read_text())["recipe"]
+    assert recorded["budget"]["choices"] == {t["name"]: t["type"] for t in plan["tensors"]}
