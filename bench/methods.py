@@ -191,7 +191,7 @@ def main() -> None:
     windows = token_windows(loaded.tokenizer, eval_text.read_text(), 512, n_eval)
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    win_file = out_dir / ".eval_windows.pt"
+    win_file = out_dir / (".eval_windows_quick.pt" if args.quick else ".eval_windows.pt")  # concurrent runs keep theirs
     torch.save(windows, win_file)
     del loaded
     base = {"eval_windows": str(win_file), "calib_text": str(calib_text), "samples": samples, "seqlen": 512}

@@ -345,3 +345,18 @@ def test_cli_max_size_native_fits_and_plan_predicts_it(tiny_llama, calib, tmp_pa
     assert size <= max_size and 0 <= plan["estimated_file_bytes"] - size < 0.05 * size   # conservative, close
     recorded = json.loads((out / "lowbit.json").read_text())["recipe"]
     assert recorded["budget"]["choices"] == {t["name"]: t["type"] for t in plan["tensors"]}
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--scheme", "MXFP8", "--to", "compressed-tensors"], "compressed-tensors cannot store"),
+    (["--scheme", "W8A8", "--to", "gptq"], "holds weights only"),
+    (["--scheme", "W8A8", "--act", "fp8"], "already fixes the activations"),
+    (["--target-bpw", "4", "--max-size", "1MB"], "not both"),
+    (["--candidates", "int4_g32"], "add --target-bpw"),
+])
+def test_plans_an_output_cannot_hold_are_refused_before_quantizing(argv, msg, tiny_llama, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["quantize", str(tiny_llama), *argv, "-o", str(out)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "lowbit: error" in line]
+    assert len(err) == 1 and msg in err[0], err
+    assert not out.exists()

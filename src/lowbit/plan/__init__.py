@@ -172,6 +172,10 @@ def build_plan(loaded, recipe=None, container: str = "native", progress: bool = 
         if act is not None and container in ("gguf", "gptq", "awq"):
             raise SchemeError(f"--to {container} holds weights only, not quantized inputs ({act.label()}); use a "
                               "weight-only scheme, or --to native / compressed-tensors for activation quantization")
+        if act is not None and container == "compressed-tensors" and (
+                act.format in ("mxfp8", "mxfp4", "fp8_e5m2") or (act.format == "nvfp4" and act.dynamic)):
+            raise SchemeError(f"compressed-tensors cannot store {act.label()} inputs the way lowbit computes them; "
+                              "use int8, fp8 (E4M3) or nvfp4 with a static global scale, or --to native")
         n = nbytes if nbytes is not None else tensor_nbytes(container, ws, rows, cols, scale_bytes, act is not None)
         return TensorPlan(t.name, (rows, cols), ws, act, reason, n, label, cost)
 
@@ -202,7 +206,7 @@ def build_plan(loaded, recipe=None, container: str = "native", progress: bool = 
                     ws, act = g.scheme.weights, g.scheme.activations
                     reason = f"recipe group {g.name!r}" + (f" (preset {g.preset})" if g.preset else "")
             tensors[t.name] = entry(t, ws, act, reason)
-    fixed = _fixed_bytes(loaded, container, set(tensors), tensors)
+    fixed = _fixed_bytes(loaded, container, set(tensors))
     if budget is not None and budget.get("max_bytes") is not None:
         budget["estimated_file_bytes"] = fixed + sum(t.nbytes for t in tensors.values())
     return Plan(recipe, container, tensors, kept, fixed, budget, _dedupe(notes))
@@ -220,7 +224,7 @@ def _gguf_targets(model) -> list[WeightTarget]:
     return [t for t in all_weights(model) if _gguf_name(name_map, t.name) is not None]
 
 
-def _fixed_bytes(loaded, container: str, planned: set[str], tensors: dict[str, TensorPlan]) -> int:
+def _fixed_bytes(loaded, container: str, planned: set[str]) -> int:
     """Bytes of the weights file that planned tensors do not account for: full-precision tensors
     as written, plus the container's header (GGUF: metadata and tokenizer too)."""
     model = loaded.model
@@ -288,7 +292,7 @@ def _budget_plan(loaded, recipe: Recipe, targets, container, base_act, scale_byt
         data_budget = int(b.target_bpw * numel / 8)
         what = f"target {b.target_bpw} bits per weight"
     else:
-        fixed = _fixed_bytes(loaded, container, {t.name for t in targets}, {})
+        fixed = _fixed_bytes(loaded, container, {t.name for t in targets})
         data_budget = b.max_size - fixed
         what = f"--max-size {b.max_size / 1e6:.2f} MB"
         if data_budget <= 0:
