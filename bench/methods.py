@@ -66,6 +66,11 @@ CONFIGS = [
 ]
 
 
+def row_suffix(options: dict) -> str:
+    """How a row's options show in its method column: +gptq (rounding), +alpha_grid=10."""
+    return "".join(f"+{k}={v}" if k != "rounding" else f"+{v}" for k, v in options.items())
+
+
 def make_scheme(s: dict):
     """(scheme for quantize(), budget or None, row label) of a CONFIGS entry."""
     from lowbit import WeightScheme
@@ -135,8 +140,7 @@ def run_one(spec: dict) -> dict:
     t_q = time.perf_counter() - t0
     cal = qm.recipe.get("calibration", {})
     res = compare(qm.model, ref, progress=False)
-    suffix = "".join(f"+{k}={v}" if k != "rounding" else f"+{v}" for k, v in spec["options"].items())
-    return {"method": spec["method"] + suffix, "scheme": label,
+    return {"method": spec["method"] + row_suffix(spec["options"]), "scheme": label,
             "budget": qm.recipe.get("budget", {}).get("counts"),
             "bits_per_weight": qm.bits_per_weight, "ppl": res.ppl, "ref_ppl": res.ref_ppl, "kld": res.kld,
             "kld_p99": res.kld_p99, "top1": res.top1, "seconds_quantize": t_q, "seconds_reference_eval": t_ref,
@@ -169,10 +173,11 @@ def main() -> None:
     ap.add_argument("--scheme", nargs="*", help='scheme labels to run, as in the table ("int4 g32 asym"; default all)')
     ap.add_argument("--hessian-precision", nargs="*", choices=["fp32", "bf16"],
                     help="run each selected row with these Hessian precisions; writes hessian_precision.{json,md}")
+    ap.add_argument("--rows", nargs="*", help='rows as "METHOD+OPTIONS|scheme label" (e.g. "gptq|W4A8: ..."); default all')
     ap.add_argument("--name", help="results file name (bench/results/NAME.{json,md}); default methods[_ONLY...]")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.scheme and not args.name and not args.hessian_precision and not args.only:
+    if (args.scheme or args.rows) and not args.name and not args.hessian_precision and not args.only:
         raise SystemExit("a --scheme subset needs --name (so it does not overwrite the full table)")
     if args.worker:
         spec = json.loads(args.worker)
@@ -203,6 +208,7 @@ def main() -> None:
     precisions = args.hessian_precision or [None]
     specs += [{**base, "method": m, "scheme": s, "options": o, **({"hessian_precision": p} if p else {})}
               for m, s, o in CONFIGS if (not args.only or m in args.only) and (not args.scheme or label(s) in args.scheme)
+              and (not args.rows or f"{m}{row_suffix(o)}|{label(s)}" in args.rows)
               for p in precisions]
     rows = []
     for spec in specs:
