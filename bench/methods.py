@@ -259,16 +259,18 @@ def main() -> None:
     if args.hessian_precision:
         head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
         lines[head:head + 2] = [f"CPU: {meta['cpu']} (avx512_bf16: {meta['avx512_bf16']}, amx_bf16: {meta['amx_bf16']}), "
-                      f"torch {meta['torch']}; bf16 Hessians take the `{meta['bf16_gram_path']}` path here.", "",
-                      "| method | scheme | Hessian | path | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | XᵀX s | peak RSS MB |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                      f"torch {meta['torch']}; bf16 Hessians take the `{meta['bf16_gram_path']}` path here. Seconds are wall "
+                      "time, inflated by whatever else the machine runs: `load` is the 1-minute load average before and after.", "",
+                      "| method | scheme | Hessian | path | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | XᵀX s | load | peak RSS MB |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['method']} | {r['scheme']} | failed: {r['error']} |||||||")
         elif "ppl" in r and args.hessian_precision:
             lines.append(f"| {r['method']} | {r['scheme']} | {r['hessian_precision']} | {r['hessian_precision_path']} | "
                          f"{r['ppl']:.3f} | {r['ref_ppl']:.3f} | {r['kld']:.4f} | {r['top1']:.3f} | {r['seconds_quantize']:.1f} | "
-                         f"{r['quantize_over_fp_forward']:.2f} | {r['gram_seconds']:.1f} | {r['peak_rss_mb']:.0f} |")
+                         f"{r['quantize_over_fp_forward']:.2f} | {r['gram_seconds']:.1f} | "
+                         f"{'–'.join(f'{x:.1f}' for x in r.get('loadavg_1m', []))} | {r['peak_rss_mb']:.0f} |")
         elif "ppl" in r:
             lines.append(f"| {r['method']} | {r['scheme']} | {r['bits_per_weight']:.3f} | {r['ppl']:.3f} | {r['ref_ppl']:.3f} | "
                          f"{r['kld']:.4f} | {r['top1']:.3f} | {r['seconds_quantize']:.1f} | {r['quantize_over_fp_forward']:.2f} | "

@@ -442,8 +442,9 @@ def _add_plan_flags(q):
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-sequential", action="store_true", help="feed full-precision (not quantized) layer outputs forward")
     q.add_argument("--hessian-precision", default="fp32", choices=["fp32", "bf16"],
-                   help="X^T X products: fp32 (default) or bf16 inputs with fp32 accumulation, faster on CPUs "
-                        "with AMX/AVX512-BF16")
+                   help="X^T X products: fp32 (default) or bf16 inputs with fp32 accumulation (same numbers on "
+                        "every CPU); faster only where a probe finds oneDNN bf16 kernels (recipe: "
+                        "hessian_precision_path); on AVX512-BF16 without AMX it is fp32-emulated, no faster")
     q.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)")
     q.add_argument("--act-order", dest="act_order", action="store_true", default=None, help="GPTQ: act-order (default on)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false")

@@ -118,7 +118,7 @@ def probe_bf16_products(product: Callable[[torch.Tensor], torch.Tensor] = _hinte
     from -- and for already-rounded ones (what accumulate_gram passes), on one product and on the
     row panels of a wide input; BF16_EMULATED otherwise (the hint ignored, outputs or partial sums
     rounded to bf16, an error). The raw inputs have full fp32 mantissas: an fp32 product of them
-    is ~2e-4 off the Gram of their bf16 roundings, 20x the tolerance."""
+    is 7e-4 (one product) and 1.5e-3 (panels) off the Gram of their bf16 roundings, 70x the tolerance."""
     g = torch.Generator().manual_seed(0)
     for n, d in ((256, 96), (64, 4 * _PANEL)):
         X = torch.randn(n, d, generator=g)
@@ -153,8 +153,13 @@ def accumulate_gram(H: torch.Tensor, X: torch.Tensor, precision: str = "fp32") -
         relative to the float64 Gram of the bf16 inputs): the inputs are rounded here, so a
         product of two of them is exact in fp32 whichever kernel runs. Still a Gram matrix, so
         positive semi-definite, with inputs off by up to 2^-9; damping keeps it definite. Faster
-        only where bf16_gram_path() finds oneDNN's bf16 kernels (AMX); elsewhere the products are
-        float32 ("fp32-emulated"). @@MEASURED@@
+        only where bf16_gram_path() finds oneDNN's bf16 kernels (expected with AMX; not measured
+        here); elsewhere the products are float32 ("fp32-emulated"), a little slower than fp32
+        for the rounding. Measured on an AMD EPYC with AVX512-BF16, no AMX (torch 2.13, oneDNN
+        3.12 ignores the hint there): fp32-emulated; SmolLM2 W4 g32 GPTQ, 2 shared cores, XᵀX
+        190-194 s instead of 160-178 s of ~950-1200 s in all, KLD 0.0940 instead of 0.0951
+        (bench/results/hessian_precision.md). bf16 matmuls on bf16 tensors, also chunked over K,
+        are no alternative on the CPU: they round their outputs to bf16 (5e-4 to 3e-3 off).
         (Rounding the *output* to bf16 would break positive-definiteness.)"""
     check_hessian_precision(precision)
     if precision == "fp32":
