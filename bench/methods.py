@@ -7,7 +7,7 @@ tokens is timed in the same run, so GPTQ's cost is reported as a ratio to it.
     python bench/methods.py                 # full: 128 x 512 calibration tokens, 16 x 512 eval
     python bench/methods.py --quick         # 32 calibration windows, 8 eval windows
     python bench/methods.py --only gptq --scheme "int4 g32 asym" --hessian-precision fp32 bf16
-    python bench/methods.py --name activations --scheme "W8A8: ..." ...   # a subset by row label
+    python bench/methods.py --quick --rows activations   # activation and budget rows -> activations.{json,md}
 
 Writes bench/results/methods.json and bench/results/methods.md (a subset: methods_<names>.*).
 With --hessian-precision each selected row runs once per Hessian precision, and the results go
@@ -63,6 +63,19 @@ CONFIGS = [
     # mixed precision: each tensor's scheme chosen under a bits-per-weight budget (Fisher-priced
     # RTN error, int2..int8 at g32/g64/g128 sym), against uniform int4 g64 sym at the same 4.25
     ("gptq", dict(format="int", bits=4, group_size=64, symmetric=True, target_bpw=4.25), {}),
+]
+
+
+# `--rows activations`: the activation-quantization and budget rows with their weight-only baseline
+ACTIVATION_ROWS = [
+    "rtn|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
+    "smoothquant|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
+    "gptq|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
+    "rtn|FP8_DYNAMIC: fp8_e4m3 per-channel, inputs fp8_e4m3 per-token dynamic",
+    "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic",
+    "gptq|NVFP4: nvfp4 g16, inputs nvfp4 block16 static global (minmax)",
+    "gptq|int4 g64 sym",
+    "gptq|budget --target-bpw 4.25 (int2..int8 g32/g64/g128 sym)",
 ]
 
 
@@ -177,6 +190,8 @@ def main() -> None:
     ap.add_argument("--name", help="results file name (bench/results/NAME.{json,md}); default methods[_ONLY...]")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rows == ["activations"]:
+        args.rows, args.name = ACTIVATION_ROWS, args.name or "activations"
     if (args.scheme or args.rows) and not args.name and not args.hessian_precision and not args.only:
         raise SystemExit("a --scheme subset needs --name (so it does not overwrite the full table)")
     if args.worker:
