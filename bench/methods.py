@@ -269,6 +269,8 @@ def main() -> None:
              "FP8 E4M3 per token, NVFP4 with a calibrated global scale, ...); the others are weight-only. "
              "The budget row picks each tensor's scheme under 4.25 bits/weight (scales included); its "
              "counts are in the JSON.", "",
+             "Seconds are wall time; others' work on the machine inflates them (the JSON has each row's 1-minute "
+             "load average before and after).", "",
              "| method | scheme | bits/weight | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     if args.hessian_precision:
