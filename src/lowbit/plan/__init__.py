@@ -229,17 +229,13 @@ def _fixed_bytes(loaded, container: str, planned: set[str]) -> int:
     as written, plus the container's header (GGUF: metadata and tokenizer too)."""
     model = loaded.model
     if container == "gguf":
-        from lowbit.export.gguf import _arch, _plan_tensors, _unpack, metadata_bytes
+        from lowbit.export.gguf import _arch, _gguf_name, _plan_tensors, _unpack, metadata_bytes
         from lowbit.plan.gguf import gguf_name_map
 
         name_map = gguf_name_map(model.config)
         every = _plan_tensors(_unpack(loaded), _arch(model.config), {}, "F32", name_map)
-        gguf_of = {}
-        from lowbit.export.gguf import _gguf_name
-
-        for hf in planned:
-            gguf_of[_gguf_name(name_map, hf)] = hf
-        fixed = sum(int(v.numel()) * 4 for g, _, v in every if g not in gguf_of)
+        planned_gguf = {_gguf_name(name_map, hf) for hf in planned}
+        fixed = sum(int(v.numel()) * 4 for g, _, v in every if g not in planned_gguf)
         return fixed + metadata_bytes(loaded, {g: tuple(v.shape) for g, _, v in every})
     seen, fixed = set(), 0
     for name, t in model.state_dict().items():
