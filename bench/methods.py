@@ -55,7 +55,10 @@ CONFIGS = [
     ("smoothquant", dict(preset="W8A8"), {"rounding": "gptq"}),
     ("gptq", dict(preset="W8A8"), {}),
     ("rtn", dict(preset="W8A8_STATIC"), {}),
+    ("rtn", dict(preset="W8A16"), {}),                                   # weight-only baselines of
+    ("rtn", dict(format="fp8_e4m3", bits=None, group_size=-1), {}),      # the W8A8 / FP8 rows
     ("rtn", dict(preset="FP8_DYNAMIC"), {}),
+    ("gptq", dict(preset="FP8_DYNAMIC"), {}),
     ("smoothquant", dict(preset="FP8_DYNAMIC"), {}),
     ("gptq", dict(preset="W4A8"), {}),
     ("rtn", dict(preset="NVFP4"), {}),
@@ -70,8 +73,12 @@ CONFIGS = [
 ACTIVATION_ROWS = [
     "rtn|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
     "smoothquant|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
+    "smoothquant+gptq|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
     "gptq|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
+    "rtn|W8A16: int8 per-channel sym",
+    "rtn|fp8_e4m3 per-channel",
     "rtn|FP8_DYNAMIC: fp8_e4m3 per-channel, inputs fp8_e4m3 per-token dynamic",
+    "gptq|FP8_DYNAMIC: fp8_e4m3 per-channel, inputs fp8_e4m3 per-token dynamic",
     "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic",
     "gptq|NVFP4: nvfp4 g16, inputs nvfp4 block16 static global (minmax)",
     "gptq|int4 g64 sym",

@@ -72,7 +72,7 @@ def test_cli_quantize_eval_info(tiny_llama, tmp_path, capsys):
     assert main(["info", str(out), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "lowbit"
     assert main(["generate", str(out), "--prompt", "hello", "--max-new-tokens", "4", "--json"]) == 0
-    assert set(json.loads(capsys.readouterr().out)) == {"prompt", "reference", "candidate"}
+    assert set(json.loads(capsys.readouterr().out)) == {"prompt", "reference", "candidate", "kv"}
 
 
 def test_eval_of_identical_model_is_zero(tiny_llama, tmp_path, capsys):
@@ -102,7 +102,7 @@ def test_user_errors_exit_2_with_one_line_and_no_output(tiny_llama, tmp_path, ca
 def test_empty_or_short_eval_text_is_a_clear_error(tiny_llama, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
-    assert main(["eval", str(tiny_llama), "--reference", str(tiny_llama), "--data", str(empty)]) == 2
+    assert main(["eval", str(tiny_llama), "--reference", str(tiny_llama), "--data", str(empty), "--ctx", "64"]) == 2
     assert "is empty" in capsys.readouterr().err
     short = tmp_path / "short.txt"
     short.write_text("tiny")

@@ -28,11 +28,18 @@ def load_recipe(path):
     return _load_recipe(path)
 
 
-def load(path):
-    """A lowbit output folder as a runnable QuantizedModel (transformers model + tokenizer)."""
+def load(path, runtime: str = "packed", compute_dtype=None):
+    """A lowbit output folder as a runnable QuantizedModel (transformers model + tokenizer).
+
+    runtime="packed" (default): weights stay low-bit in memory and run through torch's CPU
+    kernels (int4pack / int8pack / _int_mm / _scaled_mm, else decoded per call), inputs to the
+    int4/int8 weight-only kernels in bf16 (compute_dtype=torch.float32 for the exact, slow path).
+    runtime="decoded": each weight decoded once to fp32, exactly the model `quantize` measured."""
+    import torch
+
     from lowbit.export.native import load as _load
 
-    return _load(path)
+    return _load(path, runtime=runtime, compute_dtype=compute_dtype or torch.bfloat16)
 
 
 def save(qm, path, force: bool = False):

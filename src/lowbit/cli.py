@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 from tabulate import tabulate
+from tqdm.auto import tqdm
 
 from lowbit.errors import LowbitError
 
+
+# --kv spellings: the quantized KV caches of lowbit.runtime.kv_cache
+_KV_CHOICES = ("int8", "fp8", "int4", "kivi2", "kivi4")
 
 # --act spellings -> activation schemes (static ones take --act-observer)
 _ACT_CHOICES = ("none", "int8", "int8-static", "int4", "fp8", "fp8-static", "nvfp4", "nvfp4-dynamic", "mxfp8", "mxfp4")
@@ -296,14 +302,29 @@ def cmd_export(args):
 
 
 def cmd_eval(args):
+    from lowbit.errors import SourceError
+    from lowbit.eval.divergence import CacheProtocol
     from lowbit.eval.layers import layer_errors
-    from lowbit.eval.report import eval_windows, evaluate_candidate, load_candidate, resolve_reference
+    from lowbit.eval.report import (check_context, eval_windows, evaluate_candidate, load_candidate, resolve_reference,
+                                    source_candidate)
     from lowbit.model.load import load_source
+    from lowbit.runtime.kv_cache import KVCacheSpec
 
-    cand = load_candidate(args.candidate)
-    ref = load_source(resolve_reference(cand, args.reference))
+    protocol = None
+    if args.kv is not None:
+        protocol = CacheProtocol.for_window(KVCacheSpec(args.kv, residual=args.kv_residual), args.ctx, args.kv_chunk)
+    if args.candidate is None:
+        if protocol is None:
+            raise SourceError("name a CANDIDATE to evaluate, or pass --kv K to evaluate the source's own weights "
+                              "with a quantized KV cache")
+        ref = load_source(args.reference)
+        cand = source_candidate(ref)
+    else:
+        cand = load_candidate(args.candidate)
+        ref = load_source(resolve_reference(cand, args.reference))
+    check_context(ref.model, args.ctx, ref.source)
     windows = eval_windows(ref.tokenizer, args.data, args.ctx, args.windows)
-    result = evaluate_candidate(cand, ref.model, windows, progress=not args.json)
+    result = evaluate_candidate(cand, ref.model, windows, progress=not args.json, protocol=protocol)
     layers = []
     if cand.quantized is not None:
         layers = layer_errors(ref.model, cand.quantized.tensors, cand.quantized.targets, windows[0])
@@ -320,6 +341,10 @@ def cmd_eval(args):
                        headers=("layer", "weight rel err", "output rel err"), floatfmt=".4f"))
         print()
     keys = ("ppl", "ref_ppl", "kld", "kld_p99", "top1", "bits_per_weight", "bits_per_weight_file", "size_bytes", "n_tokens")
+    if protocol is not None:
+        keys += ("kv_cache_bytes", "kv_cache_fp16_bytes", "kv_ratio_fp16")
+        print(f"KV cache {result['kv_label']} against a full-precision cache; each window: a {protocol.prefill}-token "
+              f"prefill, forwards of {protocol.chunk} tokens, the last {protocol.tail} tokens one at a time")
     print(tabulate([[k, result[k]] for k in keys], floatfmt=".4f"))
 
 
@@ -371,21 +396,34 @@ def cmd_compare(args):
 def cmd_generate(args):
     import torch
 
+    from lowbit.errors import SourceError
     from lowbit.eval.report import load_candidate, resolve_reference
     from lowbit.model.load import load_source
+    from lowbit.runtime.kv_cache import KVCacheSpec, QuantizedKVCache
 
-    cand = load_candidate(args.candidate)
-    ref = load_source(resolve_reference(cand, args.reference))
+    spec = None if args.kv is None else KVCacheSpec(args.kv, residual=args.kv_residual)
+    if args.candidate is None:
+        if spec is None:
+            raise SourceError("name a CANDIDATE, or pass --kv K to generate with the source's own weights and a "
+                              "quantized KV cache")
+        ref = load_source(args.reference)
+        cand_model, cand_tok = ref.model, ref.tokenizer
+    else:
+        cand = load_candidate(args.candidate)
+        ref = load_source(resolve_reference(cand, args.reference))
+        cand_model, cand_tok = cand.model, cand.tokenizer
+    cand_label = "candidate" if spec is None else f"candidate, KV {spec.label()}"
     outputs = {}
-    for label, model, tok in (("reference", ref.model, ref.tokenizer), ("candidate", cand.model, cand.tokenizer)):
+    for label, model, tok, kv in (("reference", ref.model, ref.tokenizer, None), ("candidate", cand_model, cand_tok, spec)):
         ids = tok(args.prompt, return_tensors="pt")
+        extra = {} if kv is None else {"cache": QuantizedKVCache(kv, model.config)}
         with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+            gen = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, **extra)
         outputs[label] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     if args.json:
-        _print({"prompt": args.prompt, **outputs}, True)
+        _print({"prompt": args.prompt, **outputs, "kv": None if spec is None else spec.as_dict()}, True)
         return
-    print(tabulate([[outputs["reference"], outputs["candidate"]]], headers=("reference", "candidate"),
+    print(tabulate([[outputs["reference"], outputs["candidate"]]], headers=("reference", cand_label),
                    tablefmt="grid", maxcolwidths=[50, 50]))
 
 
@@ -409,19 +447,99 @@ def cmd_info(args):
 
 
 def cmd_size(args):
-    from lowbit.sizing import estimate, parse_count
+    from lowbit.errors import SchemeError
+    from lowbit.sizing import arch_from_config, estimate, kv_estimate, nearest_arch, parse_count
 
-    arch = tuple(args.arch) if args.arch else None
+    arch, params = (tuple(args.arch) if args.arch else None), None
+    if args.config:
+        if args.arch:
+            raise SchemeError("pass --arch LAYERS KV_HEADS HEAD_DIM or --config, not both")
+        arch, _, params = arch_from_config(args.config)
+    if args.params is not None:
+        params = parse_count(args.params)
+    if params is None:
+        raise SchemeError("give the parameter count (e.g. lowbit size 70B), or --config a model folder with safetensors")
+    if args.kv and args.kv_bits != 16:
+        raise SchemeError("pass --kv KIND or --kv-bits N, not both")
+    if args.kv and args.context <= 0:
+        raise SchemeError("--kv sizes a KV cache: add --context TOKENS (and --batch REQUESTS)")
+    kv = args.kv[0] if args.kv else None
     fmts = args.format or ["fp32", "fp16", "int8", "int4"]
-    rows = [estimate(parse_count(args.params), f, args.group_size, args.asym, args.context, args.batch, args.kv_bits, arch)
-            for f in fmts]
+    rows = [estimate(params, f, args.group_size, args.asym, args.context, args.batch, args.kv_bits, arch, kv,
+                     args.kv_residual) for f in fmts]
+    kv_rows = []
+    if args.kv:
+        geometry = arch or nearest_arch(params)
+        kv_rows = [kv_estimate(k, geometry, args.context, args.batch, args.kv_residual)
+                   for k in dict.fromkeys(["fp16", *args.kv])]
     if args.json:
-        _print([r.as_dict() for r in rows], True)
+        weights = [r.as_dict() for r in rows]
+        _print(weights if not kv_rows else {"weights": weights, "kv_cache": [r.as_dict() for r in kv_rows]}, True)
         return
     gb = 1e9
     print(tabulate([[r.format, r.bits, r.weight_bytes / gb, r.scale_bytes / gb,
                      None if r.kv_cache_bytes is None else r.kv_cache_bytes / gb, r.total_bytes / gb] for r in rows],
-                   headers=("format", "bits", "weights GB", "scales GB", "KV cache GB", "total GB"), floatfmt=".2f"))
+                   headers=("format", "bits", "weights GB", "scales GB", f"KV cache GB ({kv or f'{args.kv_bits}-bit'})",
+                            "total GB"), floatfmt=".2f"))
+    if kv_rows:
+        g = kv_rows[0]
+        print(f"\nKV cache: {g.layers} layers x {g.kv_heads} KV heads x head_dim {g.head_dim}, "
+              f"{args.batch} request(s) x {args.context} tokens")
+        print(tabulate([[r.label, r.bits_per_element, r.bytes_per_token / 1024, r.total_bytes / gb, r.total_bytes / 2**30,
+                         r.ratio_fp16] for r in kv_rows],
+                       headers=("KV cache", "bits/element", "KiB/token", "GB", "GiB", "x fp16"),
+                       floatfmt=("", ".3f", ".1f", ".2f", ".2f", ".3f")))
+
+
+def cmd_bench_infer(args):
+    """Resident memory and tokens/s of a candidate against its full-precision source (and
+    llama.cpp on a GGUF of the same quantization), each in a fresh process, ratios in one run."""
+    from lowbit.data import read_text
+    from lowbit.errors import SourceError
+    from lowbit.eval.report import resolve_reference
+    from lowbit.eval.speed import measure, prompt_tokens, with_ratios
+    from lowbit.model.load import resolve_source
+
+    path, kind = resolve_source(args.candidate)
+    if kind != "lowbit":
+        raise SourceError(f"{path} is not a lowbit output; bench-infer measures a folder written by `lowbit quantize`")
+    from lowbit.export.native import read_recipe
+    from transformers import AutoTokenizer
+
+    recipe = read_recipe(path)
+    reference = args.reference if args.reference is not None else recipe.get("source")
+    if args.gguf is not None and not Path(args.gguf).is_file():
+        raise SourceError(f"--gguf {args.gguf} does not exist; pass a .gguf file (e.g. from `lowbit export --to gguf`)")
+    tok = AutoTokenizer.from_pretrained(path)
+    text, _ = read_text(args.data, "eval")
+    prompt = prompt_tokens(tok, text, args.prompt_tokens)
+    base = {"prompt": prompt, "decode_tokens": args.decode_tokens, "threads": args.threads,
+            "warm_config": str(path), "repeats": args.repeats}
+    specs = [{**base, "label": "source (fp32)", "runtime": "source", "path": None if reference in (None, "default") else reference},
+             {**base, "label": f"candidate ({args.runtime})", "runtime": args.runtime, "path": str(path),
+              **({"kv": args.kv, "kv_residual": args.kv_residual} if args.kv else {})}]
+    if args.compile:
+        specs.append({**specs[1], "label": f"candidate ({args.runtime}, torch.compile)", "compile": True})
+    if args.gguf:
+        specs.append({**base, "label": "llama.cpp (" + Path(args.gguf).name + ")", "runtime": "llama.cpp",
+                      "path": str(Path(args.gguf).resolve())})
+    rows = []
+    for spec in tqdm(specs, desc="bench-infer", disable=args.json):
+        rows.append(measure(spec))
+    rows = with_ratios(rows, "source (fp32)")
+    if args.json:
+        _print({"prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "threads": args.threads,
+                "rows": rows}, True)
+        return
+    mb = 1e6
+    print(tabulate([[r["label"], "failed: " + r["error"]] if "error" in r else
+                    [r["label"], r["model_rss"] / mb, r.get("model_rss_ratio"), r["prefill_tok_s"], r.get("prefill_speedup"),
+                     r["decode_tok_s"], r.get("decode_speedup"), r.get("same_tokens_as_reference"),
+                     ", ".join(f"{k} {v}" for k, v in r.get("kernels", {}).items())] for r in rows],
+                   headers=("model", "resident MB", "x source", "prefill tok/s", "x source", "decode tok/s", "x source",
+                            "same greedy tokens", "kernels"), floatfmt=".2f"))
+    print(f"\n{args.prompt_tokens}-token prompt, {args.decode_tokens} greedy tokens, {args.threads} threads; resident MB: "
+          "RSS after load and one warm-up generation, minus the process's RSS before the load")
 
 
 def _add_plan_flags(q):
@@ -491,13 +609,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
 
-    e = sub.add_parser("eval", help="perplexity, KLD and top-1 of a candidate against its reference")
-    e.add_argument("candidate")
-    e.add_argument("--reference")
-    e.add_argument("--data", help="text file (default: Python reference manual, evaluation part)")
-    e.add_argument("--ctx", type=int, default=512)
+    e = sub.add_parser("eval", help="perplexity, KLD and top-1 of a candidate against its reference",
+                       description="Perplexity, KLD and top-1 of a candidate against its reference. With --kv K the "
+                                   "logits come through a quantized KV cache: each window's first half is one "
+                                   "prefill forward, the rest runs in forwards of --kv-chunk tokens and its last 16 "
+                                   "tokens one at a time, so every later token attends to the keys/values the cache "
+                                   "stores (quantized on write, decoded on read); the reference runs the same "
+                                   "forwards with a full-precision cache. Without a CANDIDATE, the source's own "
+                                   "weights with the quantized cache are compared with the same weights and a "
+                                   "full-precision cache; with one, its weights and cache against the source.")
+    e.add_argument("candidate", nargs="?", help="lowbit folder, HF folder or .gguf (optional with --kv)")
+    e.add_argument("--reference", help="the source (default: the candidate's recorded source, or the embedded default)")
+    e.add_argument("--data", help="text file (default: Python reference manual, evaluation part); windows are cut "
+                                  "from the whole text concatenated, e.g. WikiText-2 test.txt with --ctx 2048")
+    e.add_argument("--ctx", type=int, default=512, help="tokens per window, at most the model's max_position_embeddings")
     e.add_argument("--windows", type=int, default=16)
     e.add_argument("--layers", action="store_true", help="print every layer's weight/output error (default: the ten worst)")
+    e.add_argument("--kv", choices=_KV_CHOICES, help="quantized KV cache: int8 / fp8 (E4M3; scale per token per head), "
+                                                     "int4 (asymmetric g32 along head_dim), kivi2 (KIVI 2-bit: keys per channel, "
+                                                     "values per token, a full-precision window), kivi4 (KIVI at 4 bits)")
+    e.add_argument("--kv-residual", type=int, default=128, help="kivi2/kivi4: most recent tokens kept in full precision (128)")
+    e.add_argument("--kv-chunk", type=int, default=32, help="--kv: tokens per forward after the prefill (default 32)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
@@ -512,27 +644,60 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compare)
 
     g = sub.add_parser("generate", help="reference and candidate text side by side")
-    g.add_argument("candidate")
+    g.add_argument("candidate", nargs="?", help="lowbit folder, HF folder or .gguf (optional with --kv)")
     g.add_argument("--reference")
     g.add_argument("--prompt", required=True)
+    g.add_argument("--kv", choices=_KV_CHOICES, help="generate the candidate's text with a quantized KV cache "
+                                                     "(without CANDIDATE: the source's weights)")
+    g.add_argument("--kv-residual", type=int, default=128, help="kivi2/kivi4: most recent tokens kept in full precision (128)")
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench-infer", help="resident memory, prefill and decode tokens/s against the source",
+                       description="Resident memory (measured RSS) and prefill / decode tokens/s of a lowbit output "
+                                   "in lowbit's packed runtime, against its full-precision source and, with --gguf, "
+                                   "llama.cpp on a GGUF of the same quantization; each model in a fresh process, "
+                                   "the same prompt tokens, ratios within the one run.")
+    b.add_argument("candidate", help="a lowbit output folder")
+    b.add_argument("--reference", help="the full-precision source (default: the candidate's recorded source)")
+    b.add_argument("--gguf", help="also run this .gguf with llama.cpp (llama-cpp-python) on the same prompt")
+    b.add_argument("--runtime", default="packed", choices=["packed", "decoded"],
+                   help="packed (low-bit at rest, torch's int4/int8 kernels; default) or decoded (fp32 copy)")
+    b.add_argument("--kv", choices=_KV_CHOICES, help="the candidate decodes with this quantized KV cache")
+    b.add_argument("--kv-residual", type=int, default=128)
+    b.add_argument("--compile", action="store_true", help="add a row with torch.compile on the candidate's forward")
+    b.add_argument("--data", help="prompt text file (default: Python reference manual, evaluation part)")
+    b.add_argument("--prompt-tokens", type=int, default=128)
+    b.add_argument("--decode-tokens", type=int, default=64)
+    b.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    b.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up; the fastest is kept")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench_infer)
 
     i = sub.add_parser("info", help="what a lowbit folder, HF folder or GGUF file holds")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("size", help="memory calculator")
-    s.add_argument("params", help="parameter count, e.g. 70B")
+    s = sub.add_parser("size", help="memory calculator",
+                       description="Weights at each format, plus the KV cache: bytes per token = layers x KV heads x "
+                                   "head_dim x 2 (keys, values) x bits/8, plus fp16 scales and KIVI's fp16 window, "
+                                   "times --context and --batch (concurrent requests). With --kv, --json prints "
+                                   "{weights: [...], kv_cache: [...]}.")
+    s.add_argument("params", nargs="?", help="parameter count, e.g. 70B (default with --config FOLDER: counted from "
+                                             "its safetensors)")
     s.add_argument("--format", action="append", help="fp32 fp16 int8 int4 int3 int2 nf4 fp8 mxfp4 nvfp4 ... (repeatable)")
     s.add_argument("--group-size", type=int, default=128)
     s.add_argument("--asym", action="store_true")
     s.add_argument("--context", type=int, default=0, help="tokens of KV cache per sequence")
     s.add_argument("--batch", type=int, default=1)
     s.add_argument("--kv-bits", type=int, default=16)
+    s.add_argument("--kv", action="append", choices=("fp16",) + _KV_CHOICES,
+                   help="KV cache as lowbit's quantized cache stores it (repeatable; a table compares each with fp16)")
+    s.add_argument("--kv-residual", type=int, default=128, help="kivi2: full-precision window in tokens (128)")
     s.add_argument("--arch", type=int, nargs=3, metavar=("LAYERS", "KV_HEADS", "HEAD_DIM"))
+    s.add_argument("--config", help="model geometry from a config.json or a model folder (instead of --arch)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_size)
     return ap

@@ -58,6 +58,14 @@ def expand_params(p: Params, gidx: torch.Tensor) -> Params:
     return {k: (v[:, gidx] if v.ndim else v) for k, v in p.items()}
 
 
+def expand_groups(p: Params, cols: int, group_size: int) -> Params:
+    """expand_params for contiguous groups of group_size columns (the last one possibly
+    shorter): the same values, by repetition instead of a gather (~15x faster)."""
+    if group_size == 0:
+        return {k: (v.expand(v.shape[0], cols) if v.ndim else v) for k, v in p.items()}
+    return {k: (v.repeat_interleave(group_size, dim=1)[:, :cols] if v.ndim else v) for k, v in p.items()}
+
+
 def _fit_blocks(fmt: Format, blocks: torch.Tensor, tensor_params: Params, observer: str, percentile: float,
                 importance: torch.Tensor | None = None) -> Params:
     """Float parameters for blocks (rows, n, size), rounded through the format's storage;
@@ -135,8 +143,7 @@ class QuantizedTensor:
 
     def dequantize_matrix(self) -> torch.Tensor:
         """The decoded (rows, cols) float32 matrix."""
-        gidx = group_index(self.codes.shape[1], self.group_size)
-        return self.format.decode(self.codes, expand_params(self.float_params(), gidx))
+        return self.format.decode(self.codes, expand_groups(self.float_params(), self.codes.shape[1], self.group_size))
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The decoded weight in its original shape and layout."""

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from lowbit.data import read_text, token_windows
-from lowbit.errors import SourceError
-from lowbit.eval.divergence import EvalResult, ReferenceRun, compare, run_reference
+from lowbit.errors import DataError, SourceError
+from lowbit.eval.divergence import CacheProtocol, EvalResult, ReferenceRun, compare, compare_streaming, run_reference
 from lowbit.model.load import load_source, resolve_source
 
 
@@ -71,12 +71,38 @@ def eval_windows(tokenizer, data: str | None, ctx: int, windows: int) -> torch.T
     return token_windows(tokenizer, text, ctx, windows)
 
 
+def source_candidate(loaded) -> Candidate:
+    """A plain source as the candidate of its own evaluation (`lowbit eval --kv K` with no candidate)."""
+    return Candidate(loaded.model, loaded.tokenizer, loaded.source, loaded.source, None, disk_size(loaded.source), None)
+
+
+def check_context(model: torch.nn.Module, ctx: int, source: str) -> None:
+    """Refuse windows longer than the model's position limit."""
+    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if limit is not None and ctx > limit:
+        raise DataError(f"--ctx {ctx} is beyond the context limit of {source} ({limit} tokens, max_position_embeddings); "
+                        f"pass --ctx {limit} or less")
+
+
 def evaluate_candidate(candidate: Candidate, reference_model: torch.nn.Module, windows: torch.Tensor,
-                       progress: bool = True, reference_run: ReferenceRun | None = None) -> dict:
-    """All the numbers `lowbit eval --json` prints."""
-    ref = reference_run or run_reference(reference_model, windows, progress)
-    result: EvalResult = compare(candidate.model, ref, progress)
+                       progress: bool = True, reference_run: ReferenceRun | None = None,
+                       protocol: CacheProtocol | None = None) -> dict:
+    """All the numbers `lowbit eval --json` prints. With a KV-cache `protocol`, the candidate runs
+    through its quantized cache and the reference through a full-precision cache with the same
+    forwards, window by window."""
+    if protocol is not None:
+        from lowbit.runtime.kv_cache import KVCacheSpec
+
+        result = compare_streaming(candidate.model, reference_model, windows, protocol,
+                                   protocol.with_spec(KVCacheSpec("none")), progress)
+        extra = {"kv": protocol.spec.as_dict(), "kv_label": protocol.spec.label(),
+                 "kv_protocol": {"prefill": protocol.prefill, "chunk": protocol.chunk, "tail": protocol.tail},
+                 "kv_ratio_fp16": result.kv_cache_bytes / max(1, result.kv_cache_fp16_bytes)}
+    else:
+        ref = reference_run or run_reference(reference_model, windows, progress)
+        result: EvalResult = compare(candidate.model, ref, progress)
+        extra = {}
     n_weights = weight_count(candidate.model)
     return {**result.as_dict(), "bits_per_weight": candidate.quantized_bpw,
             "bits_per_weight_file": candidate.size_bytes * 8 / max(1, n_weights),
-            "size_bytes": candidate.size_bytes, "candidate": candidate.path}
+            "size_bytes": candidate.size_bytes, "candidate": candidate.path, **extra}

@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -112,27 +113,145 @@ def read_recipe(path: str | os.PathLike) -> dict:
     return recipe
 
 
-def load(path: str | os.PathLike) -> QuantizedModel:
-    """A lowbit folder back as a runnable QuantizedModel (transformers model + tokenizer)."""
+RUNTIMES = ("decoded", "packed")
+
+
+class LazyTensors(dict):
+    """name -> QuantizedTensor, read from the folder's safetensors file when asked for: a packed
+    runtime keeps nothing but its packed modules in memory, yet exporters still find every
+    tensor."""
+
+    def __init__(self, weights_file: Path, metas: dict[str, dict]):
+        super().__init__()
+        self._file, self._metas = weights_file, metas
+
+    def _read(self, name: str) -> QuantizedTensor:
+        from safetensors import safe_open
+
+        meta = self._metas[name]
+        with safe_open(str(self._file), framework="pt") as f:
+            params = {p: f.get_tensor(f"{name}:{p}") for p in meta["params"]}
+            return QuantizedTensor.from_packed(meta, f.get_tensor(name + CODES_SUFFIX), params)
+
+    def __getitem__(self, name):
+        return self._read(name)
+
+    def __contains__(self, name):
+        return name in self._metas
+
+    def __iter__(self):
+        return iter(self._metas)
+
+    def __len__(self):
+        return len(self._metas)
+
+    def keys(self):
+        return self._metas.keys()
+
+    def items(self):
+        return ((n, self._read(n)) for n in self._metas)
+
+    def values(self):
+        return (self._read(n) for n in self._metas)
+
+    def get(self, name, default=None):
+        return self._read(name) if name in self._metas else default
+
+
+def load(path: str | os.PathLike, runtime: str = "decoded", compute_dtype: torch.dtype = torch.bfloat16) -> QuantizedModel:
+    """A lowbit folder back as a runnable QuantizedModel (transformers model + tokenizer).
+
+    runtime="decoded": QuantLinear modules that decode each weight once to fp32 (the model
+    exactly as `lowbit quantize` measured it). runtime="packed": PackedLinear modules that keep
+    the low-bit form at rest and multiply through torch's CPU kernels (lowbit.runtime.packed);
+    the model skeleton is built without allocating the replaced weights."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    if runtime not in RUNTIMES:
+        raise SourceError(f"unknown runtime {runtime!r}; choose one of: {', '.join(RUNTIMES)}")
     path = Path(path)
     recipe = read_recipe(path)
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
-    stored = load_file(str(path / WEIGHTS_FILE))
-    tensors, targets = {}, {}
-    for name, meta in recipe["tensors"].items():
-        params = {p: stored.pop(f"{name}:{p}") for p in meta["params"]}
-        tensors[name] = QuantizedTensor.from_packed(meta, stored.pop(name + CODES_SUFFIX), params)
-        targets[name] = WeightTarget(name, meta["module"], meta["param"], meta["kind"], meta["transposed"])
-    missing, unexpected = model.load_state_dict(stored, strict=False)
-    if unexpected:
-        raise SourceError(f"{path}: unexpected tensors {unexpected[:3]}; the folder does not match its config.json")
-    model.tie_weights()
-    for name, qt in tensors.items():
-        install_quantized(model, targets[name], qt)
+    metas = recipe["tensors"]
+    targets = {name: WeightTarget(name, m["module"], m["param"], m["kind"], m["transposed"]) for name, m in metas.items()}
+    if runtime == "packed":
+        model, tensors = _load_packed(path, config, metas, targets, compute_dtype)
+    else:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.eval()
+        stored = load_file(str(path / WEIGHTS_FILE))
+        tensors = {}
+        for name, meta in metas.items():
+            params = {p: stored.pop(f"{name}:{p}") for p in meta["params"]}
+            tensors[name] = QuantizedTensor.from_packed(meta, stored.pop(name + CODES_SUFFIX), params)
+        _load_rest(model, stored, path)
+        for name, qt in tensors.items():
+            install_quantized(model, targets[name], qt)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return QuantizedModel(model, tokenizer, QuantScheme.from_dict(recipe["scheme"]), tensors, targets,
                           recipe["source"], recipe["method"], recipe.get("recipe", {}))
+
+
+def _load_rest(model: torch.nn.Module, stored: dict, path: Path, assign: bool = False) -> None:
+    missing, unexpected = model.load_state_dict(stored, strict=False, assign=assign)
+    if unexpected:
+        raise SourceError(f"{path}: unexpected tensors {unexpected[:3]}; the folder does not match its config.json")
+    model.tie_weights()
+
+
+def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: torch.dtype):
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.runtime.packed import PackedEmbedding, PackedLinear
+
+    with init_empty_weights(include_buffers=False):   # parameters on meta: nothing allocated
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
+        keys = set(f.keys())
+        quant_keys = {k for name, m in metas.items() for k in [name + CODES_SUFFIX, *(f"{name}:{p}" for p in m["params"])]}
+        # copies: a tensor viewing the file's memory map would keep every page read during the
+        # load (the quantized codes too) resident as file-backed memory
+        stored = {k: f.get_tensor(k).clone() for k in sorted(keys - quant_keys)}
+        _load_rest(model, stored, path, assign=True)
+        for name, meta in metas.items():
+            params = {p: f.get_tensor(f"{name}:{p}") for p in meta["params"]}
+            qt = QuantizedTensor.from_packed(meta, f.get_tensor(name + CODES_SUFFIX), params)
+            target = targets[name]
+            module = model.get_submodule(target.module_name)
+            parent_name, _, child = target.module_name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            if target.kind in ("linear", "conv1d") and target.param_name == "weight":
+                bias = getattr(module, "bias", None)
+                setattr(parent, child, PackedLinear(qt, None if bias is None or bias.is_meta else bias,
+                                                    compute_dtype=compute_dtype))
+            elif target.kind == "embedding" and isinstance(module, torch.nn.Embedding):
+                head = model.get_output_embeddings()
+                tied = head is not None and getattr(head, "weight", None) is module.weight
+                setattr(parent, child, PackedEmbedding(qt, module.padding_idx))
+                if tied:   # the output head multiplies by the same quantized table
+                    _set_submodule(model, _module_name(model, head),
+                                   PackedLinear(qt, getattr(head, "bias", None), compute_dtype=compute_dtype))
+            else:   # stacked experts: their modules are architecture code, not a Linear; decoded values
+                setattr(module, target.param_name, torch.nn.Parameter(qt.dequantize(), requires_grad=False))
+            del qt
+    decoded = [m.why for m in model.modules() if isinstance(m, PackedLinear) and m.kernel == "decode"]
+    if decoded:   # said once per load: these run, but slower than a kernel would
+        reasons = sorted(set(decoded))
+        warnings.warn(f"lowbit: {len(decoded)} weights have no CPU kernel and are decoded per call in chunks "
+                      f"({'; '.join(reasons[:3])}{'; ...' if len(reasons) > 3 else ''})", stacklevel=3)
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise SourceError(f"{path}: no stored values for {left[:3]}; the folder does not match its config.json")
+    return model, LazyTensors(path / WEIGHTS_FILE, metas)

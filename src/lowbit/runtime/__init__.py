@@ -1,0 +1,1 @@
+"""Run-time forms of a quantized model: packed weight modules and a quantized KV cache."""
