@@ -5,9 +5,10 @@ and torchao's CPU int4 weight-only kernel; plus each candidate's KLD to FP32 on 
     python bench/infer.py            # 128-token prompt, 64 greedy tokens, 4 KLD windows of 512
     python bench/infer.py --quick    # 64-token prompt, 32 greedy tokens, 2 KLD windows
 
-Peers: llama.cpp through llama-cpp-python (a dev dependency); torchao if installed
-(`pip install --no-deps torchao==0.18.0`; it is not a lowbit dependency, so the row says when it
-is missing). Each row runs in a fresh process (lowbit.eval.speed), so its memory is its own.
+Peers: llama.cpp through llama-cpp-python (a dev dependency); torchao's int4 CPU layout
+("opaque", torch's own int4pack kernel), which torchao 0.18 dropped: install 0.14.1 aside,
+`pip install --no-deps --target /tmp/tao014 torchao==0.14.1`, and pass `--torchao-path
+/tmp/tao014` (it is not a lowbit dependency; without it the row says why it failed). Each row runs in a fresh process (lowbit.eval.speed), so its memory is its own.
 Writes bench/results/infer.{json,md}.
 """
 
@@ -63,6 +64,8 @@ def quantize_candidates(only: list[str] | None) -> list[tuple[str, Path, Path | 
 
 def torchao_worker(spec: dict) -> dict:
     """The FP32 source in bf16 with torchao's int4 weight-only CPU layout on every decoder Linear."""
+    if spec.get("torchao_path"):
+        sys.path.insert(0, spec["torchao_path"])
     import torch
 
     from lowbit.eval.speed import _trim, _warm_imports, measure_model, rss_bytes
@@ -113,6 +116,8 @@ def main() -> None:
     ap.add_argument("--only", type=int, nargs="*", help="candidate indices (default all)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--compile", action="store_true", help="add a torch.compile row for the first W4 candidate")
+    ap.add_argument("--torchao-path", help="a folder holding torchao 0.14.1 (see the module docstring)")
+    ap.add_argument("--name", help="results file name (bench/results/NAME.{json,md})")
     ap.add_argument("--torchao-worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.torchao_worker:
@@ -150,7 +155,7 @@ def main() -> None:
         specs.append(({**base, "label": w4[0] + " + torch.compile", "runtime": "packed", "path": str(w4[1]),
                        "compile": True}, None))
     specs.append(({**base, "label": "torchao int4 weight-only g32 (bf16 model, opaque CPU layout)", "runtime": "torchao",
-                   "path": None, "group_size": 32}, [sys.executable, __file__, "--torchao-worker"]))
+                   "path": None, "group_size": 32, "torchao_path": args.torchao_path}, [sys.executable, __file__, "--torchao-worker"]))
     rows = []
     for spec, cmd in specs:
         load_before = os.getloadavg()[0]
@@ -169,7 +174,7 @@ def main() -> None:
             "decode_tokens": n_decode, "kld_windows": f"WikiText-2 test, {n_kld} x 512 tokens", "torch": torch.__version__,
             "cpu_count": os.cpu_count()}
     out_dir = ROOT / "bench" / "results"
-    name = "infer_quick" if args.quick else "infer"
+    name = args.name or ("infer_quick" if args.quick else "infer")
     (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Inference on {meta['model']}", "",
              f"{n_prompt}-token WikiText-2 prompt, {n_decode} greedy tokens, {args.threads} threads; each row in a fresh "
