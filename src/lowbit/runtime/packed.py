@@ -108,14 +108,13 @@ class PackedLinear(torch.nn.Module):
     """y = x W^T + b with W held packed; see the module docstring for the kernels. The packed
     buffers are not part of the state dict: the lowbit folder (QuantizedTensor) is the saved form."""
 
-    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, kernel: str | None = None,
-                 compute_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, qt: QuantizedTensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.bfloat16):
         super().__init__()
         if compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute dtype {compute_dtype} is not one of {COMPUTE_DTYPES}")
         self.compute_dtype = compute_dtype
         self.out_features, self.in_features = qt.codes.shape
-        self.kernel, self.why = choose_kernel(qt) if kernel is None else (kernel, "forced")
+        self.kernel, self.why = choose_kernel(qt)
         self.input_quant = dict(qt.input_quant) if qt.input_quant is not None else None
         if self.input_quant is not None:
             validate_spec(self.input_quant)
