@@ -288,20 +288,3 @@ class PackedEmbedding(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.format.name}, packed rows"
 
-
-def pack_model(model: torch.nn.Module, tensors: dict[str, QuantizedTensor], targets: dict,
-               compute_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
-    """Replace every quantized 2-D weight's module (Linear, QuantLinear, GPT-2 Conv1D) by a
-    PackedLinear; returns how many modules each kernel got. Stacked 3-D expert weights keep
-    their decoded values (their modules are architecture code, not a Linear)."""
-    counts: dict[str, int] = {}
-    for name, qt in tensors.items():
-        target = targets[name]
-        if target.kind not in ("linear", "conv1d") or target.param_name != "weight":
-            continue
-        module = model.get_submodule(target.module_name)
-        packed = PackedLinear(qt, getattr(module, "bias", None), compute_dtype=compute_dtype)
-        parent_name, _, child = target.module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
-        counts[packed.kernel] = counts.get(packed.kernel, 0) + 1
-    return counts
