@@ -198,3 +198,23 @@ def test_a_packed_load_saves_and_exports_like_the_decoded_one(tiny_llama, tmp_pa
     again = save(load(out, runtime="packed"), tmp_path / "b")   # packed buffers are not state: same folder
     a, b = load_file(str(out / WEIGHTS_FILE)), load_file(str(again / WEIGHTS_FILE))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_infer_measures_the_candidate_against_its_source(tiny_llama, tmp_path, capsys):
+    import json
+
+    from lowbit.api import quantize
+    from lowbit.cli import main
+    from lowbit.export.native import save
+
+    out = save(quantize(str(tiny_llama), "W4A16_G32_ASYM", progress=False), tmp_path / "w4")
+    data = tmp_path / "prompt.txt"
+    data.write_text("the quick brown fox jumps over the lazy dog " * 4)
+    assert main(["bench-infer", str(out), "--data", str(data), "--prompt-tokens", "16", "--decode-tokens", "3",
+                 "--threads", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    source, cand = rows
+    assert "error" not in source and "error" not in cand, rows
+    assert cand["kernels"] == {"int4pack": 14} and source["model_rss_ratio"] == 1.0
+    assert cand["rss_after_run"] >= cand["rss_before_load"] and len(cand["generated"]) == 3
+    assert main(["bench-infer", str(tiny_llama)]) == 2   # not a lowbit output: one line, exit 2

@@ -21,9 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-RUNTIMES = ("source", "packed", "decoded", "llama.cpp")
-
-
 def rss_bytes() -> int:
     """Resident set size of this process, from /proc (bytes)."""
     with open("/proc/self/statm") as f:
@@ -99,15 +96,21 @@ def measure_model(model, prompt: list[int], spec: dict) -> dict:
             t2 = time.perf_counter()
         return t1 - t0, t2 - t1, generated
 
+    return _timed(run, rss_after, len(prompt), n_new, spec.get("repeats", 1))
+
+
+def _timed(run, rss_after: int, n_prompt: int, n_new: int, repeats: int) -> dict:
+    """A warm-up run (and compilation; memory-mapped weights are resident after it), the RSS
+    then, and the fastest of `repeats` timed runs; run() -> (prefill s, decode s, tokens)."""
     t0 = time.perf_counter()
-    run()   # warm-up (and compilation); memory-mapped weights are resident after it
+    run()
     warmup = time.perf_counter() - t0
     _trim()
     rss_run = rss_bytes()
-    prefill, decode, generated = min((run() for _ in range(spec.get("repeats", 1))), key=lambda r: r[0] + r[1])
+    prefill, decode, generated = min((run() for _ in range(repeats)), key=lambda r: r[0] + r[1])
     return {"rss_after_load": rss_after, "rss_after_run": rss_run, "warmup_seconds": warmup,
             "prefill_seconds": prefill, "decode_seconds": decode,
-            "prefill_tok_s": len(prompt) / prefill, "decode_tok_s": (n_new - 1) / decode, "generated": generated}
+            "prefill_tok_s": n_prompt / prefill, "decode_tok_s": (n_new - 1) / decode, "generated": generated}
 
 
 def _measure_llama_cpp(spec: dict, prompt: list[int]) -> dict:
@@ -138,12 +141,7 @@ def _measure_llama_cpp(spec: dict, prompt: list[int]) -> dict:
         t2 = time.perf_counter()
         return t1 - t0, t2 - t1, generated
 
-    run()
-    _trim()
-    rss_run = rss_bytes()
-    prefill, decode, generated = min((run() for _ in range(spec.get("repeats", 1))), key=lambda r: r[0] + r[1])
-    return {"rss_after_load": rss_after, "rss_after_run": rss_run, "prefill_seconds": prefill, "decode_seconds": decode,
-            "prefill_tok_s": len(prompt) / prefill, "decode_tok_s": (n_new - 1) / decode, "generated": generated}
+    return _timed(run, rss_after, len(prompt), n_new, spec.get("repeats", 1))
 
 
 def _warm_imports(folder: str) -> None:

@@ -230,16 +230,14 @@ def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: 
             qt = QuantizedTensor.from_packed(meta, f.get_tensor(name + CODES_SUFFIX), params)
             target = targets[name]
             module = model.get_submodule(target.module_name)
-            parent_name, _, child = target.module_name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             if target.kind in ("linear", "conv1d") and target.param_name == "weight":
                 bias = getattr(module, "bias", None)
-                setattr(parent, child, PackedLinear(qt, None if bias is None or bias.is_meta else bias,
-                                                    compute_dtype=compute_dtype))
+                _set_submodule(model, target.module_name, PackedLinear(qt, None if bias is None or bias.is_meta else bias,
+                                                                       compute_dtype=compute_dtype))
             elif target.kind == "embedding" and isinstance(module, torch.nn.Embedding):
                 head = model.get_output_embeddings()
                 tied = head is not None and getattr(head, "weight", None) is module.weight
-                setattr(parent, child, PackedEmbedding(qt, module.padding_idx))
+                _set_submodule(model, target.module_name, PackedEmbedding(qt, module.padding_idx))
                 if tied:   # the output head multiplies by the same quantized table
                     _set_submodule(model, _module_name(model, head),
                                    PackedLinear(qt, getattr(head, "bias", None), compute_dtype=compute_dtype))

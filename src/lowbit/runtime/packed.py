@@ -29,7 +29,6 @@ from lowbit.tensor import QuantizedTensor, expand_groups
 
 SCRATCH_ELEMENTS = 1 << 22     # decode path: at most 4M decoded weights (16 MB fp32) per chunk
 INT4PACK_BLOCKS = (256, 128, 64, 32)
-KERNELS = ("int4pack", "int8pack", "int_mm", "scaled_mm", "decode")
 # torch's int4/int8 weight-only CPU kernels are fast only for bf16 inputs (fp32 runs a reference
 # loop ~25x slower than a dense matmul): bf16 is the default, fp32 the exact reference path
 COMPUTE_DTYPES = (torch.bfloat16, torch.float32)
