@@ -276,6 +276,61 @@ def _write_output(qm, args):
     return checkpoint_exporter(args.to)(qm, args.output, force=args.force)
 
 
+def cmd_qat(args):
+    """PTQ init, QAT (optionally distilled) with checkpoints and --resume, saved as a lowbit folder."""
+    import shutil
+
+    from lowbit.data import read_text
+    from lowbit.errors import SchemeError
+    from lowbit.export.native import save
+    from lowbit.train.qat import QATConfig, checkpoint_dir, run_qat
+
+    if args.to != "native":
+        raise SchemeError(f"qat writes a lowbit folder; drop --to {args.to} and convert the result with "
+                          f"`lowbit export OUT --to {args.to}`")
+    cfg = QATConfig(args.steps, args.lr, args.warmup, args.batch_size, args.ctx, args.distill, args.scales,
+                    args.clip_ste, args.checkpoint_every, args.gradient_checkpointing, args.seed)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    text, label = read_text(args.data, "calib")
+    loaded, plan, t_load = _plan_from_args(args)
+    res = run_qat(loaded, plan, text, label, cfg, out, resume=args.resume, progress=not args.json)
+    res.qm.recipe["seconds"]["load"] = t_load
+    path = save(res.qm, out, force=args.force)
+    if res.checkpoint is not None:
+        shutil.rmtree(res.checkpoint, ignore_errors=True)
+    summary = {"output": str(path), "init": plan.recipe.method, "scheme": _plan_line(plan), "steps": cfg.steps,
+               "distill": cfg.distill, "loss_first": res.losses[0], "loss_last": res.losses[-1],
+               "resumed_from": res.resumed_from, "bits_per_weight": res.qm.bits_per_weight,
+               "seconds": res.qm.recipe["seconds"], "losses": res.losses}
+    _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "losses"], ("", ""))
+
+
+def cmd_qlora(args):
+    """NF4 (double-quantized) base + LoRA adapters trained in full precision, saved for PEFT."""
+    from lowbit.data import read_text
+    from lowbit.errors import SchemeError
+    from lowbit.train.qlora import QLoRAConfig, run_qlora
+
+    if args.to != "native":
+        raise SchemeError(f"qlora writes PEFT adapters and a lowbit base folder; drop --to {args.to}")
+    if args.scheme is None and args.recipe is None and args.format == args.parser_defaults.get("format"):
+        args.scheme = "NF4"  # QLoRA's base: NF4 g64 with double quantization
+    cfg = QLoRAConfig(args.steps, args.rank, args.alpha, args.lr, args.warmup, args.batch_size, args.ctx,
+                      args.gradient_checkpointing, args.seed)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    text, label = read_text(args.data, "calib")
+    loaded, plan, _ = _plan_from_args(args)
+    res = run_qlora(loaded, plan, text, label, cfg, out, force=args.force, progress=not args.json)
+    summary = {"output": str(res.output), "base": _plan_line(plan), "adapted_modules": len(res.adapted),
+               "rank": cfg.rank, "steps": cfg.steps, "loss_first": res.losses[0], "loss_last": res.losses[-1],
+               "seconds": res.seconds, "losses": res.losses}
+    _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "losses"], ("", ""))
+
+
 def cmd_export(args):
     """Serialise a lowbit folder (or a source, in full precision) into another format."""
     from lowbit.errors import SchemeError
@@ -600,6 +655,53 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_flags(pl)
     pl.set_defaults(func=cmd_plan)
 
+    t = sub.add_parser("qat", help="quantization-aware training from a PTQ start (optionally distilled)",
+                       description="Quantize with --init (rtn, gptq, awq, ...) and the scheme flags or --recipe, then "
+                                   "fine-tune the quantized weights with fake quantization (straight-through "
+                                   "gradients; learned LSQ scales for integer formats), AdamW with warm-up and a "
+                                   "cosine schedule, on --data windows of --ctx tokens. --distill trains on the KL "
+                                   "divergence to the full-precision model's logits. Checkpoints every K steps go to "
+                                   "OUT.qat-checkpoint/; --resume continues from there bit-identically.")
+    _add_plan_flags(t)
+    t.add_argument("--init", dest="method", help="the PTQ method training starts from (same as --method; default rtn)")
+    t.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    t.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
+    t.add_argument("--ctx", type=int, default=512, help="tokens per training window (default 512)")
+    t.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
+    t.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
+    t.add_argument("--warmup", type=int, help="linear warm-up steps (default 5%% of --steps)")
+    t.add_argument("--distill", action="store_true", help="loss = KL(full-precision model || student) on the logits")
+    t.add_argument("--scales", default="auto", choices=["auto", "lsq", "fixed", "dynamic"],
+                   help="group parameters: lsq (learned; integer formats), fixed (the PTQ start's), dynamic (refitted "
+                        "every step); auto = lsq for integers, else fixed")
+    t.add_argument("--clip-ste", action="store_true", help="no gradient to weights outside their group's grid")
+    t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none; default 50)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
+    t.add_argument("--resume", action="store_true", help="continue from OUT.qat-checkpoint/ (same flags)")
+    t.add_argument("--output", "-o", required=True)
+    t.add_argument("--force", action="store_true", help="replace an existing output")
+    t.set_defaults(func=cmd_qat)
+
+    lq = sub.add_parser("qlora", help="QLoRA: LoRA adapters trained on a frozen NF4 base, saved in PEFT's layout",
+                        description="Quantize the base (default --scheme NF4: NF4 g64 with double quantization; any "
+                                    "format decoded per call), keep it packed and frozen, and train LoRA adapters on "
+                                    "its quantized Linears with the next-token loss on --data. OUT holds "
+                                    "adapter_config.json and adapter_model.safetensors (PEFT loads them onto the base) "
+                                    "and base/, the quantized base as a lowbit folder.")
+    _add_plan_flags(lq)
+    lq.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    lq.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
+    lq.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+    lq.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha / r (default 16)")
+    lq.add_argument("--ctx", type=int, default=512, help="tokens per training window (default 512)")
+    lq.add_argument("--batch-size", type=int, default=1)
+    lq.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
+    lq.add_argument("--warmup", type=int, help="linear warm-up steps (default 5%% of --steps)")
+    lq.add_argument("--gradient-checkpointing", action="store_true")
+    lq.add_argument("--output", "-o", required=True)
+    lq.add_argument("--force", action="store_true")
+    lq.set_defaults(func=cmd_qlora)
+
     x = sub.add_parser("export", help="write a lowbit output as GGUF / compressed-tensors / GPTQ / AWQ")
     x.add_argument("input", help="a lowbit output folder (or a source, for --to gguf --type F32/F16)")
     x.add_argument("--to", required=True, choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
@@ -706,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("quantize", "plan"):
+    if args.command in ("quantize", "plan", "qat", "qlora"):
         sub = parser._subparsers._group_actions[0].choices[args.command]
         args.parser_defaults = {}
         for a in sub._actions:  # argparse keeps the first action's default for a shared dest
