@@ -106,3 +106,59 @@ def test_a_tiny_model_trained_in_fp8_tracks_its_fp32_loss(tiny_llama, tokenizer)
     # the trajectories separate slowly (training is chaotic at this learning rate): within 1% of
     # FP32 over the first 10 steps, 10% at every step, 5% on average
     assert max(gap[:10]) < 0.01 and max(gap) < 0.10 and sum(gap) / len(gap) < 0.05, gap
+
+
+def test_fp8_train_command(tiny_llama, tmp_path, capsys):
+    import json
+    import random
+
+    from lowbit.cli import main
+
+    r = random.Random(2)
+    data = tmp_path / "t.txt"
+    data.write_text(" ".join(r.choice(["the", "cat", "sat", "on", "a", "mat"]) for _ in range(400)))
+    out = tmp_path / "fp8"
+    assert main(["fp8-train", str(tiny_llama), "--steps", "5", "--data", str(data), "--ctx", "32", "--lr", "1e-3",
+                 "--history", "4", "-o", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["layers_in_fp8"] == 14 and len(s["losses"]["fp8"]) == len(s["losses"]["fp32"]) == 5
+    assert s["max_relative_gap"] < 0.01
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out)   # a plain HF folder
+    assert main(["fp8-train", str(tiny_llama), "--steps", "2", "--data", str(data), "--ctx", "32", "--history", "0"]) == 2
+    assert "amax history" in capsys.readouterr().err
+
+
+def test_bitnet_trains_from_scratch_and_saves_ternary_weights(tiny_llama, tmp_path, capsys):
+    import json
+    import random
+
+    from lowbit.cli import main
+    from lowbit.export.native import load
+
+    r = random.Random(4)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far", "away"]
+    train, held = tmp_path / "train.txt", tmp_path / "held.txt"
+    train.write_text(" ".join(r.choice(words) for _ in range(1500)))
+    held.write_text(" ".join(r.choice(words) for _ in range(600)))
+    out = tmp_path / "bitnet"
+    assert main(["bitnet-train", str(tiny_llama), "--steps", "30", "--data", str(train), "--eval-data", str(held),
+                 "--layers", "2", "--hidden", "64", "--intermediate", "128", "--heads", "4", "--ctx", "32",
+                 "--lr", "3e-3", "-o", str(out), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    for kind in ("ternary", "fp32"):
+        assert s["losses"][kind][-1] < s["losses"][kind][0] - 1.0   # both learn
+    qm = load(out, runtime="decoded")
+    assert {qt.format.name for qt in qm.tensors.values()} == {"ternary"} and len(qm.tensors) == 14
+    for qt in qm.tensors.values():
+        assert qt.group_size == 0 and set(qt.codes.unique().tolist()) <= {0, 1, 2}
+        assert qt.input_quant["format"] == "int" and qt.input_quant["granularity"] == "token"
+    # the saved model computes what training ended with: its held-out loss is the one reported
+    from lowbit.data import token_windows
+    from lowbit.train.loop import next_token_loss
+
+    windows = token_windows(qm.tokenizer, held.read_text(), 32, 8)
+    with torch.no_grad():
+        loss = float(sum(next_token_loss(qm.model, w[None]) for w in windows) / len(windows))
+    assert loss == pytest.approx(s["held_out_loss"]["ternary"], rel=1e-5)

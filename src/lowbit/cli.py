@@ -4,6 +4,7 @@ prints or exits."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -329,6 +330,91 @@ def cmd_qlora(args):
                "rank": cfg.rank, "steps": cfg.steps, "loss_first": res.losses[0], "loss_last": res.losses[-1],
                "seconds": res.seconds, "losses": res.losses}
     _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "losses"], ("", ""))
+
+
+def _training_text_windows(args, loaded):
+    from lowbit.data import read_text
+    from lowbit.train.loop import training_windows
+
+    text, label = read_text(args.data, "calib")
+    return training_windows(loaded.tokenizer, text, args.ctx, args.batch_size), label
+
+
+def cmd_fp8_train(args):
+    """Fine-tune in FP8 with delayed scaling beside the same run in FP32; print both losses."""
+    from lowbit.errors import SchemeError
+    from lowbit.model.load import load_source
+    from lowbit.train.fp8 import FP8Recipe, run_fp8_training
+    from lowbit.train.loop import Schedule
+
+    schedule = Schedule(args.steps, args.lr, args.warmup)
+    recipe = FP8Recipe(args.history, args.reduction, args.margin)
+    out = Path(args.output) if args.output else None
+    if out is not None and out.exists() and not args.force:
+        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    loaded = load_source(args.source)
+    windows, label = _training_text_windows(args, loaded)
+    res = run_fp8_training(loaded.model, windows, schedule, recipe, args.batch_size, args.seed,
+                           compare_fp32=not args.no_fp32, progress=not args.json)
+    if out is not None:
+        from lowbit.export.native import staged_output_dir
+
+        with staged_output_dir(out, args.force) as tmp:
+            res.model.save_pretrained(tmp)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(tmp)
+    fp8, fp32 = res.losses["fp8"], res.losses.get("fp32")
+    gaps = [abs(a - b) / b for a, b in zip(fp8, fp32)] if fp32 else []
+    summary = {"layers_in_fp8": len(res.layers), "steps": args.steps, "data": label,
+               "recipe": {"history_len": recipe.history_len, "reduction": recipe.reduction, "margin": recipe.margin},
+               "loss_fp8_last": fp8[-1], "loss_fp32_last": fp32[-1] if fp32 else None,
+               "max_relative_gap": max(gaps) if gaps else None, "seconds": res.seconds,
+               "losses": res.losses, "output": None if out is None else str(out)}
+    if args.json:
+        _print(summary, True)
+        return
+    every = max(1, args.steps // 10)
+    rows = [[i + 1, fp8[i], fp32[i] if fp32 else "-", f"{gaps[i]:.2%}" if gaps else "-"]
+            for i in range(len(fp8)) if (i + 1) % every == 0 or i == 0]
+    print(tabulate(rows, headers=("step", "loss FP8", "loss FP32", "gap"), floatfmt=".4f"))
+    print(f"{len(res.layers)} Linears in FP8 (E4M3 forward, E5M2 gradients, delayed scaling: history "
+          f"{recipe.history_len}, {recipe.reduction}, margin {recipe.margin})"
+          + (f"; largest gap to FP32 {max(gaps):.2%}" if gaps else ""))
+
+
+def cmd_bitnet_train(args):
+    """Train a small LLaMA from scratch as BitNet b1.58 beside the same model in FP32."""
+    from lowbit.data import read_text, token_windows
+    from lowbit.errors import SchemeError
+    from lowbit.export.native import save
+    from lowbit.model.load import load_source
+    from lowbit.train.bitnet import TinyLlama, run_bitnet
+    from lowbit.train.loop import Schedule
+
+    schedule = Schedule(args.steps, args.lr, args.warmup)
+    shape = TinyLlama(args.layers, args.hidden, args.intermediate, args.heads, args.heads, args.ctx)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    loaded = load_source(args.source)   # for its tokenizer
+    windows, label = _training_text_windows(args, loaded)
+    eval_text, _ = read_text(args.eval_data, "eval")
+    held_out = token_windows(loaded.tokenizer, eval_text, args.ctx, 8)
+    res = run_bitnet(loaded.tokenizer, windows, held_out, shape, schedule, args.batch_size, args.seed,
+                     compare_fp32=not args.no_fp32, progress=not args.json)
+    path = save(res.qm, out, force=args.force)
+    summary = {"output": str(path), "shape": dataclasses.asdict(shape), "steps": args.steps, "data": label,
+               "bits_per_weight": res.qm.bits_per_weight, "train_loss_last": {k: v[-1] for k, v in res.losses.items()},
+               "held_out_loss": res.eval_loss, "seconds": res.seconds, "losses": res.losses}
+    if args.json:
+        _print(summary, True)
+        return
+    every = max(1, args.steps // 10)
+    kinds = list(res.losses)
+    rows = [[i + 1, *(res.losses[k][i] for k in kinds)] for i in range(args.steps) if (i + 1) % every == 0 or i == 0]
+    print(tabulate(rows, headers=["step", *(f"loss {k}" for k in kinds)], floatfmt=".4f"))
+    print("held-out next-token loss: " + ", ".join(f"{k} {v:.4f}" for k, v in res.eval_loss.items())
+          + f"; ternary model saved to {path} ({res.qm.bits_per_weight:.2f} bits/weight)")
 
 
 def cmd_export(args):
@@ -701,6 +787,52 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--output", "-o", required=True)
     lq.add_argument("--force", action="store_true")
     lq.set_defaults(func=cmd_qlora)
+
+    f8 = sub.add_parser("fp8-train", help="fine-tune with FP8 delayed scaling beside the same run in FP32",
+                        description="Every target Linear computes in FP8 (Transformer Engine's HYBRID: E4M3 inputs and "
+                                    "weights, E5M2 output gradients, per-tensor scales from an amax history updated "
+                                    "after each step; GEMMs through torch._scaled_mm), the master weights in FP32. "
+                                    "The same model trains in FP32 on the same batches for comparison.")
+    f8.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
+    f8.add_argument("--steps", type=int, required=True)
+    f8.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
+    f8.add_argument("--ctx", type=int, default=512)
+    f8.add_argument("--batch-size", type=int, default=1)
+    f8.add_argument("--lr", type=float, default=1e-5)
+    f8.add_argument("--warmup", type=int)
+    f8.add_argument("--seed", type=int, default=0)
+    f8.add_argument("--history", type=int, default=16, help="amax history length (default 16)")
+    f8.add_argument("--reduction", default="max", choices=["max", "most_recent"], help="how a scale reads its history")
+    f8.add_argument("--margin", type=int, default=0, help="scale headroom in powers of two (default 0)")
+    f8.add_argument("--no-fp32", action="store_true", help="skip the FP32 comparison run")
+    f8.add_argument("--output", "-o", help="save the FP8-trained model (an HF folder)")
+    f8.add_argument("--force", action="store_true")
+    f8.add_argument("--json", action="store_true")
+    f8.set_defaults(func=cmd_fp8_train)
+
+    bn = sub.add_parser("bitnet-train", help="train a small LLaMA from scratch as BitNet b1.58, beside FP32",
+                        description="Ternary weights (per-tensor absmean scale) and 8-bit per-token inputs in every "
+                                    "Linear, straight-through gradients, trained from random initialisation; the same "
+                                    "model (same initial weights, batches and schedule) trains in FP32 beside it. "
+                                    "The ternary model is saved as a lowbit folder.")
+    bn.add_argument("source", nargs="?", help="where the tokenizer comes from (default: the embedded default's)")
+    bn.add_argument("--steps", type=int, required=True)
+    bn.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
+    bn.add_argument("--eval-data", help="held-out text (default: Python reference manual, evaluation part)")
+    bn.add_argument("--layers", type=int, default=4)
+    bn.add_argument("--hidden", type=int, default=256)
+    bn.add_argument("--intermediate", type=int, default=688)
+    bn.add_argument("--heads", type=int, default=4)
+    bn.add_argument("--ctx", type=int, default=256)
+    bn.add_argument("--batch-size", type=int, default=1)
+    bn.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3, BitNet's small-model rate)")
+    bn.add_argument("--warmup", type=int)
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--no-fp32", action="store_true", help="skip the FP32 comparison run")
+    bn.add_argument("--output", "-o", required=True)
+    bn.add_argument("--force", action="store_true")
+    bn.add_argument("--json", action="store_true")
+    bn.set_defaults(func=cmd_bitnet_train)
 
     x = sub.add_parser("export", help="write a lowbit output as GGUF / compressed-tensors / GPTQ / AWQ")
     x.add_argument("input", help="a lowbit output folder (or a source, for --to gguf --type F32/F16)")

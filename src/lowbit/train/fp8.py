@@ -202,3 +202,40 @@ def revert_fp8(model: torch.nn.Module) -> None:
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
             setattr(parent, child, lin)
+
+
+@dataclasses.dataclass
+class FP8TrainingResult:
+    losses: dict[str, list[float]]   # "fp8" and, when compared, "fp32"
+    layers: list[str]
+    seconds: dict[str, float]
+    model: torch.nn.Module           # the FP8-trained model (FP8Linear reverted to nn.Linear)
+
+
+def run_fp8_training(model: torch.nn.Module, windows: torch.Tensor, schedule, recipe: FP8Recipe = FP8Recipe(),
+                     batch_size: int = 1, seed: int = 0, compare_fp32: bool = True,
+                     progress: bool = True) -> FP8TrainingResult:
+    """Fine-tune every parameter with the target Linears in FP8 (delayed scaling) and, with
+    compare_fp32, a copy of the same model in FP32 on the same batches and schedule."""
+    import copy
+    import time
+
+    from lowbit.train.loop import next_token_loss, train_steps
+
+    runs = {"fp8": model}
+    if compare_fp32:
+        runs["fp32"] = copy.deepcopy(model)
+    layers = convert_to_fp8(model, recipe)
+    losses, seconds = {}, {}
+    for kind, m in runs.items():
+        torch.manual_seed(seed)
+        for p in m.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(m.parameters(), lr=schedule.lr, betas=(0.9, 0.95), weight_decay=0.0)
+        t0 = time.perf_counter()
+        losses[kind] = train_steps(m, opt, windows, schedule, batch_size, seed, lambda ids, m=m: next_token_loss(m, ids),
+                                   after_step=(lambda _s, _l: update_scales(model)) if kind == "fp8" else None,
+                                   desc=kind, progress=progress)
+        seconds[kind] = time.perf_counter() - t0
+    revert_fp8(model)
+    return FP8TrainingResult(losses, layers, seconds, model)

@@ -42,12 +42,13 @@ from lowbit.train.fake_quant import (InputFakeQuant, WeightFakeQuant, add_weight
 
 
 def prepare(model: torch.nn.Module, plan: Plan, init: dict[str, QuantizedTensor] | None = None,
-            scales: str = "auto", clip_ste: bool = False) -> dict:
+            scales: str = "auto", clip_ste: bool = False, train_others: bool = False) -> dict:
     """Put every planned weight of `model` under fake quantization (in place) and freeze the
     rest. init: QuantizedTensors to start from (a PTQ result): the latent weight becomes their
     decoded values and the group parameters theirs, so training starts at that model exactly;
     their input quantization (W8A8, ...) is fake-quantized too. Without init, parameters are
     fitted by the scheme's observer and inputs follow the plan's dynamic activation specs.
+    train_others: leave every other parameter trainable too (training from scratch, BitNet).
     Returns the removable input hooks by weight name."""
     from lowbit.nn.act_quant import input_quant_spec
 
@@ -56,7 +57,7 @@ def prepare(model: torch.nn.Module, plan: Plan, init: dict[str, QuantizedTensor]
     if missing:
         raise SchemeError(f"the plan names weights this model does not have ({missing[0]}, ...); plan this model")
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(train_others)
     hooks = {}
     for name, tp in plan.tensors.items():
         t = by_name[name]
