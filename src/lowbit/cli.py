@@ -284,7 +284,7 @@ def cmd_qat(args):
     from lowbit.data import read_text
     from lowbit.errors import SchemeError
     from lowbit.export.native import save
-    from lowbit.train.qat import QATConfig, checkpoint_dir, run_qat
+    from lowbit.train.qat import QATConfig, run_qat
 
     if args.to != "native":
         raise SchemeError(f"qat writes a lowbit folder; drop --to {args.to} and convert the result with "
@@ -637,7 +637,6 @@ def cmd_bench_infer(args):
     llama.cpp on a GGUF of the same quantization), each in a fresh process, ratios in one run."""
     from lowbit.data import read_text
     from lowbit.errors import SourceError
-    from lowbit.eval.report import resolve_reference
     from lowbit.eval.speed import measure, prompt_tokens, with_ratios
     from lowbit.model.load import resolve_source
 
