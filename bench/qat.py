@@ -9,6 +9,12 @@ lowbit.train.run_qat (LSQ scales, AdamW, warm-up + cosine). Evaluation: WikiText
     python bench/qat.py --quick                  # W3 g32: 32 calibration windows, 8 eval windows, 100 steps x 256 tokens
     python bench/qat.py --bits 3 2 --steps 300 --ctx 512
     python bench/qat.py --quick --lr 1e-5 5e-5 --name qat_lr   # a learning-rate sweep
+    python bench/qat.py --quick --torchao-path /tmp/tao  # + torchao's QAT (pip install --no-deps --target /tmp/tao torchao)
+
+torchao's QAT (quantize_ with QATConfig(step="prepare"), IntxFakeQuantizeConfig: int{bits}
+asymmetric, groups of 32, scales from the current weights at every forward) starts from the
+fp32 model, as its workflow does, and trains the same weights with the same loss, optimizer,
+schedule and batches; it is scored on its fake-quantized forward (what its convert step stores).
 
 Writes bench/results/qat[_quick].{json,md} (or --name).
 """
@@ -30,6 +36,45 @@ ROOT = Path(__file__).resolve().parent.parent
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
 
 
+def torchao_qat(path: str, loaded, teacher, bits: int, steps: int, ctx: int, lr: float, train_text: str, ref,
+                label: str) -> dict:
+    """torchao's QAT prepare on the fp32 model, trained like lowbit's distilled QAT."""
+    import sys
+
+    sys.path.insert(0, path)
+    import torchao
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+
+    from lowbit.eval.divergence import compare
+    from lowbit.train.loop import Schedule, train_steps, training_windows
+    from lowbit.train.qat import qat_loss
+
+    model = loaded.model
+    targets = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    wc = IntxFakeQuantizeConfig(getattr(torch, f"int{bits}"), group_size=32, is_symmetric=False)
+    quantize_(model, QATConfig(weight_config=wc, step="prepare"), filter_fn=lambda m, fqn: fqn in targets)
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.rsplit(".", 1)[0] in targets)
+    teacher.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    windows = training_windows(loaded.tokenizer, train_text, ctx, 1)
+    with torch.no_grad():
+        start = compare(model, ref, progress=False)
+    t0 = time.perf_counter()
+    losses = train_steps(model, opt, windows, Schedule(steps, lr), 1, 0, lambda ids: qat_loss(model, teacher, ids),
+                         progress=False)
+    t = time.perf_counter() - t0
+    with torch.no_grad():
+        res = compare(model, ref, progress=False)
+    return {"what": f"torchao {torchao.__version__} QAT + distillation (from fp32; step 0 KLD {start.kld:.4f})",
+            "scheme": label.replace(" (mse observer)", " (minmax, per step)"), "steps": steps, "ctx": ctx, "lr": lr,
+            "kld": res.kld, "ppl": res.ppl, "ref_ppl": res.ref_ppl, "top1": res.top1, "seconds": t,
+            "seconds_per_step": t / steps, "loss_first": losses[0], "loss_last": losses[-1], "losses": losses,
+            "kld_step0": start.kld}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -38,6 +83,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=None, help="training tokens per step; default 256 (quick) / 512")
     ap.add_argument("--lr", type=float, nargs="+", default=[5e-5])
     ap.add_argument("--no-ce", action="store_true", help="only the distilled QAT rows")
+    ap.add_argument("--torchao-path", help="a folder holding torchao (installed with --target): adds its QAT row")
     ap.add_argument("--name")
     args = ap.parse_args()
 
@@ -101,6 +147,8 @@ def main() -> None:
                         "seconds": t_qat, "seconds_per_step": t_qat / steps, "bits_per_weight": out.qm.bits_per_weight,
                         "loss_first": out.losses[0], "loss_last": out.losses[-1], "losses": out.losses})
                 del out, loaded
+                if args.torchao_path and distill:
+                    record(torchao_qat(args.torchao_path, fresh(), fp.model, bits, steps, ctx, lr, train_text, ref, label))
 
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "eval": f"WikiText-2 test, {n_eval} x 512 tokens",
             "calibration": f"WikiText-2 validation, {samples} x 512 tokens", "train": f"WikiText-2 validation, {steps} steps "
