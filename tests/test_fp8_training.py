@@ -162,3 +162,41 @@ def test_bitnet_trains_from_scratch_and_saves_ternary_weights(tiny_llama, tmp_pa
     with torch.no_grad():
         loss = float(sum(next_token_loss(qm.model, w[None]) for w in windows) / len(windows))
     assert loss == pytest.approx(s["held_out_loss"]["ternary"], rel=1e-5)
+
+
+@pytest.mark.e2e
+def test_bitnet_gguf_tq2_0_runs_in_llama_cpp(tmp_path, capsys):
+    """Ternary weights leave as TQ2_0 blocks (the same codes, the tensor's scale in every block)
+    and llama.cpp runs them: its logits follow lowbit's ternary model's."""
+    import json
+
+    import numpy as np
+
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from lowbit.cli import main
+    from lowbit.export.native import load
+
+    out, path = tmp_path / "bitnet", tmp_path / "bitnet.gguf"
+    assert main(["bitnet-train", "--steps", "8", "--layers", "1", "--hidden", "256", "--intermediate", "256",
+                 "--heads", "4", "--ctx", "32", "--no-fp32", "-o", str(out), "--gguf", str(path), "--json"]) == 0
+    json.loads(capsys.readouterr().out)
+    import gguf
+
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "TQ2_0" and types["blk.0.ffn_down.weight"] == "TQ2_0"
+    qm = load(out, runtime="decoded")
+    ids = qm.tokenizer("The quick brown fox jumps over the lazy dog, again and again.")["input_ids"]
+    llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=1, verbose=False)
+    llm.eval(ids)
+    L = np.array(llm.scores[: len(ids)])
+    for qt in qm.tensors.values():  # lowbit's weights alone (llama.cpp picks its own 8-bit inputs)
+        qt.input_quant = None
+    from lowbit.model.quantized import install_quantized
+
+    for name, qt in qm.tensors.items():
+        install_quantized(qm.model, qm.targets[name], qt)
+    with torch.no_grad():
+        H = qm.model(torch.tensor([ids])).logits[0].numpy()
+    # llama.cpp's Q8_K inputs round at 8 bits: close, not equal (measured: 0.4% of the largest logit)
+    assert np.abs(L - H).max() < 0.02 * np.abs(H).max()
+    assert (L.argmax(-1) == H.argmax(-1)).mean() > 0.9

@@ -13,7 +13,8 @@ from lowbit.formats.gguf_blocks import GGUF_TYPES, from_gguf_bytes, to_gguf_byte
 
 NAMES = list(GGUF_TYPES)
 LEGACY = [n for n in NAMES if GGML_QUANT_SIZES[GGUF_TYPES[n]][0] == 32]
-KQUANTS = [n for n in NAMES if GGML_QUANT_SIZES[GGUF_TYPES[n]][0] == 256]
+BLOCK256 = [n for n in NAMES if GGML_QUANT_SIZES[GGUF_TYPES[n]][0] == 256]
+KQUANTS = [n for n in BLOCK256 if n.endswith("_k")]
 
 
 def _scheme(name, **kw):
@@ -37,14 +38,15 @@ def _assert_same_qt(a, b):
         assert torch.equal(a.params[k], b.params[k]), k
 
 
-def test_type_table_covers_ten_types():
-    assert len(GGUF_TYPES) == 10
+def test_type_table_covers_eleven_types():
+    assert len(GGUF_TYPES) == 11
     assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1"}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_group_size_is_the_fixed_sub_block(name):
-    expected = {"gguf_q2_k": 16, "gguf_q3_k": 16, "gguf_q6_k": 16, "gguf_q4_k": 32, "gguf_q5_k": 32}.get(name, 32)
+    expected = {"gguf_q2_k": 16, "gguf_q3_k": 16, "gguf_q6_k": 16, "gguf_q4_k": 32, "gguf_q5_k": 32,
+                "gguf_tq2_0": 256}.get(name, 32)
     assert _scheme(name).effective_group_size() == expected
     assert lowbit.WeightScheme(format=name, bits=None, group_size=128).effective_group_size() == expected
 
@@ -67,7 +69,7 @@ def test_bytes_decode_exactly_like_gguf(name, scale):
         _assert_same_qt(from_gguf_bytes(data, name, shape), qt)
         # quality sanity: relative error well below the signal
         rel = ((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean()).item()
-        assert rel < {"gguf_q2_k": 0.2, "gguf_q3_k": 0.05}.get(name, 0.02), (name, rel)
+        assert rel < {"gguf_q2_k": 0.2, "gguf_q3_k": 0.05, "gguf_tq2_0": 0.7}.get(name, 0.02), (name, rel)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,7 +102,7 @@ def test_experts_shape_and_observers(name):
     assert torch.equal(back.dequantize(), qt.dequantize())
 
 
-@pytest.mark.parametrize("name", KQUANTS)
+@pytest.mark.parametrize("name", BLOCK256)
 def test_kquant_needs_256_columns(name):
     with pytest.raises(SchemeError, match="multiple of 256"):
         lowbit.quantize_tensor(torch.randn(4, 576), _scheme(name))

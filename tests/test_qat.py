@@ -87,7 +87,7 @@ def test_ste_passes_the_gradient_and_clips_outside_the_grid():
 def test_lsq_gradients_equal_the_hand_derived_ones(kind):
     scheme = {"sym": WeightScheme("int", 3, 16, True), "int-zero": WeightScheme("int", 3, 16, False),
               "float-min": WeightScheme("int", 3, 16, False, zero_point="float")}[kind]
-    w = _weight((4, 32), seed=2).double().float().requires_grad_(True)
+    w = _weight((4, 32), seed=2).requires_grad_(True)
     p0 = quantize_tensor(w.detach() * 0.8, scheme).params  # some weights beyond the grid
     fq = WeightFakeQuant(scheme, (4, 32), False, "lsq", p0)
     G = torch.randn(4, 32, generator=torch.Generator().manual_seed(5))
@@ -329,10 +329,72 @@ def test_qlora_backward_decodes_instead_of_keeping_the_base():
     with torch.no_grad():
         layer.lora_B.weight.normal_()
     x = torch.randn(3, 64, requires_grad=True)
-    layer(x).square().sum().backward()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        y = layer(x)
+    assert (40, 64) not in saved and (64, 40) not in saved   # autograd keeps no dense base weight
+    y.square().sum().backward()
     dense = qt.dequantize_matrix()
     x2 = x.detach().clone().requires_grad_(True)
     A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
     (x2 @ dense.T + (x2 @ A.T) @ B.T * 2).square().sum().backward()
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
-    assert layer.lora_A.weight.grad is not None and not any(p.requires_grad for p in layer.base.parameters())
+    assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch,scheme,method", [("llama", WeightScheme("int", 4, 32, False), "awq"),
+                                                ("opt", "W8A8_STATIC", "smoothquant")])
+def test_qat_starts_exactly_at_a_ptq_model_that_folds_scales(arch, scheme, method, tokenizer, calib):
+    """AWQ / SmoothQuant change norms and biases outside the quantized weights: the student takes them."""
+    from lowbit.api import execute, make_recipe
+    from lowbit.model.load import LoadedModel
+    from lowbit.plan import build_plan
+    from lowbit.train import prepare
+    from lowbit.train.qat import ptq_start
+    from tests.test_awq_smoothquant import build
+
+    ids = calib.windows(tokenizer)[:2]
+    loaded = LoadedModel(build(arch), tokenizer, "x", "hf")
+    plan = build_plan(loaded, make_recipe(scheme, method, calibration=calib), "native", progress=False)
+    reference = execute(LoadedModel(build(arch), tokenizer, "x", "hf"), plan, progress=False)
+    init, record = ptq_start(loaded, plan, progress=False)
+    prepare(loaded.model, plan, init)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, reference.model(ids).logits)
+    assert record["calibration"]["samples"] == calib.samples
+
+
+def test_resume_is_bit_identical_with_dropout_and_static_inputs(tokenizer, calib, train_text, tmp_path):
+    """GPT-style dropout (masks seeded by the step) and static input scales (kept in the checkpoint)."""
+    from lowbit.api import make_recipe
+    from lowbit.model.load import LoadedModel
+    from lowbit.plan import build_plan
+    from lowbit.train import QATConfig, run_qat
+    from tests.test_awq_smoothquant import build
+
+    text = train_text.read_text()
+    cfg = QATConfig(4, lr=1e-3, ctx=32, checkpoint_every=2, distill=True)
+
+    def run(out, on_step=None, resume=False):
+        model = build("opt")
+        assert model.config.dropout > 0
+        loaded = LoadedModel(model, tokenizer, "x", "hf")
+        plan = build_plan(loaded, make_recipe("W8A8_STATIC", "smoothquant", calibration=calib), "native", progress=False)
+        return run_qat(loaded, plan, text, "t", cfg, out, resume=resume, progress=False, on_step=on_step)
+
+    full = run(tmp_path / "a")
+
+    def die(step, _loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", die)
+    resumed = run(tmp_path / "b", resume=True)
+    assert resumed.resumed_from == 2 and resumed.losses == full.losses
+    for name, qt in full.qm.tensors.items():
+        other = resumed.qm.tensors[name]
+        assert torch.equal(qt.codes, other.codes) and qt.input_quant == other.input_quant
+        assert all(torch.equal(qt.params[k], other.params[k]) for k in qt.params)
+    a, b = full.qm.model.state_dict(), resumed.qm.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if isinstance(a[k], torch.Tensor))

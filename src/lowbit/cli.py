@@ -277,6 +277,15 @@ def _write_output(qm, args):
     return checkpoint_exporter(args.to)(qm, args.output, force=args.force)
 
 
+def _refuse_existing(*paths, force: bool) -> None:
+    """Before any long work: an output that exists needs --force."""
+    from lowbit.errors import SchemeError
+
+    for p in paths:
+        if p is not None and Path(p).exists() and not force:
+            raise SchemeError(f"{p} already exists; pass --force to replace it or choose another output path")
+
+
 def cmd_qat(args):
     """PTQ init, QAT (optionally distilled) with checkpoints and --resume, saved as a lowbit folder."""
     import shutil
@@ -292,8 +301,7 @@ def cmd_qat(args):
     cfg = QATConfig(args.steps, args.lr, args.warmup, args.batch_size, args.ctx, args.distill, args.scales,
                     args.clip_ste, args.checkpoint_every, args.gradient_checkpointing, args.seed)
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    _refuse_existing(out, force=args.force)
     text, label = read_text(args.data, "calib")
     loaded, plan, t_load = _plan_from_args(args)
     res = run_qat(loaded, plan, text, label, cfg, out, resume=args.resume, progress=not args.json)
@@ -316,13 +324,14 @@ def cmd_qlora(args):
 
     if args.to != "native":
         raise SchemeError(f"qlora writes PEFT adapters and a lowbit base folder; drop --to {args.to}")
-    if args.scheme is None and args.recipe is None and args.format == args.parser_defaults.get("format"):
-        args.scheme = "NF4"  # QLoRA's base: NF4 g64 with double quantization
+    scheme_flags = ("format", "bits", "group_size", "asym", "zero_point", "observer", "percentile", "double_quant", "act")
+    if args.scheme is None and args.recipe is None and all(getattr(args, k) == args.parser_defaults.get(k)
+                                                           for k in scheme_flags):
+        args.scheme = "NF4"  # QLoRA's base unless the flags say otherwise: NF4 g64 with double quantization
     cfg = QLoRAConfig(args.steps, args.rank, args.alpha, args.lr, args.warmup, args.batch_size, args.ctx,
                       args.gradient_checkpointing, args.seed)
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    _refuse_existing(out, force=args.force)
     text, label = read_text(args.data, "calib")
     loaded, plan, _ = _plan_from_args(args)
     res = run_qlora(loaded, plan, text, label, cfg, out, force=args.force, progress=not args.json)
@@ -342,7 +351,6 @@ def _training_text_windows(args, loaded):
 
 def cmd_fp8_train(args):
     """Fine-tune in FP8 with delayed scaling beside the same run in FP32; print both losses."""
-    from lowbit.errors import SchemeError
     from lowbit.model.load import load_source
     from lowbit.train.fp8 import FP8Recipe, run_fp8_training
     from lowbit.train.loop import Schedule
@@ -350,8 +358,7 @@ def cmd_fp8_train(args):
     schedule = Schedule(args.steps, args.lr, args.warmup)
     recipe = FP8Recipe(args.history, args.reduction, args.margin)
     out = Path(args.output) if args.output else None
-    if out is not None and out.exists() and not args.force:
-        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    _refuse_existing(out, force=args.force)
     loaded = load_source(args.source)
     windows, label = _training_text_windows(args, loaded)
     res = run_fp8_training(loaded.model, windows, schedule, recipe, args.batch_size, args.seed,
@@ -394,8 +401,10 @@ def cmd_bitnet_train(args):
     schedule = Schedule(args.steps, args.lr, args.warmup)
     shape = TinyLlama(args.layers, args.hidden, args.intermediate, args.heads, args.heads, args.ctx)
     out = Path(args.output)
-    if out.exists() and not args.force:
-        raise SchemeError(f"{out} already exists; pass --force to replace it or choose another --output")
+    _refuse_existing(out, args.gguf, force=args.force)
+    if args.gguf and (args.hidden % 256 or args.intermediate % 256):
+        raise SchemeError(f"--gguf writes TQ2_0 blocks of 256: --hidden ({args.hidden}) and --intermediate "
+                          f"({args.intermediate}) must be multiples of 256")
     loaded = load_source(args.source)   # for its tokenizer
     windows, label = _training_text_windows(args, loaded)
     eval_text, _ = read_text(args.eval_data, "eval")
@@ -403,7 +412,15 @@ def cmd_bitnet_train(args):
     res = run_bitnet(loaded.tokenizer, windows, held_out, shape, schedule, args.batch_size, args.seed,
                      compare_fp32=not args.no_fp32, progress=not args.json)
     path = save(res.qm, out, force=args.force)
-    summary = {"output": str(path), "shape": dataclasses.asdict(shape), "steps": args.steps, "data": label,
+    gguf_path = None
+    if args.gguf:
+        from lowbit.export.gguf import write_gguf
+
+        # llama.cpp quantizes TQ2_0's inputs itself (Q8_K: 8 bits per 256 values) in place of BitNet's per-token int8
+        weights_only = dataclasses.replace(res.qm, tensors={n: dataclasses.replace(qt, input_quant=None)
+                                                            for n, qt in res.qm.tensors.items()})
+        gguf_path = str(write_gguf(weights_only, args.gguf, force=args.force))
+    summary = {"output": str(path), "gguf": gguf_path, "shape": dataclasses.asdict(shape), "steps": args.steps, "data": label,
                "bits_per_weight": res.qm.bits_per_weight, "train_loss_last": {k: v[-1] for k, v in res.losses.items()},
                "held_out_loss": res.eval_loss, "seconds": res.seconds, "losses": res.losses}
     if args.json:
@@ -828,6 +845,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--warmup", type=int)
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument("--no-fp32", action="store_true", help="skip the FP32 comparison run")
+    bn.add_argument("--gguf", help="also write the ternary weights as a llama.cpp GGUF (TQ2_0; rows must be multiples "
+                                   "of 256); llama.cpp quantizes their inputs to 8 bits itself (Q8_K)")
     bn.add_argument("--output", "-o", required=True)
     bn.add_argument("--force", action="store_true")
     bn.add_argument("--json", action="store_true")

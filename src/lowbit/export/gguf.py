@@ -257,6 +257,23 @@ def _float_array(t: torch.Tensor, type_name: str):
     return gguf_quantize(a, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
 
 
+def _as_gguf_blocks(qt: QuantizedTensor) -> QuantizedTensor:
+    """The same values in a GGUF block format where one holds them exactly: lowbit's ternary
+    weights (per tensor, or in groups of a multiple of 256) are TQ2_0 blocks with the group's
+    fp16 scale as each block's d and the same codes. Other tensors as they are."""
+    from gguf.constants import QK_K
+
+    from lowbit.formats import make_format
+
+    rows, cols = qt.codes.shape
+    if qt.format.name != "ternary" or cols % QK_K or (qt.group_size % QK_K and qt.group_size != cols):
+        return qt
+    scale = qt.params["scale"]
+    per_block = (cols if qt.group_size == 0 else qt.group_size) // QK_K
+    d = scale.reshape(1, 1).expand(rows, cols // QK_K) if qt.group_size == 0 else scale.repeat_interleave(per_block, dim=1)
+    return QuantizedTensor(qt.codes, {"scale": d.contiguous()}, make_format("gguf_tq2_0"), QK_K, qt.shape, qt.transposed)
+
+
 def _type_name_of(qt: QuantizedTensor) -> str | None:
     from lowbit.formats.gguf_blocks import GGUF_TYPES
 
@@ -286,7 +303,7 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
         seen.add(gname)
         requested = tensor_types.get(hf_name, tensor_types.get(gname))
         if hf_name in m.tensors:
-            qt = m.tensors[hf_name]
+            qt = _as_gguf_blocks(m.tensors[hf_name])
             have = _type_name_of(qt)
             want = requested or full_precision or have
             if want is None:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.errors import SourceError
 from lowbit.model.quantized import QuantizedModel, install_quantized, recorded_recipe
-from lowbit.model.targets import WeightTarget
+from lowbit.model.targets import WeightTarget, set_submodule
 from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor
 
@@ -203,11 +203,6 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
-def _set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: torch.dtype):
     from accelerate import init_empty_weights
     from safetensors import safe_open
@@ -232,14 +227,14 @@ def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: 
             module = model.get_submodule(target.module_name)
             if target.kind in ("linear", "conv1d") and target.param_name == "weight":
                 bias = getattr(module, "bias", None)
-                _set_submodule(model, target.module_name, PackedLinear(qt, None if bias is None or bias.is_meta else bias,
+                set_submodule(model, target.module_name, PackedLinear(qt, None if bias is None or bias.is_meta else bias,
                                                                        compute_dtype=compute_dtype))
             elif target.kind == "embedding" and isinstance(module, torch.nn.Embedding):
                 head = model.get_output_embeddings()
                 tied = head is not None and getattr(head, "weight", None) is module.weight
-                _set_submodule(model, target.module_name, PackedEmbedding(qt, module.padding_idx))
+                set_submodule(model, target.module_name, PackedEmbedding(qt, module.padding_idx))
                 if tied:   # the output head multiplies by the same quantized table
-                    _set_submodule(model, _module_name(model, head),
+                    set_submodule(model, _module_name(model, head),
                                    PackedLinear(qt, getattr(head, "bias", None), compute_dtype=compute_dtype))
             else:   # stacked experts: their modules are architecture code, not a Linear; decoded values
                 setattr(module, target.param_name, torch.nn.Parameter(qt.dequantize(), requires_grad=False))

@@ -50,6 +50,7 @@ GGUF_TYPES: dict[str, GGMLQuantizationType] = {
     "gguf_q4_k": GGMLQuantizationType.Q4_K,
     "gguf_q5_k": GGMLQuantizationType.Q5_K,
     "gguf_q6_k": GGMLQuantizationType.Q6_K,
+    "gguf_tq2_0": GGMLQuantizationType.TQ2_0,
 }
 
 
@@ -105,6 +106,36 @@ class GGUFFormat(Format):
     def tensor_params(self, W: torch.Tensor) -> Params:
         self.check_cols(W.shape[-1])
         return {}
+
+
+@dataclasses.dataclass(frozen=True)
+class TQ2_0(GGUFFormat):
+    """llama.cpp's ternary type: 256-weight blocks, w = (code - 1) * d, codes {0, 1, 2} in 2
+    bits (the Q2_K bit order), one fp16 d per block. Fitted with BitNet b1.58's absmean, as
+    lowbit's `ternary` format is (llama.cpp's own quantizer takes d = absmax)."""
+
+    name = "gguf_tq2_0"
+    qbits = 2
+    range_kind = "absmax"
+    fixed_group_size: ClassVar[int | None] = QK_K
+
+    def params_from_blocks(self, blocks, tensor_params, importance=None) -> Params:
+        return {"scale": blocks.abs().mean(dim=-1).clamp_min(1e-8)}
+
+    def params_from_range(self, lo, hi, tensor_params) -> Params:
+        return {"scale": (torch.maximum(lo.abs(), hi.abs()) / 2).clamp_min(1e-8)}
+
+    def encode(self, W, p):
+        return (torch.round(_safe_div(W, p["scale"])).clamp(-1, 1) + 1).to(torch.uint8)
+
+    def decode(self, codes, p):
+        return (codes.float() - 1) * p["scale"]
+
+    def store_params(self, p):
+        return {"scale": p["scale"].to(torch.float16)}
+
+    def load_params(self, stored):
+        return {"scale": stored["scale"].float()}
 
 
 # --- legacy 32-weight blocks ---------------------------------------------------------------------
@@ -511,6 +542,8 @@ def _encode_blocks(name: str, q: np.ndarray, p: dict[str, np.ndarray]) -> list[n
     if name == "gguf_q6_k":
         return [_pack_fields(q & 0xF, 64, 4), _pack_fields(q >> 4, 32, 2), p["scales"].view(np.uint8),
                 _f16_bytes(p["d"])]
+    if name == "gguf_tq2_0":
+        return [_pack_fields(q, 32, 2), _f16_bytes(p["scale"])]
     raise SchemeError(f"{name!r} is not a GGUF block format; choose one of: {', '.join(GGUF_TYPES)}")
 
 
@@ -554,6 +587,9 @@ def _decode_blocks(name: str, blocks: np.ndarray) -> tuple[np.ndarray, dict[str,
         d, dmin, sc, qh, qs = split(2, 2, 12, QK_K // 8, QK_K // 2)
         q = _unpack_fields(qs, 32, 4) | (_unpack_fields(qh, 32, 1) << 4)
         return q, {"d": _f16_from(d), "dmin": _f16_from(dmin), "scales": sc}
+    if name == "gguf_tq2_0":
+        qs, d = split(QK_K // 4, 2)
+        return _unpack_fields(qs, 32, 2), {"scale": _f16_from(d)}
     if name == "gguf_q6_k":
         ql, qh, sc, d = split(QK_K // 2, QK_K // 4, QK_K // 16, 2)
         q = _unpack_fields(ql, 64, 4) | (_unpack_fields(qh, 32, 2) << 4)

@@ -70,3 +70,9 @@ def select_targets(model: torch.nn.Module, include: list[str] | None = None, exc
             continue
         chosen.append(t)
     return chosen
+
+
+def set_submodule(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    """Replace the submodule at dotted `name` with `new`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -31,9 +31,10 @@ REDUCTIONS = ("max", "most_recent")
 
 @dataclasses.dataclass(frozen=True)
 class FP8Recipe:
-    """history_len: steps of amax kept per tensor; reduction: how a scale reads them; margin:
-    extra headroom in powers of two (TE's DelayedScaling(margin, amax_history_len,
-    amax_compute_algo), format HYBRID)."""
+    """history_len: steps of amax kept per tensor (TE's default is 1024; 16 suits short
+    fine-tunes); reduction: how a scale reads them; margin: extra headroom in powers of two
+    (TE's DelayedScaling(margin, amax_history_len, amax_compute_algo), format HYBRID). A
+    tensor that saw no cast in a step (an unused expert) keeps its history unrolled."""
 
     history_len: int = 16
     reduction: str = "max"
@@ -170,15 +171,13 @@ class FP8Linear(torch.nn.Module):
 def convert_to_fp8(model: torch.nn.Module, recipe: FP8Recipe = FP8Recipe(), include=None, exclude=None) -> list[str]:
     """Swap the model's target Linears (lowbit.model.targets rules: not lm_head, embeddings,
     routers) for FP8Linear, in place; returns their module names."""
-    from lowbit.model.targets import select_targets
+    from lowbit.model.targets import select_targets, set_submodule
 
     names = [t.module_name for t in select_targets(model, include, exclude) if t.kind == "linear"]
     if not names:
         raise SchemeError("no Linear layers to train in FP8; loosen --include/--exclude")
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FP8Linear.from_linear(getattr(parent, child), recipe))
+        set_submodule(model, name, FP8Linear.from_linear(model.get_submodule(name), recipe))
     return names
 
 
@@ -189,19 +188,18 @@ def update_scales(model: torch.nn.Module) -> None:
             m.update_scales()
 
 
-
 def revert_fp8(model: torch.nn.Module) -> None:
     """FP8Linear back to nn.Linear holding the trained master weights (for saving)."""
+    from lowbit.model.targets import set_submodule
+
     for name, m in list(model.named_modules()):
         if isinstance(m, FP8Linear):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
             lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
             with torch.no_grad():
                 lin.weight.copy_(m.weight)
                 if m.bias is not None:
                     lin.bias.copy_(m.bias)
-            setattr(parent, child, lin)
+            set_submodule(model, name, lin)
 
 
 @dataclasses.dataclass

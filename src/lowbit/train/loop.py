@@ -88,6 +88,7 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, window
     bar = tqdm(range(start, schedule.steps), desc=desc, disable=not progress, unit="step", initial=start,
                total=schedule.steps)
     for step in bar:
+        torch.manual_seed(seed * 1_000_003 + step)  # dropout masks depend on the step alone, so a resume repeats them
         ids = windows[batch_indices(windows.shape[0], batch_size, step, seed)]
         lr = schedule.lr_at(step)
         for group in optimizer.param_groups:

@@ -42,12 +42,14 @@ from lowbit.train.fake_quant import (InputFakeQuant, WeightFakeQuant, add_weight
 
 
 def prepare(model: torch.nn.Module, plan: Plan, init: dict[str, QuantizedTensor] | None = None,
-            scales: str = "auto", clip_ste: bool = False, train_others: bool = False) -> dict:
+            scales: str = "auto", clip_ste: bool = False, train_others: bool = False,
+            input_specs: dict[str, dict] | None = None) -> dict:
     """Put every planned weight of `model` under fake quantization (in place) and freeze the
     rest. init: QuantizedTensors to start from (a PTQ result): the latent weight becomes their
     decoded values and the group parameters theirs, so training starts at that model exactly;
     their input quantization (W8A8, ...) is fake-quantized too. Without init, parameters are
     fitted by the scheme's observer and inputs follow the plan's dynamic activation specs.
+    input_specs: input quantization by weight name where init gives none (a resumed run's).
     train_others: leave every other parameter trainable too (training from scratch, BitNet).
     Returns the removable input hooks by weight name."""
     from lowbit.nn.act_quant import input_quant_spec
@@ -73,7 +75,7 @@ def prepare(model: torch.nn.Module, plan: Plan, init: dict[str, QuantizedTensor]
         fq.target = t  # convert() finds each weight's layout here (a parametrized model renames its parameters)
         add_weight_fake_quant(module, t.param_name, fq)
         latent_weight(module, t.param_name).requires_grad_(True)
-        spec = qt.input_quant if qt is not None else (
+        spec = qt.input_quant if qt is not None else (input_specs or {}).get(name) or (
             input_quant_spec(tp.activations) if tp.activations is not None and tp.activations.dynamic else None)
         if tp.activations is not None and spec is None:
             raise SchemeError(f"{name}: static activation scales need calibration; start from a PTQ result (init=) "
@@ -84,11 +86,17 @@ def prepare(model: torch.nn.Module, plan: Plan, init: dict[str, QuantizedTensor]
     return hooks
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes and a checkpoint must hold: latent weights, learned and fixed
-    group parameters (by their state_dict names)."""
-    state = model.state_dict(keep_vars=True)
-    return {k: v.detach() for k, v in state.items() if ".parametrizations." in k}
+def checkpoint_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Everything a resumed run needs of the model: latent weights, learned and fixed group
+    parameters, and every other tensor (a PTQ start such as AWQ folds scales into norms);
+    tensors sharing storage (a tied head) once, under their first name."""
+    out, seen = {}, set()
+    for k, v in model.state_dict(keep_vars=True).items():
+        if v.data_ptr() in seen:
+            continue
+        seen.add(v.data_ptr())
+        out[k] = v.detach()
+    return out
 
 
 def convert(model: torch.nn.Module, plan: Plan, tokenizer, source: str, hooks: dict | None = None,
@@ -98,8 +106,7 @@ def convert(model: torch.nn.Module, plan: Plan, tokenizer, source: str, hooks: d
     or written in place, exactly as a PTQ method leaves it."""
     import collections
 
-    prepared = {fq.target.name: fq for m in model.modules() if parametrize.is_parametrized(m)
-                for plist in m.parametrizations.values() for fq in plist if isinstance(fq, WeightFakeQuant)}
+    prepared = _prepared(model)
     tensors, targets = {}, {}
     for name in plan.tensors:
         fq = prepared.get(name)
@@ -178,29 +185,30 @@ def _fingerprint(identity: dict) -> str:
 
 
 def _save_checkpoint(folder: Path, step: int, model, optimizer, params: list, identity: dict, losses: list,
-                     ptq: dict) -> None:
+                     ptq: dict, input_specs: dict) -> None:
     from safetensors.torch import save_file
 
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in trainable_state(model).items()}, str(tmp / "state.safetensors"))
+    save_file({k: v.contiguous() for k, v in checkpoint_state(model).items()}, str(tmp / "state.safetensors"))
     opt = {}
     for i, p in enumerate(params):
         for k, v in optimizer.state.get(p, {}).items():
             opt[f"{i}.{k}"] = v.detach().contiguous()
     save_file(opt, str(tmp / "optimizer.safetensors"))
     (tmp / CHECKPOINT_FILE).write_text(json.dumps({"step": step, "fingerprint": _fingerprint(identity),
-                                                   "identity": identity, "losses": losses, "ptq": ptq},
-                                                  indent=1, default=str))
-    if folder.exists():
-        shutil.rmtree(folder)
+                                                   "identity": identity, "losses": losses, "ptq": ptq,
+                                                   "input_specs": input_specs}, indent=1, default=str))
+    old = folder.parent / f".{folder.name}.old-{os.getpid()}"
+    if folder.exists():  # the previous checkpoint stays until the new one is in place
+        os.replace(folder, old)
     os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(folder: Path, model, optimizer, params: list, identity: dict) -> tuple[int, list, dict]:
-    from safetensors.torch import load_file
-
+def _read_checkpoint(folder: Path, identity: dict) -> dict:
+    """The checkpoint's metadata, if it belongs to this run (one line otherwise)."""
     meta_file = folder / CHECKPOINT_FILE
     if not meta_file.is_file():
         raise SchemeError(f"--resume: {folder} holds no QAT checkpoint; run without --resume to start")
@@ -214,8 +222,14 @@ def _load_checkpoint(folder: Path, model, optimizer, params: list, identity: dic
                       != json.dumps(theirs.get(k), default=str))
         raise SchemeError(f"--resume: the checkpoint in {folder} comes from another run (it differs in "
                           f"{', '.join(diff) or 'its settings'}); pass the same flags, or remove it to start again")
+    return meta
+
+
+def _load_checkpoint(folder: Path, model, optimizer, params: list) -> None:
+    from safetensors.torch import load_file
+
     state = load_file(str(folder / "state.safetensors"))
-    current = trainable_state(model)
+    current = checkpoint_state(model)
     if set(state) != set(current):
         raise SchemeError(f"--resume: the checkpoint in {folder} does not match this model; remove it to start again")
     with torch.no_grad():
@@ -223,10 +237,34 @@ def _load_checkpoint(folder: Path, model, optimizer, params: list, identity: dic
             current[k].copy_(v)
     opt = load_file(str(folder / "optimizer.safetensors"))
     for i, p in enumerate(params):
-        entries = {k.split(".", 1)[1]: v for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
+        entries = {k.split(".", 1)[1]: v.to(p.device) for k, v in opt.items() if k.split(".", 1)[0] == str(i)}
         if entries:
             optimizer.state[p] = entries
-    return int(meta["step"]), list(meta.get("losses", [])), dict(meta.get("ptq", {}))
+
+
+def ptq_start(loaded: LoadedModel, plan: Plan, progress: bool = True) -> tuple[dict[str, QuantizedTensor], dict]:
+    """Run the plan's PTQ method on a copy of the model; the model itself takes every change the
+    method made outside the planned weights (AWQ / SmoothQuant scales folded into norms and
+    biases), so prepare(model, plan, init=tensors) starts exactly at the PTQ model. Returns the
+    tensors and what the method recorded (calibration, options, RTN fallbacks)."""
+    from lowbit.api import execute
+
+    ptq = execute(LoadedModel(copy.deepcopy(loaded.model), loaded.tokenizer, loaded.source, loaded.kind), plan,
+                  progress=progress)
+    quantized = dict(ptq.model.named_parameters())
+    quantized.update(dict(ptq.model.named_buffers()))
+    with torch.no_grad():
+        for name, p in list(loaded.model.named_parameters()) + list(loaded.model.named_buffers()):
+            if name not in plan.tensors and name in quantized and quantized[name].shape == p.shape:
+                p.copy_(quantized[name])
+    record = {k: v for k, v in ptq.recipe.items() if k in ("calibration", "options", "rtn_fallback")}
+    return ptq.tensors, record
+
+
+def _prepared(model: torch.nn.Module) -> dict[str, WeightFakeQuant]:
+    """The fake-quantized weights of a prepared model, by weight name."""
+    return {fq.target.name: fq for m in model.modules() if parametrize.is_parametrized(m)
+            for plist in m.parametrizations.values() for fq in plist if isinstance(fq, WeightFakeQuant)}
 
 
 @dataclasses.dataclass
@@ -243,16 +281,21 @@ def run_qat(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: QA
     """PTQ init by the plan's method (or from `init`, the tensors of a PTQ result of this plan),
     then `cfg.steps` steps of QAT on `text`; returns the converted QuantizedModel (not yet
     saved). Checkpoints go to checkpoint_dir(output)."""
-    from lowbit.api import execute
+    from lowbit.train.fake_quant import resolve_mode
 
     torch.manual_seed(cfg.seed)
     windows = training_windows(loaded.tokenizer, text, cfg.ctx, cfg.batch_size)
+    for tp in plan.tensors.values():  # refuse a scale mode the format cannot take before any PTQ runs
+        resolve_mode(cfg.scales, tp.weights)
+    # settings that do not change the numbers may differ on --resume (a lower --lr after a NaN)
     identity = {"source": loaded.source, "recipe": plan.recipe.to_dict(), "plan": plan.summary(),
-                "qat": dataclasses.asdict(cfg), "data": text_label,
-                "data_sha256": hashlib.sha256(text.encode()).hexdigest()}
+                "qat": {k: v for k, v in dataclasses.asdict(cfg).items()
+                        if k not in ("lr", "checkpoint_every", "gradient_checkpointing")},
+                "data": text_label, "data_sha256": hashlib.sha256(text.encode()).hexdigest()}
     folder = checkpoint_dir(output)
     if resume and not folder.exists():
         raise SchemeError(f"--resume: no checkpoint at {folder}; run without --resume to start")
+    meta = _read_checkpoint(folder, identity) if resume else None
     teacher = None
     if cfg.distill:
         teacher = copy.deepcopy(loaded.model).eval()
@@ -260,22 +303,21 @@ def run_qat(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: QA
             p.requires_grad_(False)
     student = loaded.model
     t0 = time.perf_counter()
-    ptq_record = {}
-    if resume:  # a resumed run reads every trained tensor from the checkpoint
-        init = None
+    ptq_record, input_specs = {}, {}
+    if resume:  # a resumed run reads every tensor from the checkpoint
+        init, ptq_record, input_specs = None, meta.get("ptq", {}), meta.get("input_specs", {})
     elif init is None:
-        ptq = execute(LoadedModel(copy.deepcopy(student), loaded.tokenizer, loaded.source, loaded.kind), plan,
-                      progress=progress)
-        init = ptq.tensors
-        ptq_record = {k: v for k, v in ptq.recipe.items() if k in ("calibration", "options", "rtn_fallback")}
-        del ptq
-    hooks = prepare(student, plan, init, cfg.scales, cfg.clip_ste)
+        init, ptq_record = ptq_start(loaded, plan, progress)
+    hooks = prepare(student, plan, init, cfg.scales, cfg.clip_ste, input_specs=input_specs)
+    input_specs = {n: fq.input_quant for n, fq in _prepared(student).items() if getattr(fq, "input_quant", None)}
+    del init
     seconds_init = time.perf_counter() - t0
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     start, losses = 0, []
     if resume:
-        start, losses, ptq_record = _load_checkpoint(folder, student, optimizer, params, identity)
+        _load_checkpoint(folder, student, optimizer, params)
+        start, losses = int(meta["step"]), list(meta.get("losses", []))
     if cfg.gradient_checkpointing and hasattr(student, "gradient_checkpointing_enable"):
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     last_good = [start] if resume else [None]
@@ -285,7 +327,7 @@ def run_qat(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: QA
         if on_step is not None:
             on_step(step, value)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-            _save_checkpoint(folder, step, student, optimizer, params, identity, losses, ptq_record)
+            _save_checkpoint(folder, step, student, optimizer, params, identity, losses, ptq_record, input_specs)
             last_good[0] = step
 
     t0 = time.perf_counter()
@@ -293,9 +335,10 @@ def run_qat(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: QA
         train_steps(student, optimizer, windows, cfg.schedule, cfg.batch_size, cfg.seed,
                     lambda ids: qat_loss(student, teacher, ids), start, after_step, "qat", progress)
     except NonFiniteLoss as e:
-        where = (f"the last good checkpoint (step {last_good[0]}) is kept in {folder}" if last_good[0] is not None
-                 else "no checkpoint was written yet")
-        raise SchemeError(f"{e}; {where}") from None
+        if last_good[0] is None:
+            raise SchemeError(f"{e} (no checkpoint was written yet)") from None
+        raise SchemeError(f"the loss became {e.value} at step {e.step} (learning rate {e.lr:.2e}); the last good "
+                          f"checkpoint (step {last_good[0]}) is kept in {folder}: add --resume with a lower --lr") from None
     if cfg.gradient_checkpointing and hasattr(student, "gradient_checkpointing_disable"):
         student.gradient_checkpointing_disable()
     seconds_train = time.perf_counter() - t0

@@ -22,6 +22,7 @@ import torch
 
 from lowbit.errors import SchemeError
 from lowbit.model.load import LoadedModel
+from lowbit.model.targets import set_submodule
 from lowbit.nn.quant_linear import QuantLinear
 from lowbit.plan import Plan
 from lowbit.runtime.packed import PackedLinear
@@ -93,16 +94,14 @@ def attach_lora(model: torch.nn.Module, module_names: list[str], rank: int, alph
     for p in model.parameters():
         p.requires_grad_(False)
     for name in module_names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        module = getattr(parent, child)
+        module = model.get_submodule(name)
         if isinstance(module, QuantLinear):
             base = PackedLinear(module.qweight, module.bias, compute_dtype=torch.float32)
         elif isinstance(module, (PackedLinear, torch.nn.Linear)):
             base = module
         else:
             raise SchemeError(f"{name} is not a quantized Linear; QLoRA adapts the plan's quantized Linears")
-        setattr(parent, child, LoRALinear(base, rank, alpha, g))
+        set_submodule(model, name, LoRALinear(base, rank, alpha, g))
     return list(module_names)
 
 
@@ -154,10 +153,6 @@ class QLoRAResult:
     seconds: dict
 
 
-def _target_modules(model, plan: Plan, qm_targets: dict) -> list[str]:
-    return [qm_targets[n].module_name for n in plan.tensors if qm_targets[n].kind == "linear"]
-
-
 def run_qlora(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: QLoRAConfig,
               output: str | os.PathLike, force: bool = False, progress: bool = True,
               quantize_base: bool = True) -> QLoRAResult:
@@ -178,7 +173,7 @@ def run_qlora(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: 
         model = loaded.model
         if quantize_base:
             qm = execute(loaded, plan, progress=progress)
-            names = _target_modules(model, plan, qm.targets)
+            names = [qm.targets[n].module_name for n in plan.tensors if qm.targets[n].kind == "linear"]
             save(qm, tmp / BASE_FOLDER)
             del qm
         else:
