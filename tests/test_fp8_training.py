@@ -33,6 +33,9 @@ def test_scales_follow_a_hand_simulated_amax_history(reduction, margin):
             amax = max(history[key]) if reduction == "max" else history[key][-1]
             expected[key] = fmt_max / amax / 2 ** margin
     assert float(layer.input_scale.scale) == pytest.approx(expected["x"], rel=1e-6)
+    # the weight did not change: its scale is 448 / its amax (times 2^-margin) after the first step
+    w_amax = float(layer.weight.detach().abs().max())
+    assert float(layer.weight_scale.scale) == pytest.approx(448.0 / w_amax / 2 ** margin, rel=1e-6)
 
 
 def test_forward_and_backward_use_the_fp8_values():
