@@ -1,7 +1,8 @@
 """Benchmark: QLoRA (packed NF4 base with double quantization, LoRA adapters in fp32) against
 plain LoRA on the full-precision base: training memory and loss on the same batches.
 
-Each configuration runs in its own process. Memory: the process's resident set (VmRSS / VmHWM
+Each configuration runs in its own process; the QLoRA base is quantized once and loaded packed
+(`lowbit.load(folder, runtime="packed")`), as a user loads a base bigger than memory. Memory: the process's resident set (VmRSS / VmHWM
 from /proc) -- the peak during training, after the model is loaded, quantized and the loader's
 garbage returned to the OS (the peak is reset there), minus the RSS of the bare process before
 the model was loaded (torch and transformers imported). Same rank, targets (every decoder
@@ -39,27 +40,29 @@ def worker(spec: dict) -> dict:
 
     import torch
 
-    from lowbit.api import execute, make_recipe
     from lowbit.eval.speed import _trim
+    from lowbit.export.native import load as load_native
     from lowbit.model.load import load_source
     from lowbit.model.targets import select_targets
-    from lowbit.plan import build_plan
     from lowbit.train.loop import Schedule, next_token_loss, train_steps, training_windows
     from lowbit.train.qlora import attach_lora
 
     torch.set_num_threads(spec["threads"])
     _trim()
     bare = _status_kb("VmRSS")
-    loaded = load_source(None)
-    names = [t.module_name for t in select_targets(loaded.model) if t.kind == "linear"]
-    if spec["kind"] == "qlora":
-        plan = build_plan(loaded, make_recipe("NF4", "rtn"), "native", progress=False)
-        execute(loaded, plan, progress=False)
-    attach_lora(loaded.model, names, spec["rank"], 2.0 * spec["rank"], seed=0)
-    model = loaded.model
+    if spec["kind"] == "qlora":  # the NF4 base loads packed: its fp32 weights are never in memory
+        qm = load_native(spec["base"], runtime="packed", compute_dtype=torch.float32)
+        model, tokenizer = qm.model, qm.tokenizer
+        names = [qm.targets[n].module_name for n in qm.tensors]
+        del qm
+    else:
+        loaded = load_source(None)
+        model, tokenizer = loaded.model, loaded.tokenizer
+        names = [t.module_name for t in select_targets(model) if t.kind == "linear"]
+    attach_lora(model, names, spec["rank"], 2.0 * spec["rank"], seed=0)
     if spec["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    windows = training_windows(loaded.tokenizer, (WIKI / "valid.txt").read_text(), spec["ctx"], 1)
+    windows = training_windows(tokenizer, (WIKI / "valid.txt").read_text(), spec["ctx"], 1)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=spec["lr"])
     gc.collect()
@@ -94,11 +97,17 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))))
         return
+    base = ROOT / "bench" / "results" / ".qlora" / "nf4"   # the QLoRA base, quantized once (gitignored)
+    if not base.exists():
+        from lowbit.api import quantize
+        from lowbit.export.native import save
+
+        save(quantize(None, "NF4", method="rtn", progress=False), base)
     rows = []
     for gc_on in (False, True):
         for kind in ("lora", "qlora"):
             spec = {"kind": kind, "gradient_checkpointing": gc_on, "steps": args.steps, "ctx": args.ctx,
-                    "rank": args.rank, "lr": args.lr, "threads": args.threads}
+                    "rank": args.rank, "lr": args.lr, "threads": args.threads, "base": str(base)}
             proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
@@ -117,7 +126,8 @@ def main() -> None:
              f"{args.steps} steps x 1 window of {args.ctx} tokens of WikiText-2 validation, rank {args.rank} adapters "
              f"(alpha {2 * args.rank}) on every decoder Linear, AdamW lr {args.lr}, {args.threads} threads. Memory: "
              "peak resident set during training minus the bare process's (torch imported, no model). LoRA's base is "
-             "the fp32 model; QLoRA's is NF4 g64 with double quantization, packed, decoded per call (forward and "
+             "the fp32 model (memory-mapped from safetensors); QLoRA's is NF4 g64 with double quantization, loaded "
+             "packed from a lowbit folder (its fp32 weights never in memory), decoded per call (forward and "
              "backward). Both keep the tied fp32 embedding table (28M weights, 108 MB) that the head uses.", "",
              "| base | gradient checkpointing | frozen weights MB | peak MB above bare | vs LoRA | s/step | loss first | loss last |",
              "|---|---|---|---|---|---|---|---|"]
