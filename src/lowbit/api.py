@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 
@@ -137,9 +136,7 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
         record["gguf_mix"] = recipe.gguf_mix
         record["gguf_fallbacks"] = {n: t.reason.split("fallback: ", 1)[1] for n, t in plan.tensors.items()
                                     if "fallback: " in t.reason}
-    common = collections.Counter(t.weights for t in plan.tensors.values()).most_common(1)[0][0]
-    acts = collections.Counter(t.activations for t in plan.tensors.values()).most_common(1)[0][0]
-    return QuantizedModel(model, loaded.tokenizer, QuantScheme(common, acts), tensors, {t.name: t for t in targets},
+    return QuantizedModel(model, loaded.tokenizer, plan.common_scheme(), tensors, {t.name: t for t in targets},
                           loaded.source, recipe.method, record, plan)
 
 

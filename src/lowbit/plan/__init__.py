@@ -18,7 +18,7 @@ from lowbit.errors import SchemeError
 from lowbit.model.targets import WeightTarget, all_weights, select_targets
 from lowbit.plan.recipe import Budget, Recipe, as_recipe, load_recipe, parse_candidate, recipe_from_dict
 from lowbit.plan.sizing import CONTAINERS, container_fits, tensor_nbytes
-from lowbit.scheme import ActivationScheme, WeightScheme
+from lowbit.scheme import ActivationScheme, QuantScheme, WeightScheme
 from lowbit.tensor import to_matrix
 
 __all__ = ["Plan", "TensorPlan", "Recipe", "Budget", "build_plan", "as_recipe", "load_recipe", "recipe_from_dict"]
@@ -83,6 +83,15 @@ class Plan:
     @property
     def needs_static_activations(self) -> bool:
         return any(t.activations is not None and t.activations.needs_calibration for t in self.tensors.values())
+
+    def common_scheme(self) -> QuantScheme:
+        """The most common weight scheme with the most common activation spec (a mixed plan's
+        headline; each tensor's own choice is in `tensors`)."""
+        import collections
+
+        weights = collections.Counter(t.weights for t in self.tensors.values()).most_common(1)[0][0]
+        acts = collections.Counter(t.activations for t in self.tensors.values()).most_common(1)[0][0]
+        return QuantScheme(weights, acts)
 
     def summary(self) -> list[dict]:
         """Tensors grouped by (weights, activations, reason): the compact form outputs record."""

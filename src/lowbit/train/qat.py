@@ -34,7 +34,6 @@ from lowbit.model.load import LoadedModel
 from lowbit.model.quantized import QuantizedModel, install_quantized
 from lowbit.model.targets import all_weights
 from lowbit.plan import Plan
-from lowbit.scheme import QuantScheme
 from lowbit.tensor import QuantizedTensor, to_matrix
 from lowbit.train.loop import NonFiniteLoss, Schedule, next_token_loss, train_steps, training_windows
 from lowbit.train.fake_quant import (InputFakeQuant, WeightFakeQuant, add_weight_fake_quant, latent_weight,
@@ -104,8 +103,6 @@ def convert(model: torch.nn.Module, plan: Plan, tokenizer, source: str, hooks: d
     """The trained model as a QuantizedModel: each fake-quantized weight becomes the codes and
     stored parameters its training forward decoded (bit for bit), installed as QuantLinear
     or written in place, exactly as a PTQ method leaves it."""
-    import collections
-
     prepared = _prepared(model)
     tensors, targets = {}, {}
     for name in plan.tensors:
@@ -126,11 +123,9 @@ def convert(model: torch.nn.Module, plan: Plan, tokenizer, source: str, hooks: d
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    common = collections.Counter(t.weights for t in plan.tensors.values()).most_common(1)[0][0]
-    acts = collections.Counter(t.activations for t in plan.tensors.values()).most_common(1)[0][0]
     rec = {"targets": len(tensors), "kept_full_precision": plan.kept, "recipe": plan.recipe.to_dict(),
            "plan": plan.summary(), **(record or {})}
-    return QuantizedModel(model, tokenizer, QuantScheme(common, acts), tensors, targets, source, "qat", rec, plan)
+    return QuantizedModel(model, tokenizer, plan.common_scheme(), tensors, targets, source, "qat", rec, plan)
 
 
 @dataclasses.dataclass(frozen=True)
