@@ -60,7 +60,7 @@ def main() -> None:
     from lowbit.data import token_windows
     from lowbit.export.gguf import write_gguf
     from lowbit.model.load import load_source
-    from lowbit.train.bitnet import TinyLlama, run_bitnet
+    from lowbit.train.bitnet import TinyLlama, run_bitnet, without_input_quant
     from lowbit.train.loop import Schedule, training_windows
 
     tokenizer = load_source(None).tokenizer
@@ -71,9 +71,7 @@ def main() -> None:
     import dataclasses
 
     with tempfile.TemporaryDirectory() as tmp:
-        weights_only = dataclasses.replace(res.qm, tensors={n: dataclasses.replace(qt, input_quant=None)
-                                                            for n, qt in res.qm.tensors.items()})
-        gguf_path = write_gguf(weights_only, Path(tmp) / "bitnet.gguf")
+        gguf_path = write_gguf(without_input_quant(res.qm), Path(tmp) / "bitnet.gguf")
         gguf_bytes = gguf_path.stat().st_size
         cpp_loss = llama_cpp_loss(gguf_path, held_out)
     every = max(1, args.steps // 10)

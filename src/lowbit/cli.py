@@ -395,7 +395,7 @@ def cmd_bitnet_train(args):
     from lowbit.errors import SchemeError
     from lowbit.export.native import save
     from lowbit.model.load import load_source
-    from lowbit.train.bitnet import TinyLlama, run_bitnet
+    from lowbit.train.bitnet import TinyLlama, run_bitnet, without_input_quant
     from lowbit.train.loop import Schedule
 
     schedule = Schedule(args.steps, args.lr, args.warmup)
@@ -416,10 +416,7 @@ def cmd_bitnet_train(args):
     if args.gguf:
         from lowbit.export.gguf import write_gguf
 
-        # llama.cpp quantizes TQ2_0's inputs itself (Q8_K: 8 bits per 256 values) in place of BitNet's per-token int8
-        weights_only = dataclasses.replace(res.qm, tensors={n: dataclasses.replace(qt, input_quant=None)
-                                                            for n, qt in res.qm.tensors.items()})
-        gguf_path = str(write_gguf(weights_only, args.gguf, force=args.force))
+        gguf_path = str(write_gguf(without_input_quant(res.qm), args.gguf, force=args.force))
     summary = {"output": str(path), "gguf": gguf_path, "shape": dataclasses.asdict(shape), "steps": args.steps, "data": label,
                "bits_per_weight": res.qm.bits_per_weight, "train_loss_last": {k: v[-1] for k, v in res.losses.items()},
                "held_out_loss": res.eval_loss, "seconds": res.seconds, "losses": res.losses}
@@ -742,6 +739,16 @@ def _add_plan_flags(q):
     q.add_argument("--json", action="store_true")
 
 
+def _add_training_flags(p, ctx: int, lr: float, lr_note: str = "") -> None:
+    """Flags every training command shares: steps, text, window, batch, learning-rate schedule."""
+    p.add_argument("--steps", type=int, required=True, help="optimizer steps")
+    p.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
+    p.add_argument("--ctx", type=int, default=ctx, help=f"tokens per training window (default {ctx})")
+    p.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
+    p.add_argument("--lr", type=float, default=lr, help=f"peak learning rate (default {lr:g}{lr_note})")
+    p.add_argument("--warmup", type=int, help="linear warm-up steps (default 5%% of --steps)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -766,12 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "OUT.qat-checkpoint/; --resume continues from there bit-identically.")
     _add_plan_flags(t)
     t.add_argument("--init", dest="method", help="the PTQ method training starts from (same as --method; default rtn)")
-    t.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    t.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
-    t.add_argument("--ctx", type=int, default=512, help="tokens per training window (default 512)")
-    t.add_argument("--batch-size", type=int, default=1, help="windows per step (default 1)")
-    t.add_argument("--lr", type=float, default=1e-5, help="peak learning rate (default 1e-5)")
-    t.add_argument("--warmup", type=int, help="linear warm-up steps (default 5%% of --steps)")
+    _add_training_flags(t, ctx=512, lr=1e-5)
     t.add_argument("--distill", action="store_true", help="loss = KL(full-precision model || student) on the logits")
     t.add_argument("--scales", default="auto", choices=["auto", "lsq", "fixed", "dynamic"],
                    help="group parameters: lsq (learned; integer formats), fixed (the PTQ start's), dynamic (refitted "
@@ -791,14 +793,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "adapter_config.json and adapter_model.safetensors (PEFT loads them onto the base) "
                                     "and base/, the quantized base as a lowbit folder.")
     _add_plan_flags(lq)
-    lq.add_argument("--steps", type=int, required=True, help="optimizer steps")
-    lq.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
+    _add_training_flags(lq, ctx=512, lr=2e-4)
     lq.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
     lq.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; the update is scaled by alpha / r (default 16)")
-    lq.add_argument("--ctx", type=int, default=512, help="tokens per training window (default 512)")
-    lq.add_argument("--batch-size", type=int, default=1)
-    lq.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default 2e-4)")
-    lq.add_argument("--warmup", type=int, help="linear warm-up steps (default 5%% of --steps)")
     lq.add_argument("--gradient-checkpointing", action="store_true")
     lq.add_argument("--output", "-o", required=True)
     lq.add_argument("--force", action="store_true")
@@ -810,12 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "after each step; GEMMs through torch._scaled_mm), the master weights in FP32. "
                                     "The same model trains in FP32 on the same batches for comparison.")
     f8.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
-    f8.add_argument("--steps", type=int, required=True)
-    f8.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
-    f8.add_argument("--ctx", type=int, default=512)
-    f8.add_argument("--batch-size", type=int, default=1)
-    f8.add_argument("--lr", type=float, default=1e-5)
-    f8.add_argument("--warmup", type=int)
+    _add_training_flags(f8, ctx=512, lr=1e-5)
     f8.add_argument("--seed", type=int, default=0)
     f8.add_argument("--history", type=int, default=16, help="amax history length (default 16)")
     f8.add_argument("--reduction", default="max", choices=["max", "most_recent"], help="how a scale reads its history")
@@ -832,17 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
                                     "model (same initial weights, batches and schedule) trains in FP32 beside it. "
                                     "The ternary model is saved as a lowbit folder.")
     bn.add_argument("source", nargs="?", help="where the tokenizer comes from (default: the embedded default's)")
-    bn.add_argument("--steps", type=int, required=True)
-    bn.add_argument("--data", help="training text (default: Python reference manual, calibration part)")
+    _add_training_flags(bn, ctx=256, lr=1.5e-3, lr_note=", BitNet's small-model rate")
     bn.add_argument("--eval-data", help="held-out text (default: Python reference manual, evaluation part)")
     bn.add_argument("--layers", type=int, default=4)
     bn.add_argument("--hidden", type=int, default=256)
     bn.add_argument("--intermediate", type=int, default=688)
     bn.add_argument("--heads", type=int, default=4)
-    bn.add_argument("--ctx", type=int, default=256)
-    bn.add_argument("--batch-size", type=int, default=1)
-    bn.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3, BitNet's small-model rate)")
-    bn.add_argument("--warmup", type=int)
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument("--no-fp32", action="store_true", help="skip the FP32 comparison run")
     bn.add_argument("--gguf", help="also write the ternary weights as a llama.cpp GGUF (TQ2_0; rows must be multiples "

@@ -87,3 +87,9 @@ def run_bitnet(tokenizer, windows: torch.Tensor, held_out: torch.Tensor, shape: 
             if model is not None:
                 eval_loss[kind] = float(sum(next_token_loss(model, w[None]) for w in held_out) / len(held_out))
     return BitNetResult(qm, losses, eval_loss, seconds)
+
+
+def without_input_quant(qm):
+    """The model's tensors without their input specs: what a GGUF holds (llama.cpp quantizes
+    TQ2_0's inputs itself, to Q8_K: 8 bits per 256 values, in place of BitNet's per-token int8)."""
+    return dataclasses.replace(qm, tensors={n: dataclasses.replace(qt, input_quant=None) for n, qt in qm.tensors.items()})
