@@ -276,6 +276,7 @@ def test_qat_cli_end_to_end_and_resume_gives_the_same_bytes(tiny_llama, tmp_path
     (["--resume"], {}, "no checkpoint"),
     ([], {"to": "gguf"}, "lowbit export"),
     ([], {"scales": "lsq", "format": "nf4", "bits": None, "group_size": "64"}, "integer format"),
+    (["--clip-ste"], {}, "--clip-ste applies to fixed or dynamic"),
 ])
 def test_qat_bad_input_is_one_clear_line(tiny_llama, tmp_path, train_text, capsys, extra, override, msg):
     out = tmp_path / "out"

@@ -89,14 +89,19 @@ def representable_range(fmt, p: Params, cols: int, group_size: int) -> tuple[tor
     return expand(lo), expand(hi)
 
 
-def resolve_mode(mode: str, scheme: WeightScheme) -> str:
+def resolve_mode(mode: str, scheme: WeightScheme, clip_ste: bool = False) -> str:
+    """The scale mode `mode` means for this scheme ("auto": LSQ for integers, else fixed);
+    a mode, or --clip-ste, the scheme cannot take is refused."""
     fmt = scheme.make_format()
     if mode not in SCALE_MODES:
         raise SchemeError(f"unknown scale mode {mode!r}; use one of {', '.join(SCALE_MODES)}")
     if mode == "auto":
-        return "lsq" if isinstance(fmt, IntFormat) else "fixed"
+        mode = "lsq" if isinstance(fmt, IntFormat) else "fixed"
     if mode == "lsq" and not isinstance(fmt, IntFormat):
         raise SchemeError(f"learned (LSQ) scales need an integer format, not {fmt.name}; use --scales fixed or dynamic")
+    if clip_ste and mode == "lsq":
+        raise SchemeError("--clip-ste applies to fixed or dynamic scales; LSQ already passes no weight gradient "
+                          "outside the grid (drop --clip-ste or pass --scales fixed)")
     return mode
 
 
@@ -112,7 +117,7 @@ class WeightFakeQuant(torch.nn.Module):
         super().__init__()
         self.scheme, self.fmt = scheme, scheme.make_format()
         self.shape, self.transposed = tuple(shape), transposed
-        self.mode, self.clip_ste = resolve_mode(mode, scheme), clip_ste
+        self.mode, self.clip_ste = resolve_mode(mode, scheme, clip_ste), clip_ste
         rows = math.prod(shape[:-2]) * (shape[-1] if transposed else shape[-2])
         cols = shape[-2] if transposed else shape[-1]
         self.rows, self.cols = rows, cols

@@ -281,7 +281,7 @@ def run_qat(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: QA
     torch.manual_seed(cfg.seed)
     windows = training_windows(loaded.tokenizer, text, cfg.ctx, cfg.batch_size)
     for tp in plan.tensors.values():  # refuse a scale mode the format cannot take before any PTQ runs
-        resolve_mode(cfg.scales, tp.weights)
+        resolve_mode(cfg.scales, tp.weights, cfg.clip_ste)
     # settings that do not change the numbers may differ on --resume (a lower --lr after a NaN)
     identity = {"source": loaded.source, "recipe": plan.recipe.to_dict(), "plan": plan.summary(),
                 "qat": {k: v for k, v in dataclasses.asdict(cfg).items()
