@@ -778,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scales", default="auto", choices=["auto", "lsq", "fixed", "dynamic"],
                    help="group parameters: lsq (learned; integer formats), fixed (the PTQ start's), dynamic (refitted "
                         "every step); auto = lsq for integers, else fixed")
-    t.add_argument("--clip-ste", action="store_true", help="no gradient to weights outside their group's grid")
+    t.add_argument("--clip-ste", action="store_true", help="no gradient to weights outside their group's grid (with --scales fixed or dynamic; LSQ clips by itself)")
     t.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (0: none; default 50)")
     t.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward (less memory)")
     t.add_argument("--resume", action="store_true", help="continue from OUT.qat-checkpoint/ (same flags)")
