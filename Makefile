@@ -13,8 +13,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # dev extras: pytest, and llama-cpp-python (compiles llama.cpp, ~4 min) to prove GGUF files load
+# and Debian's chromium (where apt-get runs as root) to render the HTML report in a real browser
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -e '.[dev]'
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }; }; } || \
+	  echo "chromium not installed: the report's browser tests will be skipped"
 	touch $@
 
 .PHONY: demo test bench

@@ -181,11 +181,7 @@ def _plan_from_args(args):
     t0 = time.perf_counter()
     loaded = load_source(args.source)
     t_load = time.perf_counter() - t0
-    return loaded, build_plan(loaded, recipe, _container(args), progress=not args.json), t_load
-
-
-def _weights_file(out):
-    return out if out.is_file() else out / "model.safetensors"
+    return loaded, build_plan(loaded, recipe, _container(args), progress=args.progress), t_load
 
 
 def cmd_quantize(args):
@@ -194,10 +190,10 @@ def cmd_quantize(args):
     from lowbit.export.native import remove_output
 
     loaded, plan, t_load = _plan_from_args(args)
-    qm = execute(loaded, plan, progress=not args.json)
+    qm = execute(loaded, plan, progress=args.progress)
     qm.recipe["seconds"]["load"] = t_load
     kept = qm.recipe["kept_full_precision"]
-    if not args.json:
+    if args.progress:
         print(f"quantized {len(qm.tensors)} weights with {plan.recipe.method}: {_plan_line(plan)}; kept in full precision: "
               f"{', '.join(kept[:6])}{' ...' if len(kept) > 6 else ''} ({len(kept)})", file=sys.stderr)
         for note in plan.notes[:5]:
@@ -209,7 +205,9 @@ def cmd_quantize(args):
     out = _write_output(qm, args)
     budget = plan.budget
     if budget is not None and budget.get("max_bytes") is not None:
-        size = _weights_file(out).stat().st_size
+        from lowbit.export import weights_file
+
+        size = weights_file(out).stat().st_size
         if size > budget["max_bytes"]:
             remove_output(out)
             raise SchemeError(f"the output came out {size} bytes, over --max-size {budget['max_bytes']}, so it was removed; "
@@ -262,19 +260,10 @@ def cmd_plan(args):
 
 def _write_output(qm, args):
     """Serialise a QuantizedModel in the requested target format."""
-    from lowbit.export.native import save
+    from lowbit.export import write
 
-    if args.to == "gguf":
-        from lowbit.export.gguf import write_gguf
-
-        t = (args.type or "").upper()
-        full = t if t in ("F32", "F16", "BF16") else None
-        return write_gguf(qm, args.output, full_precision=full, force=args.force)
-    if args.to == "native":
-        return save(qm, args.output, force=args.force)
-    from lowbit.export import checkpoint_exporter
-
-    return checkpoint_exporter(args.to)(qm, args.output, force=args.force)
+    t = (args.type or "").upper()
+    return write(qm, args.to, args.output, force=args.force, full_precision=t if t in ("F32", "F16", "BF16") else None)
 
 
 def _refuse_existing(*paths, force: bool) -> None:
@@ -304,7 +293,7 @@ def cmd_qat(args):
     _refuse_existing(out, force=args.force)
     text, label = read_text(args.data, "calib")
     loaded, plan, t_load = _plan_from_args(args)
-    res = run_qat(loaded, plan, text, label, cfg, out, resume=args.resume, progress=not args.json)
+    res = run_qat(loaded, plan, text, label, cfg, out, resume=args.resume, progress=args.progress)
     res.qm.recipe["seconds"]["load"] = t_load
     path = save(res.qm, out, force=args.force)
     if res.checkpoint is not None:
@@ -334,7 +323,7 @@ def cmd_qlora(args):
     _refuse_existing(out, force=args.force)
     text, label = read_text(args.data, "calib")
     loaded, plan, _ = _plan_from_args(args)
-    res = run_qlora(loaded, plan, text, label, cfg, out, force=args.force, progress=not args.json)
+    res = run_qlora(loaded, plan, text, label, cfg, out, force=args.force, progress=args.progress)
     summary = {"output": str(res.output), "base": _plan_line(plan), "adapted_modules": len(res.adapted),
                "rank": cfg.rank, "steps": cfg.steps, "loss_first": res.losses[0], "loss_last": res.losses[-1],
                "seconds": res.seconds, "losses": res.losses}
@@ -362,7 +351,7 @@ def cmd_fp8_train(args):
     loaded = load_source(args.source)
     windows, label = _training_text_windows(args, loaded)
     res = run_fp8_training(loaded.model, windows, schedule, recipe, args.batch_size, args.seed,
-                           compare_fp32=not args.no_fp32, progress=not args.json)
+                           compare_fp32=not args.no_fp32, progress=args.progress)
     if out is not None:
         from lowbit.export.native import staged_output_dir
 
@@ -410,7 +399,7 @@ def cmd_bitnet_train(args):
     eval_text, _ = read_text(args.eval_data, "eval")
     held_out = token_windows(loaded.tokenizer, eval_text, args.ctx, 8)
     res = run_bitnet(loaded.tokenizer, windows, held_out, shape, schedule, args.batch_size, args.seed,
-                     compare_fp32=not args.no_fp32, progress=not args.json)
+                     compare_fp32=not args.no_fp32, progress=args.progress)
     path = save(res.qm, out, force=args.force)
     gguf_path = None
     if args.gguf:
@@ -457,16 +446,25 @@ def cmd_export(args):
 
 
 def cmd_eval(args):
-    from lowbit.errors import SourceError
+    from lowbit.errors import DataError, SourceError
     from lowbit.eval.divergence import CacheProtocol
-    from lowbit.eval.layers import layer_errors
-    from lowbit.eval.report import (check_context, eval_windows, evaluate_candidate, load_candidate, resolve_reference,
-                                    source_candidate)
+    from lowbit.eval.domains import read_named_texts
+    from lowbit.eval.layers import LayerError
+    from lowbit.eval.report import candidate_record, check_context, eval_windows, load_candidate, resolve_reference, source_candidate
     from lowbit.model.load import load_source
     from lowbit.runtime.kv_cache import KVCacheSpec
 
+    data, extra = None, {}
+    if args.domains:
+        extra = read_named_texts(args.data)
+    elif args.data and len(args.data) > 1:
+        raise DataError("--data names one evaluation text; several (as NAME=FILE) only with --domains")
+    elif args.data:
+        data = args.data[0]
     protocol = None
     if args.kv is not None:
+        if args.domains:
+            raise DataError("--domains with --kv is not supported; evaluate the KV cache and the domains in two runs")
         protocol = CacheProtocol.for_window(KVCacheSpec(args.kv, residual=args.kv_residual), args.ctx, args.kv_chunk)
     if args.candidate is None:
         if protocol is None:
@@ -478,19 +476,17 @@ def cmd_eval(args):
         cand = load_candidate(args.candidate)
         ref = load_source(resolve_reference(cand, args.reference))
     check_context(ref.model, args.ctx, ref.source)
-    windows = eval_windows(ref.tokenizer, args.data, args.ctx, args.windows)
-    result = evaluate_candidate(cand, ref.model, windows, progress=not args.json, protocol=protocol)
-    layers = []
-    if cand.quantized is not None:
-        layers = layer_errors(ref.model, cand.quantized.tensors, cand.quantized.targets, windows[0])
-        result["layers"] = [vars(r) for r in layers]
-        # worst first; all of them with --layers, the ten worst otherwise
-        layers = sorted(layers, key=lambda r: -(r.output_rel_err if r.output_rel_err is not None else r.weight_rel_err))
-        if not args.layers:
-            layers = layers[:10]
+    windows = eval_windows(ref.tokenizer, data, args.ctx, args.windows)
+    result = candidate_record(cand, ref.model, ref.tokenizer, windows, protocol, args.domains, extra, args.windows,
+                              args.seed, progress=args.progress)
     if args.json:
         _print(result, True)
         return
+    layers = [LayerError(**r) for r in result.get("layers", [])]
+    # worst first; all of them with --layers, the ten worst otherwise
+    layers = sorted(layers, key=lambda r: -(r.output_rel_err if r.output_rel_err is not None else r.weight_rel_err))
+    if not args.layers:
+        layers = layers[:10]
     if layers:
         print(tabulate([[r.name, r.weight_rel_err, r.output_rel_err] for r in layers],
                        headers=("layer", "weight rel err", "output rel err"), floatfmt=".4f"))
@@ -501,6 +497,98 @@ def cmd_eval(args):
         print(f"KV cache {result['kv_label']} against a full-precision cache; each window: a {protocol.prefill}-token "
               f"prefill, forwards of {protocol.chunk} tokens, the last {protocol.tail} tokens one at a time")
     print(tabulate([[k, result[k]] for k in keys], floatfmt=".4f"))
+    if args.domains:
+        print(f"\nper domain ({args.windows} windows x {args.ctx} tokens each; sensitivity = KLD / prose KLD)")
+        print(tabulate([[n, d["kld"], d["sensitivity"], d["top1"], d["ppl"], d["ref_ppl"]] for n, d in result["domains"].items()],
+                       headers=("domain", "KLD", "sensitivity", "top-1", "PPL", "ref PPL"), floatfmt=".4f"))
+        for n, g in result["generations"].items():
+            print(f"\n[{n}] {g['prompt']!r}")
+            print(tabulate([[g["reference"], g["candidate"]]], headers=("reference", "candidate"),
+                           tablefmt="grid", maxcolwidths=[50, 50]))
+
+
+def cmd_report(args):
+    from lowbit.eval.report import candidate_record, check_context, eval_windows, load_candidate, resolve_reference
+    from lowbit.model.load import load_source, resolve_source
+    from lowbit.report import check_output, read_records, unique_labels, write_report
+
+    check_output(args.output, args.force)
+    named = []   # (label or None, path): LABEL=PATH names a candidate in the report
+    for c in args.candidates:
+        label, sep, path = c.partition("=")
+        named.append((label, path) if sep and label and not os.path.exists(c) else (None, c))
+    models = [p for _, p in named if not (p.endswith(".json") and os.path.isfile(p))]
+    for p in models:
+        resolve_source(p)   # refuse what is not a model before evaluating anything
+    records, references = [], {}
+    for label, c in named:
+        if c not in models:
+            got = read_records(c)
+            records += [{**r, "label": label} for r in got] if label else got
+            continue
+        cand = load_candidate(c)
+        src = resolve_reference(cand, args.reference)
+        if src not in references:
+            references.clear()   # one reference resident at a time
+            references[src] = load_source(src)
+        ref = references[src]
+        check_context(ref.model, args.ctx, ref.source)
+        windows = eval_windows(ref.tokenizer, args.data, args.ctx, args.windows)
+        rec = candidate_record(cand, ref.model, ref.tokenizer, windows, domains=not args.no_domains,
+                               domain_windows=args.windows, seed=args.seed, progress=args.progress)
+        records.append({**rec, "label": label} if label else rec)
+        del cand
+    records = unique_labels(records)
+    paths = write_report(records, args.output, args.title, args.reference, args.force)
+    rows = [[r["label"], r["size_bytes"] / 1e6, r["kld"], r.get("top1")] for r in records]
+    if args.json:
+        _print({"written": {k: str(v) for k, v in paths.items()},
+                "candidates": [dict(zip(("label", "mb", "kld", "top1"), row)) for row in rows]}, True)
+        return
+    print(tabulate(rows, headers=("candidate", "MB stored", "KLD", "top-1"), floatfmt=(".2f", ".2f", ".4f", ".3f")))
+    print("\n".join(f"wrote {p}" for p in paths.values()))
+
+
+def cmd_recommend(args):
+    import tempfile
+
+    from lowbit.calib import CalibrationConfig
+    from lowbit.errors import DataError
+    from lowbit.eval.report import eval_windows
+    from lowbit.model.load import load_source
+    from lowbit.plan.budget import parse_size
+    from lowbit.recommend import explain, keep, recommend
+
+    budget = parse_size(args.budget)
+    work_parent = None
+    if args.output:
+        _refuse_existing(args.output, force=args.force)
+        work_parent = Path(args.output).resolve().parent
+        if not work_parent.is_dir():
+            raise DataError(f"the folder {work_parent} for -o does not exist; create it or choose another path")
+    loaded = load_source(args.source)
+    windows = eval_windows(loaded.tokenizer, args.data, args.ctx, args.windows)
+    calibration = CalibrationConfig(text=args.calib, samples=args.samples, seqlen=args.seqlen, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix=".lowbit-recommend-", dir=work_parent) as work:
+        outcomes = recommend(loaded, args.use, budget, calibration, windows, Path(work), progress=args.progress)
+        best = outcomes[0]
+        if best.status != "measured":
+            raise DataError(f"no candidate's file came out within --budget {args.budget}: "
+                            + "; ".join(f"{o.choice.name} {o.file_bytes or o.planned_bytes} bytes" for o in outcomes))
+        kept = str(keep(best, args.output)) if args.output else None
+    why = explain(best, outcomes, budget)
+    if args.json:
+        _print({"use": args.use, "budget_bytes": budget, "recommended": best.choice.name, "why": why, "output": kept,
+                "eval": {"windows": windows.shape[0], "ctx": windows.shape[1]},
+                "calibration": {"samples": args.samples, "seqlen": args.seqlen},
+                "candidates": [o.as_dict() for o in outcomes]}, True)
+        return
+    mb = lambda b: None if b is None else b / 1e6  # noqa: E731
+    print(tabulate([[o.choice.name, o.choice.container, mb(o.planned_bytes), mb(o.file_bytes), o.kld, o.top1, o.status,
+                     o.choice.runtime] for o in outcomes],
+                   headers=("candidate", "format", "planned MB", "file MB", "KLD", "top-1", "status", "loads in"),
+                   floatfmt=("", "", ".1f", ".1f", ".4f", ".3f"), missingval="–", maxcolwidths=[None] * 7 + [40]))
+    print(f"\nrecommended: {why}" + (f"\nwritten: {kept}" if kept else "\n(pass -o OUT to keep it)"))
 
 
 def cmd_compare(args):
@@ -518,7 +606,7 @@ def cmd_compare(args):
     t_load = time.perf_counter() - t0
     windows = eval_windows(loaded.tokenizer, args.data, args.ctx, args.windows)
     t0 = time.perf_counter()
-    ref = run_reference(loaded.model, windows, progress=not args.json)
+    ref = run_reference(loaded.model, windows, progress=args.progress)
     t_ref = time.perf_counter() - t0
     rows = []
     for name in args.schemes:
@@ -528,7 +616,7 @@ def cmd_compare(args):
         qm = quantize(work, name, method=args.method, progress=False)
         t_q = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = compare(qm.model, ref, progress=not args.json)
+        res = compare(qm.model, ref, progress=args.progress)
         t_e = time.perf_counter() - t0
         rows.append({"method": args.method, "scheme": name, "format": scheme.label(),
                      "bits_per_weight": qm.bits_per_weight, "quantized_mb": qm.quantized_bytes / 1e6,
@@ -549,10 +637,8 @@ def cmd_compare(args):
 
 
 def cmd_generate(args):
-    import torch
-
     from lowbit.errors import SourceError
-    from lowbit.eval.report import load_candidate, resolve_reference
+    from lowbit.eval.report import generate_text, load_candidate, resolve_reference
     from lowbit.model.load import load_source
     from lowbit.runtime.kv_cache import KVCacheSpec, QuantizedKVCache
 
@@ -570,11 +656,8 @@ def cmd_generate(args):
     cand_label = "candidate" if spec is None else f"candidate, KV {spec.label()}"
     outputs = {}
     for label, model, tok, kv in (("reference", ref.model, ref.tokenizer, None), ("candidate", cand_model, cand_tok, spec)):
-        ids = tok(args.prompt, return_tensors="pt")
-        extra = {} if kv is None else {"cache": QuantizedKVCache(kv, model.config)}
-        with torch.no_grad():
-            gen = model.generate(**ids, max_new_tokens=args.max_new_tokens, do_sample=False, **extra)
-        outputs[label] = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        cache = None if kv is None else QuantizedKVCache(kv, model.config)
+        outputs[label] = generate_text(model, tok, args.prompt, args.max_new_tokens, cache)
     if args.json:
         _print({"prompt": args.prompt, **outputs, "kv": None if spec is None else spec.as_dict()}, True)
         return
@@ -752,6 +835,7 @@ def _add_training_flags(p, ctx: int, lr: float, lr_note: str = "") -> None:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes, only the results")
     sub = ap.add_subparsers(dest="command", required=True)
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
@@ -859,7 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "full-precision cache; with one, its weights and cache against the source.")
     e.add_argument("candidate", nargs="?", help="lowbit folder, HF folder or .gguf (optional with --kv)")
     e.add_argument("--reference", help="the source (default: the candidate's recorded source, or the embedded default)")
-    e.add_argument("--data", help="text file (default: Python reference manual, evaluation part); windows are cut "
+    e.add_argument("--data", action="append", help="text file (default: Python reference manual, evaluation part); "
+                   "with --domains, NAME=FILE adds a domain (repeatable); windows are cut "
                                   "from the whole text concatenated, e.g. WikiText-2 test.txt with --ctx 2048")
     e.add_argument("--ctx", type=int, default=512, help="tokens per window, at most the model's max_position_embeddings")
     e.add_argument("--windows", type=int, default=16)
@@ -868,6 +953,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "int4 (asymmetric g32 along head_dim), kivi2 (KIVI 2-bit: keys per channel, "
                                                      "values per token, a full-precision window), kivi4 (KIVI at 4 bits)")
     e.add_argument("--kv-residual", type=int, default=128, help="kivi2/kivi4: most recent tokens kept in full precision (128)")
+    e.add_argument("--domains", action="store_true", help="also score each domain (prose, code, arithmetic, math, "
+                   "chat) on --windows windows each, with generations side by side")
+    e.add_argument("--seed", type=int, default=0, help="--domains: seed of the generated arithmetic, math and chat sets")
     e.add_argument("--kv-chunk", type=int, default=32, help="--kv: tokens per forward after the prefill (default 32)")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
@@ -881,6 +969,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--windows", type=int, default=16)
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compare)
+
+    r = sub.add_parser("report", help="one HTML page: quality vs size, per-domain and per-layer error, plans, generations",
+                       description="Evaluate each CANDIDATE (a lowbit folder, HF folder or .gguf; or reuse the JSON of "
+                                   "`lowbit eval --json` or of an earlier report) and write one self-contained HTML "
+                                   "page, its PNGs beside it and its data as OUT.json (redraw: lowbit report OUT.json -o NEW.html).")
+    r.add_argument("candidates", nargs="+", metavar="CANDIDATE", help="a model or eval JSON; LABEL=PATH names it in the report")
+    r.add_argument("--reference", help="the source (default: each candidate's recorded source)")
+    r.add_argument("--data", help="the main evaluation text (default: Python reference manual, evaluation part)")
+    r.add_argument("--ctx", type=int, default=512)
+    r.add_argument("--windows", type=int, default=16, help="windows of the main text and of each domain (default 16)")
+    r.add_argument("--no-domains", action="store_true", help="skip the per-domain scores and generations")
+    r.add_argument("--seed", type=int, default=0, help="seed of the generated domain sets")
+    r.add_argument("--title", default="lowbit report")
+    r.add_argument("--output", "-o", required=True, help="the page, e.g. report.html")
+    r.add_argument("--force", action="store_true", help="replace an existing report")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=cmd_report)
+
+    rc = sub.add_parser("recommend", help="quantize the candidates the field suggests for a use, measure them, "
+                        "recommend the best within a size budget",
+                        description="The field's decision table (per use: the candidates worth trying and the runtime "
+                                    "that loads each) as the start; every candidate whose planned size fits --budget is "
+                                    "quantized on a small calibration set, written in its runtime's format and "
+                                    "evaluated; the lowest measured KLD whose weights file is within the budget wins.")
+    rc.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
+    rc.add_argument("--for", dest="use", required=True, choices=["cpu", "gpu-serving", "fine-tuning", "max-quality"])
+    rc.add_argument("--budget", required=True, help="largest weights file (the .gguf or model.safetensors), e.g. 100MB, 4GiB")
+    rc.add_argument("--calib", help="calibration text (default: Python reference manual, calibration part)")
+    rc.add_argument("--samples", type=int, default=16, help="calibration windows (default 16: quick)")
+    rc.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window (default 256)")
+    rc.add_argument("--data", help="evaluation text (default: Python reference manual, evaluation part)")
+    rc.add_argument("--ctx", type=int, default=256, help="tokens per evaluation window (default 256)")
+    rc.add_argument("--windows", type=int, default=8, help="evaluation windows (default 8)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.add_argument("--output", "-o", help="keep the recommended candidate here (a .gguf file or a folder)")
+    rc.add_argument("--force", action="store_true")
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=cmd_recommend)
 
     g = sub.add_parser("generate", help="reference and candidate text side by side")
     g.add_argument("candidate", nargs="?", help="lowbit folder, HF folder or .gguf (optional with --kv)")
@@ -942,9 +1068,23 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _add_quiet_everywhere(parser: argparse.ArgumentParser) -> None:
+    """`--quiet` after the command too (`lowbit eval X --quiet`), not only before it."""
+    for sub in parser._subparsers._group_actions[0].choices.values():
+        sub.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                         help="no progress bars or notes, only the results")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _add_quiet_everywhere(parser)
     args = parser.parse_args(argv)
+    args.progress = not (args.json or args.quiet)
+    if args.quiet:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
     if args.command in ("quantize", "plan", "qat", "qlora"):
         sub = parser._subparsers._group_actions[0].choices[args.command]
         args.parser_defaults = {}

@@ -84,6 +84,15 @@ def check_context(model: torch.nn.Module, ctx: int, source: str) -> None:
                         f"pass --ctx {limit} or less")
 
 
+@torch.no_grad()
+def generate_text(model: torch.nn.Module, tokenizer, prompt: str, max_new_tokens: int, cache=None) -> str:
+    """The greedy continuation of prompt, through `cache` (a KV cache) if given."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    extra = {} if cache is None else {"cache": cache}
+    gen = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, **extra)
+    return tokenizer.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
 def evaluate_candidate(candidate: Candidate, reference_model: torch.nn.Module, windows: torch.Tensor,
                        progress: bool = True, reference_run: ReferenceRun | None = None,
                        protocol: CacheProtocol | None = None) -> dict:
@@ -106,3 +115,25 @@ def evaluate_candidate(candidate: Candidate, reference_model: torch.nn.Module, w
     return {**result.as_dict(), "bits_per_weight": candidate.quantized_bpw,
             "bits_per_weight_file": candidate.size_bytes * 8 / max(1, n_weights),
             "size_bytes": candidate.size_bytes, "candidate": candidate.path, **extra}
+
+
+def candidate_record(candidate: Candidate, reference_model: torch.nn.Module, tokenizer, windows: torch.Tensor,
+                     protocol: CacheProtocol | None = None, domains: bool = False, extra_domains: dict | None = None,
+                     domain_windows: int = 16, seed: int = 0, progress: bool = True) -> dict:
+    """What `lowbit eval --json` writes and `lowbit report` draws: the scores on `windows`, every
+    quantized layer's error, the plan and recipe of a lowbit folder, and with `domains` the
+    per-domain scores and generations."""
+    from lowbit.eval.layers import layer_errors
+
+    record = evaluate_candidate(candidate, reference_model, windows, progress=progress, protocol=protocol)
+    record["label"] = Path(candidate.path).name
+    qm = candidate.quantized
+    if qm is not None:
+        record["layers"] = [vars(r) for r in layer_errors(reference_model, qm.tensors, qm.targets, windows[0])]
+        record.update(method=qm.method, scheme=qm.scheme.label(), recipe=qm.recipe)
+    if domains:
+        from lowbit.eval.domains import evaluate_domains
+
+        record.update(evaluate_domains(candidate.model, reference_model, tokenizer, windows.shape[1], domain_windows,
+                                       seed, extra_domains, progress=progress))
+    return record

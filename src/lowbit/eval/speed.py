@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 def rss_bytes() -> int:
     """Resident set size of this process, from /proc (bytes)."""

@@ -21,3 +21,24 @@ def checkpoint_exporter(name: str):
         return getattr(importlib.import_module(module), func)
     except (ImportError, AttributeError) as e:
         raise SchemeError(f"export to {name} is not available in this installation ({e})") from None
+
+
+def write(qm, to: str, output, force: bool = False, full_precision: str | None = None):
+    """Serialise qm with the exporter named by `to` (native, gguf or a checkpoint format)."""
+    if to == "gguf":
+        from lowbit.export.gguf import write_gguf
+
+        return write_gguf(qm, output, full_precision=full_precision, force=force)
+    if to == "native":
+        from lowbit.export.native import save
+
+        return save(qm, output, force=force)
+    return checkpoint_exporter(to)(qm, output, force=force)
+
+
+def weights_file(path):
+    """The file that holds an output's weights: the GGUF itself, or a folder's model.safetensors."""
+    from pathlib import Path
+
+    path = Path(path)
+    return path if path.is_file() else path / "model.safetensors"
