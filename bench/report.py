@@ -57,7 +57,7 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     source = str(resolve_source(None)[0])
-    calib = ["--calib", str(WIKI / "validation.txt"), "--samples", str(args.samples), "--seqlen", "512"]
+    calib = ["--calib", str(WIKI / "valid.txt"), "--samples", str(args.samples), "--seqlen", "512"]
     paths, seconds = [], {}
     for label, flags in CANDIDATES:
         out = work / (slug(label) + (".gguf" if "gguf" in flags else ""))

@@ -38,9 +38,9 @@ def _assert_same_qt(a, b):
         assert torch.equal(a.params[k], b.params[k]), k
 
 
-def test_type_table_covers_eleven_types():
-    assert len(GGUF_TYPES) == 11
-    assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1"}
+def test_type_table_covers_thirteen_types():
+    assert len(GGUF_TYPES) == 13
+    assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1", "gguf_iq4_nl"}
 
 
 @pytest.mark.parametrize("name", NAMES)

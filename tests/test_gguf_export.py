@@ -72,6 +72,15 @@ def test_mix_rules_follow_llama_cpp():
     assert t("Q8_0", "output.weight", None) == "Q8_0"
     assert t("Q4_0", "blk.0.ffn_down.weight", 0) == "Q4_0"
     assert t("Q4_0", "output.weight", None) == "Q6_K"
+    # IQ4_NL / IQ4_XS (llama-quant.cpp, no imatrix): Q5_K attn_v at GQA >= 4, Q5_K ffn_down in the
+    # first eighth, Q6_K output; IQ4_XS rows that 256 does not divide fall back to IQ4_NL
+    for mix in ("IQ4_NL", "IQ4_XS"):
+        assert t(mix, "blk.9.attn_v.weight", 9, n_gqa=4) == "Q5_K" and t(mix, "blk.9.attn_v.weight", 9, n_gqa=3) == mix
+        assert t(mix, "blk.3.ffn_down.weight", 3) == "Q5_K" and t(mix, "blk.4.ffn_down.weight", 4) == mix
+        assert t(mix, "blk.0.attn_q.weight", 0) == t(mix, "token_embd.weight", None) == mix
+        assert t(mix, "output.weight", None) == "Q6_K"
+    assert t("IQ4_XS", "blk.9.attn_q.weight", 9, cols=576) == "IQ4_NL"
+    assert t("IQ4_XS", "output.weight", None, cols=576) == "Q8_0"
     with pytest.raises(SchemeError, match="Q4_K_XL"):
         tensor_type_for("Q4_K_XL", "blk.0.attn_v.weight", 0, n, 4096)
 
@@ -94,12 +103,12 @@ def test_mix_fallback_for_576_columns():
 
 
 # --- tiny random models (HF tokenizer path, other architectures) ----------------------------------
-def _tiny(arch: str, tokenizer) -> LoadedModel:
+def _tiny(arch: str, tokenizer, hidden: int = 64, intermediate: int = 128) -> LoadedModel:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     cfg_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[arch]
     torch.manual_seed(0)
-    config = cfg_cls(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = cfg_cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                      tie_word_embeddings=False, rms_norm_eps=1e-5)
     model = model_cls(config).eval()
@@ -145,6 +154,28 @@ def test_hf_source_tokenizer_and_logits(default_model, tmp_path, arch):
     H = _model_logits(lm.model, ids)
     assert np.abs(L - H).max() < 1e-3 * max(1.0, np.abs(H).max())
     assert (L.argmax(-1) == H.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("fmt", ["gguf_iq4_nl", "gguf_iq4_xs"])
+def test_llama_cpp_runs_iq4(default_model, tmp_path, fmt):
+    """IQ4_NL / IQ4_XS weights (non-linear 4-bit grid) load in llama.cpp and give lowbit's logits,
+    up to llama.cpp's 8-bit rounding of the activations."""
+    from lowbit.api import quantize
+
+    lm = _tiny("llama", default_model.tokenizer, hidden=256, intermediate=512)
+    qm = quantize(lm, lowbit.WeightScheme(format=fmt, bits=None, group_size=32), progress=False)
+    path = write_gguf(qm, tmp_path / f"{fmt}.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == fmt.removeprefix("gguf_").upper()
+    ids = default_model.tokenizer(PROMPT)["input_ids"]
+    _, L = _llama_logits(path, ids)
+    H = _model_logits(qm.model, ids)
+    scale = np.abs(H).max()
+    print(fmt, np.abs(L - H).max() / scale, np.abs(L - H).mean() / scale, (L.argmax(-1) == H.argmax(-1)).mean())
+    assert np.abs(L - H).max() < 0.15 * scale and np.abs(L - H).mean() < 0.02 * scale
+    # random weights leave near-ties between logits: IQ4_XS's dot products round the
+    # activations per 256 (Q8_K), IQ4_NL's per 32 (Q8_0); measured top-1 0.82 and 1.0
+    assert (L.argmax(-1) == H.argmax(-1)).mean() >= 0.75
 
 
 @pytest.mark.e2e

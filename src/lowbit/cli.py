@@ -4,6 +4,7 @@ prints or exits."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -1068,6 +1069,28 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@contextlib.contextmanager
+def _quiet():
+    """No progress bars or info logs while a command runs, libraries' own bars included
+    (transformers' GGUF reader makes its tqdm directly)."""
+    import functools
+
+    import tqdm.std
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars, init = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), tqdm.std.tqdm.__init__
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    tqdm.std.tqdm.__init__ = functools.partialmethod(init, disable=True)
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = init
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def _add_quiet_everywhere(parser: argparse.ArgumentParser) -> None:
     """`--quiet` after the command too (`lowbit eval X --quiet`), not only before it."""
     for sub in parser._subparsers._group_actions[0].choices.values():
@@ -1080,18 +1103,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_quiet_everywhere(parser)
     args = parser.parse_args(argv)
     args.progress = not (args.json or args.quiet)
-    if args.quiet:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
     if args.command in ("quantize", "plan", "qat", "qlora"):
         sub = parser._subparsers._group_actions[0].choices[args.command]
         args.parser_defaults = {}
         for a in sub._actions:  # argparse keeps the first action's default for a shared dest
             args.parser_defaults.setdefault(a.dest, a.default)
     try:
-        args.func(args)
+        with _quiet() if args.quiet else contextlib.nullcontext():
+            args.func(args)
     except LowbitError as e:
         if args.debug:
             raise

@@ -117,13 +117,35 @@ def evaluate_candidate(candidate: Candidate, reference_model: torch.nn.Module, w
             "size_bytes": candidate.size_bytes, "candidate": candidate.path, **extra}
 
 
+def gguf_plan(path: str | os.PathLike) -> dict:
+    """method, scheme and recipe of a GGUF candidate: what lowbit recorded in the file (its plan,
+    with the reason for each type), or else each tensor's type as the file stores it."""
+    import json
+    from collections import Counter
+
+    from lowbit.info import describe
+
+    info = describe(path)
+    raw = info["metadata"].get("lowbit.recipe")
+    recipe = json.loads(raw) if isinstance(raw, str) else {}
+    types: dict[str, list[str]] = {}
+    for t in info["tensors"]:
+        types.setdefault(t["type"], []).append(t["name"])
+    if not recipe.get("plan"):
+        recipe["plan"] = [{"weights": f"GGUF {ty}", "activations": None, "reason": "its type in the file", "tensors": names}
+                          for ty, names in types.items()]
+    mix = ((recipe.get("recipe") or {}).get("gguf") or {}).get("mix")
+    common = Counter({ty: len(n) for ty, n in types.items()}).most_common(1)[0][0]
+    return {"method": recipe.get("method"), "scheme": f"GGUF {mix}" if mix else f"GGUF, mostly {common}", "recipe": recipe}
+
+
 def candidate_record(candidate: Candidate, reference_model: torch.nn.Module, tokenizer, windows: torch.Tensor,
                      protocol: CacheProtocol | None = None, domains: bool = False, extra_domains: dict | None = None,
                      domain_windows: int = 16, seed: int = 0, progress: bool = True) -> dict:
     """What `lowbit eval --json` writes and `lowbit report` draws: the scores on `windows`, every
     quantized layer's error, the plan and recipe of a lowbit folder, and with `domains` the
     per-domain scores and generations."""
-    from lowbit.eval.layers import layer_errors
+    from lowbit.eval.layers import dense_layer_errors, layer_errors
 
     record = evaluate_candidate(candidate, reference_model, windows, progress=progress, protocol=protocol)
     record["label"] = Path(candidate.path).name
@@ -131,6 +153,10 @@ def candidate_record(candidate: Candidate, reference_model: torch.nn.Module, tok
     if qm is not None:
         record["layers"] = [vars(r) for r in layer_errors(reference_model, qm.tensors, qm.targets, windows[0])]
         record.update(method=qm.method, scheme=qm.scheme.label(), recipe=qm.recipe)
+    elif candidate.model is not reference_model:
+        record["layers"] = [vars(r) for r in dense_layer_errors(reference_model, candidate.model, windows[0])]
+        if Path(candidate.path).suffix.lower() == ".gguf":
+            record.update(gguf_plan(candidate.path))
     if domains:
         from lowbit.eval.domains import evaluate_domains
 

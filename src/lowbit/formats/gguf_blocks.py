@@ -1,4 +1,5 @@
-"""llama.cpp GGUF block types as formats: legacy Q8_0/Q4_0/Q4_1/Q5_0/Q5_1 and k-quants Q2_K..Q6_K.
+"""llama.cpp GGUF block types as formats: legacy Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, k-quants Q2_K..Q6_K,
+the non-linear IQ4_NL/IQ4_XS and the ternary TQ2_0.
 
 Decoding is bit-for-bit llama.cpp's (and gguf-py's) dequantization, so a QuantizedTensor of one
 of these formats written with ``to_gguf_bytes`` decodes in llama.cpp to exactly
@@ -51,6 +52,8 @@ GGUF_TYPES: dict[str, GGMLQuantizationType] = {
     "gguf_q5_k": GGMLQuantizationType.Q5_K,
     "gguf_q6_k": GGMLQuantizationType.Q6_K,
     "gguf_tq2_0": GGMLQuantizationType.TQ2_0,
+    "gguf_iq4_nl": GGMLQuantizationType.IQ4_NL,
+    "gguf_iq4_xs": GGMLQuantizationType.IQ4_XS,
 }
 
 
@@ -491,6 +494,121 @@ class Q6_K(_KQuantFormat):
         return {"scale": _expand_super(stored["d"], self.per_super) * stored["scales"].float()}
 
 
+# --- IQ4: a non-linear 4-bit grid ------------------------------------------------------------------
+# llama.cpp's kvalues_iq4nl (published in ggml-common.h; gguf-py ships it as IQ4_NL.kvalues)
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def _iq4_index(y: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest IQ4 level to y (a tie goes up, as llama.cpp's best_index_int8)."""
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
+    return torch.bucketize(y, (levels[1:] + levels[:-1]) / 2, right=True)
+
+
+def _search_scale_iq4(x: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> torch.Tensor:
+    """llama.cpp's IQ4 scale search per group: start at d = max / -127 (max the value of largest
+    magnitude), try the inverse scales (k - 127) / max for k in -ntry..ntry, refit d by weighted
+    least squares for each, keep the largest (sum w q x)^2 / sum w q^2."""
+    levels = torch.tensor(IQ4_LEVELS, dtype=torch.float32)
+    idx = x.abs().argmax(dim=-1, keepdim=True)
+    mx = x.gather(-1, idx).squeeze(-1)
+    valid = mx != 0
+    mx = torch.where(valid, mx, torch.ones_like(mx))
+    best_d, best_score = torch.zeros_like(mx), torch.full_like(mx, -1.0)
+    for k in [None, *range(-ntry, ntry + 1)]:
+        iscale = -IQ4_LEVELS[0] / mx if k is None else (k + IQ4_LEVELS[0]) / mx
+        q = levels[_iq4_index(iscale.unsqueeze(-1) * x)]
+        sum_qx, sum_q2 = (w * q * x).sum(-1), (w * q * q).sum(-1)
+        ok = sum_q2 > 0
+        sum_q2 = torch.where(ok, sum_q2, torch.ones_like(sum_q2))
+        score = sum_qx * sum_qx / sum_q2
+        better = ok & (score > best_score)
+        best_score = torch.where(better, score, best_score)
+        best_d = torch.where(better, sum_qx / sum_q2, best_d)
+    return torch.where(valid, best_d, torch.zeros_like(best_d))
+
+
+@dataclasses.dataclass(frozen=True)
+class _IQ4Format(GGUFFormat):
+    """w = IQ4_LEVELS[code] * scale. Fitted with llama.cpp's scale search (uniform weights, or the
+    calibration importance of each column when given); observers do not apply."""
+
+    qbits = 4
+    range_kind = "absmax"
+
+    def params_from_range(self, lo, hi, tensor_params) -> Params:
+        return {"scale": _signed_max(lo, hi) / IQ4_LEVELS[0]}
+
+    def params_from_blocks(self, blocks, tensor_params, importance=None) -> Params:
+        x = blocks.float()
+        w = torch.ones_like(x) if importance is None else importance.float().expand_as(x).clamp_min(1e-12)
+        return {"scale": _search_scale_iq4(x, w)}
+
+    def encode(self, W, p):
+        return _iq4_index(_safe_div(W, p["scale"])).to(torch.uint8)
+
+    def decode(self, codes, p):
+        return torch.tensor(IQ4_LEVELS, dtype=torch.float32)[codes.long()] * p["scale"]
+
+
+@dataclasses.dataclass(frozen=True)
+class IQ4_NL(_IQ4Format):
+    """32-weight blocks, one fp16 scale each."""
+
+    name = "gguf_iq4_nl"
+    fixed_group_size: ClassVar[int | None] = 32
+
+    def store_params(self, p):
+        return {"scale": p["scale"].to(torch.float16)}
+
+    def load_params(self, stored):
+        return {"scale": stored["scale"].float()}
+
+
+@dataclasses.dataclass(frozen=True)
+class IQ4_XS(_IQ4Format):
+    """256-weight super-blocks of eight 32-weight sub-blocks: an fp16 d per super-block and a
+    6-bit signed integer per sub-block (stored + 32), so a sub-block's scale is d * (ls - 32)."""
+
+    name = "gguf_iq4_xs"
+    fixed_group_size: ClassVar[int | None] = 32
+
+    @property
+    def per_super(self) -> int:
+        return QK_K // self.fixed_group_size
+
+    def store_params(self, p):
+        s = p["scale"].float()
+        if s.shape[1] % self.per_super:
+            raise SchemeError(f"{self.name} stores {QK_K}-weight super-blocks, got {s.shape[1] * 32} columns; the row "
+                              f"length must be a multiple of {QK_K}: choose gguf_iq4_nl (blocks of 32) for this tensor")
+        d, ls = _quantize_sub_scales(s, self.per_super, -32, 31, signed=True)
+        return {"d": d, "scales": _pack_scales_iq4xs(ls + 32)}
+
+    def load_params(self, stored):
+        ls = _unpack_scales_iq4xs(stored["scales"])
+        return {"scale": _expand_super(stored["d"], self.per_super) * (ls.float() - 32)}
+
+
+def _pack_scales_iq4xs(u: torch.Tensor) -> torch.Tensor:
+    """IQ4_XS: 8 six-bit (scale + 32) values per super-block -> 6 bytes (llama.cpp order): a
+    little-endian uint16 of the top 2 bits (sub-block i at bit 2i), then 4 bytes of low nibbles
+    (sub-block 2j in byte j's low half, 2j+1 in its high half)."""
+    rows = u.shape[0]
+    u = u.to(torch.int32).reshape(rows, -1, 8)
+    high = (((u >> 4) & 3) << (2 * torch.arange(8))).sum(-1)
+    low = (u[..., 0::2] & 0xF) | ((u[..., 1::2] & 0xF) << 4)
+    return torch.cat([(high & 0xFF)[..., None], (high >> 8)[..., None], low], dim=-1).reshape(rows, -1).to(torch.uint8)
+
+
+def _unpack_scales_iq4xs(packed: torch.Tensor) -> torch.Tensor:
+    rows = packed.shape[0]
+    b = packed.to(torch.int32).reshape(rows, -1, 6)
+    high = b[..., 0] | (b[..., 1] << 8)
+    low = torch.stack([b[..., 2:] & 0xF, b[..., 2:] >> 4], dim=-1).reshape(rows, -1, 8)
+    return (low | (((high[..., None] >> (2 * torch.arange(8))) & 3) << 4)).reshape(rows, -1)
+
+
 # --- byte layout ---------------------------------------------------------------------------------
 def _pack_fields(v: np.ndarray, L: int, b: int) -> np.ndarray:
     """(B, E) values of b bits -> (B, E*b/8) bytes: within each run of L*8/b values, value s*L + l
@@ -544,6 +662,10 @@ def _encode_blocks(name: str, q: np.ndarray, p: dict[str, np.ndarray]) -> list[n
                 _f16_bytes(p["d"])]
     if name == "gguf_tq2_0":
         return [_pack_fields(q, 32, 2), _f16_bytes(p["scale"])]
+    if name == "gguf_iq4_nl":
+        return [_f16_bytes(p["scale"]), _pack_fields(q, 16, 4)]
+    if name == "gguf_iq4_xs":
+        return [_f16_bytes(p["d"]), p["scales"], _pack_fields(q, 16, 4)]
     raise SchemeError(f"{name!r} is not a GGUF block format; choose one of: {', '.join(GGUF_TYPES)}")
 
 
@@ -590,6 +712,12 @@ def _decode_blocks(name: str, blocks: np.ndarray) -> tuple[np.ndarray, dict[str,
     if name == "gguf_tq2_0":
         qs, d = split(QK_K // 4, 2)
         return _unpack_fields(qs, 32, 2), {"scale": _f16_from(d)}
+    if name == "gguf_iq4_nl":
+        d, qs = split(2, 16)
+        return _unpack_fields(qs, 16, 4), {"scale": _f16_from(d)}
+    if name == "gguf_iq4_xs":
+        d, sc, qs = split(2, 2 + QK_K // 64, QK_K // 2)
+        return _unpack_fields(qs, 16, 4), {"d": _f16_from(d), "scales": sc}
     if name == "gguf_q6_k":
         ql, qh, sc, d = split(QK_K // 2, QK_K // 4, QK_K // 16, 2)
         q = _unpack_fields(ql, 64, 4) | (_unpack_fields(qh, 32, 2) << 4)

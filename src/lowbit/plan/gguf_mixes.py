@@ -13,9 +13,9 @@ the lowbit format name ("gguf_q4_k").
 
 Fallback when a row length is not a multiple of the type's block (SmolLM2's 576 columns vs
 256-weight k-quant super-blocks): lowbit uses llama.cpp's own table (``LLAMA_CPP_FALLBACK``):
-Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; F16 if even 32 does not divide the
-row. We considered "same bits" alternatives (Q4_K -> Q4_1 at 5.0 bpw instead of Q5_0 at 5.5;
-Q2_K -> Q4_0 is already the cheapest 32-block type lowbit has, IQ4_NL is not a lowbit format):
+Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; F16 if even 32
+does not divide the row. We considered "same bits" alternatives (Q4_K -> Q4_1 at 5.0 bpw instead
+of Q5_0 at 5.5; Q2_K -> Q4_0 is already among the cheapest 32-block types lowbit has):
 the fallback tensors are few and usually the most sensitive (attn/ffn rows of models with odd
 widths, token_embd/output), so spending llama.cpp's extra half bit there is the better trade, and
 keeping the table identical makes lowbit's files comparable to llama-quantize's. The table is a
@@ -45,6 +45,8 @@ MIXES: dict[str, tuple[str, int]] = {
     "Q5_K_S": ("Q5_K", 16),
     "Q5_K_M": ("Q5_K", 17),
     "Q6_K": ("Q6_K", 18),
+    "IQ4_NL": ("IQ4_NL", 25),
+    "IQ4_XS": ("IQ4_XS", 30),
 }
 
 # llama.cpp's tensor_type_fallback (block-256 type -> block-32 type)
@@ -54,6 +56,7 @@ LLAMA_CPP_FALLBACK: dict[str, str] = {
     "Q4_K": "Q5_0",
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
+    "IQ4_XS": "IQ4_NL",
 }
 
 # Per-category overrides: mix -> category -> rule. A rule is a type name, or a tuple of
@@ -88,6 +91,15 @@ _RULES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
     "Q5_K_M": {
         "attn_v": (("more_bits", "Q6_K"),),
         "ffn_down": (("more_bits", "Q6_K"),),
+    },
+    # llama.cpp's ffn_down rule for these applies without an imatrix (llama-quantize's default)
+    "IQ4_NL": {
+        "attn_v": (("gqa_ge_4", "Q5_K"),),
+        "ffn_down": (("first_eighth", "Q5_K"),),
+    },
+    "IQ4_XS": {
+        "attn_v": (("gqa_ge_4", "Q5_K"),),
+        "ffn_down": (("first_eighth", "Q5_K"),),
     },
 }
 
@@ -130,7 +142,7 @@ def bits_per_weight(type_name: str) -> float:
 
 
 # block-32 types lowbit can write, candidates for a measured fallback
-SMALL_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+SMALL_BLOCK_TYPES = ("Q4_0", "Q4_1", "IQ4_NL", "Q5_0", "Q5_1", "Q8_0")
 
 
 def block_size(type_name: str) -> int:
