@@ -179,13 +179,31 @@ def test_llama_cpp_runs_iq4(default_model, tmp_path, fmt):
 
 
 @pytest.mark.e2e
+@pytest.mark.parametrize("scheme,want", [(("int", 4, 32), "Q4_0"), (("int", 4, 64), "Q4_0"), (("int", 8, -1), "Q8_0"),
+                                         (("int", 5, 64), "Q5_0"), (("int", 4, 32, False, "float"), "Q4_1")])
+def test_integer_grids_are_written_as_gguf_blocks_exactly(default_model, tmp_path, scheme, want):
+    """Symmetric INT4/5/8 and float-minimum INT4 groups of multiples of 32 are GGUF blocks already:
+    written with the same codes and scales, they decode in gguf-py to lowbit's values bit for bit."""
+    from lowbit.api import quantize
+
+    ws = lowbit.WeightScheme(*scheme)
+    qm = quantize(_tiny("llama", default_model.tokenizer), ws, progress=False)
+    path = write_gguf(qm, tmp_path / "int.gguf")
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    for layer in (0, 1):
+        t = tensors[f"blk.{layer}.ffn_down.weight"]
+        assert t.tensor_type.name == want
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+        assert torch.equal(got, qm.tensors[f"model.layers.{layer}.mlp.down_proj.weight"].dequantize())
+
+
 def test_non_gguf_format_is_refused_unless_full_precision(default_model, tmp_path):
     from lowbit.api import quantize
 
-    qm = quantize(_tiny("llama", default_model.tokenizer), lowbit.WeightScheme("int", 4, 32), progress=False)
-    with pytest.raises(SchemeError, match="gguf_q4_k"):
-        write_gguf(qm, tmp_path / "int4.gguf")
-    assert not (tmp_path / "int4.gguf").exists()
+    qm = quantize(_tiny("llama", default_model.tokenizer), lowbit.WeightScheme("int", 3, 32), progress=False)
+    with pytest.raises(SchemeError, match="lowbit convert"):
+        write_gguf(qm, tmp_path / "int3.gguf")
+    assert not (tmp_path / "int3.gguf").exists()
     path = write_gguf(qm, tmp_path / "int4-f16.gguf", full_precision="F16")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"

@@ -446,6 +446,49 @@ def cmd_export(args):
     _print({"output": str(out)}, args.json, [["output", str(out)]], ("", ""))
 
 
+def cmd_convert(args):
+    from lowbit.errors import SchemeError, SourceError
+    from lowbit.export import write
+    from lowbit.export.native import load
+    from lowbit.model.load import resolve_source
+
+    path, kind = resolve_source(args.input)
+    if kind != "lowbit":
+        raise SourceError(f"{args.input} is a {kind} model; `lowbit convert` reads lowbit outputs (folders with a "
+                          "lowbit.json) today; importing GPTQ, AWQ, compressed-tensors and GGUF checkpoints is not "
+                          "implemented yet")
+    _refuse_existing(args.output, force=args.force)
+    qm = load(path)
+    if args.to == "gguf":
+        from lowbit.convert import to_gguf_blocks
+        from lowbit.export.gguf import write_gguf
+
+        qm, float_types, rows = to_gguf_blocks(qm, args.refit_type, progress=args.progress)
+        out = write_gguf(qm, args.output, float_types, force=args.force)
+    else:
+        if args.refit_type:
+            raise SchemeError("--refit-type applies to --to gguf; the other exporters store lowbit's codes as they are")
+        out = write(qm, args.to, args.output, force=args.force)
+        rows = [{"name": n, "source": qt.format.name, "target": args.to, "how": "exact", "added_rel_err": 0.0}
+                for n, qt in qm.tensors.items()]
+    rows = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in rows]
+    counts = {how: sum(r["how"] == how for r in rows) for how in ("exact", "codes kept", "re-fitted")}
+    summary = {"output": str(out), "to": args.to, "tensors": counts,
+               "max_added_rel_err": max((r["added_rel_err"] for r in rows), default=0.0), "per_tensor": rows}
+    if args.json:
+        _print(summary, True)
+        return
+    shown = [r for r in rows if r["how"] != "exact"] if not args.tensors else rows
+    if shown:
+        print(tabulate([[r["name"], r["source"], r["target"], r["how"], r["added_rel_err"], r.get("note") or ""]
+                        for r in shown[: None if args.tensors else 12]],
+                       headers=("tensor", "from", "to", "how", "added rel err", "note"), floatfmt=".2e"))
+        if not args.tensors and len(shown) > 12:
+            print(f"... {len(shown) - 12} more (--tensors lists all)")
+    print(f"{counts['exact']} tensors exact, {counts['codes kept']} with their codes kept, {counts['re-fitted']} "
+          f"re-fitted (largest added error {summary['max_added_rel_err']:.2e}); wrote {out}")
+
+
 def cmd_eval(args):
     from lowbit.errors import DataError, SourceError
     from lowbit.eval.divergence import CacheProtocol
@@ -932,6 +975,22 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
+
+    cv = sub.add_parser("convert", help="a lowbit output into GGUF / compressed-tensors / GPTQ / AWQ, exactly where the grids map",
+                        description="Write a quantized model in another runtime's format without quantizing it again "
+                                    "where the grids map (symmetric INT4/5/8 and float-minimum INT4/5 in groups of "
+                                    "multiples of 32 are GGUF blocks already; ternary is TQ2_0); an integer zero-point "
+                                    "becomes Q4_1/Q5_1 with its codes kept; other tensors are re-fitted into a GGUF "
+                                    "type. A table says which tensor went which way and the error it added.")
+    cv.add_argument("input", help="a lowbit output folder")
+    cv.add_argument("--to", required=True, choices=["gguf", "native", "compressed-tensors", "gptq", "awq"])
+    cv.add_argument("--refit-type", help="--to gguf: GGML type for tensors no block holds (default: the k-quant of "
+                                         "their bits, e.g. Q3_K for int3, Q4_K for NF4)")
+    cv.add_argument("--tensors", action="store_true", help="list every tensor (default: the ones not exact)")
+    cv.add_argument("--output", "-o", required=True)
+    cv.add_argument("--force", action="store_true")
+    cv.add_argument("--json", action="store_true")
+    cv.set_defaults(func=cmd_convert)
 
     e = sub.add_parser("eval", help="perplexity, KLD and top-1 of a candidate against its reference",
                        description="Perplexity, KLD and top-1 of a candidate against its reference. With --kv K the "

@@ -258,20 +258,12 @@ def _float_array(t: torch.Tensor, type_name: str):
 
 
 def _as_gguf_blocks(qt: QuantizedTensor) -> QuantizedTensor:
-    """The same values in a GGUF block format where one holds them exactly: lowbit's ternary
-    weights (per tensor, or in groups of a multiple of 256) are TQ2_0 blocks with the group's
-    fp16 scale as each block's d and the same codes. Other tensors as they are."""
-    from gguf.constants import QK_K
+    """The same values in a GGUF block format where one holds them bit for bit (symmetric INT4/5/8
+    and float-minimum INT4/5 in groups of multiples of 32, ternary; see formats.gguf_map);
+    other tensors as they are."""
+    from lowbit.formats.gguf_map import exact_blocks
 
-    from lowbit.formats import make_format
-
-    rows, cols = qt.codes.shape
-    if qt.format.name != "ternary" or cols % QK_K or (qt.group_size % QK_K and qt.group_size != cols):
-        return qt
-    scale = qt.params["scale"]
-    per_block = (cols if qt.group_size == 0 else qt.group_size) // QK_K
-    d = scale.reshape(1, 1).expand(rows, cols // QK_K) if qt.group_size == 0 else scale.repeat_interleave(per_block, dim=1)
-    return QuantizedTensor(qt.codes, {"scale": d.contiguous()}, make_format("gguf_tq2_0"), QK_K, qt.shape, qt.transposed)
+    return exact_blocks(qt) or qt
 
 
 def _type_name_of(qt: QuantizedTensor) -> str | None:
@@ -308,9 +300,10 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
             want = requested or full_precision or have
             if want is None:
                 raise SchemeError(
-                    f"{hf_name} is stored as {qt.format.name}, which llama.cpp cannot read, and the GGUF exporter never "
-                    "re-quantizes; quantize with --format gguf_q4_k (or another gguf_* type), or pass --type F32/F16 "
-                    "for a full-precision file of the decoded weights")
+                    f"{hf_name} is stored as {qt.format.name} {qt.group_size}, which no GGUF type holds exactly, and the "
+                    "GGUF exporter never re-quantizes; `lowbit convert IN --to gguf` re-fits such tensors (and says "
+                    "what it cost), or quantize with --format gguf_q4_k (or another gguf_* type), or pass --type "
+                    "F32/F16 for a full-precision file of the decoded weights")
             if want in FLOAT_TYPES:
                 plan.append((gname, want, qt.dequantize(torch.float32)))
             elif want != have:
