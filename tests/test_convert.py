@@ -118,5 +118,30 @@ def test_convert_runs_in_llama_cpp(bpe_llama, default_model, tmp_path, capsys):
 
 def test_convert_bad_input(bpe_llama, tmp_path, capsys):
     assert main(["convert", str(bpe_llama), "--to", "gguf", "-o", str(tmp_path / "x.gguf")]) == 2
-    assert "reads lowbit outputs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "is not a quantized checkpoint lowbit reads" in err and "not quantized" in err
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("to,flags,how,target", [
+    ("gptq", ["--bits", "4", "--group-size", "32"], "exact", "Q4_0"),
+    ("gptq", ["--bits", "4", "--group-size", "64", "--asym"], "codes kept", "Q4_1"),
+    ("awq", ["--bits", "4", "--group-size", "32", "--asym"], "codes kept", "Q4_1"),
+    ("compressed-tensors", ["--bits", "4", "--group-size", "32"], "exact", "Q4_0"),
+    ("compressed-tensors", ["--bits", "8", "--group-size", "-1"], "exact", "Q8_0")])
+def test_convert_checkpoints_of_other_tools_to_gguf(bpe_llama, tmp_path, capsys, to, flags, how, target):
+    """GPTQ / AWQ / compressed-tensors folders convert without re-quantizing: the GGUF holds the
+    checkpoint's own codes and scales (exact), or its codes with the min rounded to fp16."""
+    ck = tmp_path / "ck"
+    assert main(["quantize", str(bpe_llama), *flags, "--to", to, "-o", str(ck), "--json"]) == 0
+    out, rep = _convert(ck, tmp_path, capsys)
+    assert rep["tensors"][how] == 14 and {r["target"] for r in rep["per_tensor"]} == {target}
+    imported = __import__(f"lowbit.export.{to.replace('-', '_')}", fromlist=["x"]).import_checkpoint(ck)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    t = tensors["blk.0.ffn_up.weight"]
+    got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+    want = imported.tensors["model.layers.0.mlp.up_proj.weight"].dequantize()
+    if how == "exact":
+        assert torch.equal(got, want)
+    else:
+        assert (got - want).norm() / want.norm() < 1e-3

@@ -447,18 +447,12 @@ def cmd_export(args):
 
 
 def cmd_convert(args):
-    from lowbit.errors import SchemeError, SourceError
+    from lowbit.convert import read_quantized
+    from lowbit.errors import SchemeError
     from lowbit.export import write
-    from lowbit.export.native import load
-    from lowbit.model.load import resolve_source
 
-    path, kind = resolve_source(args.input)
-    if kind != "lowbit":
-        raise SourceError(f"{args.input} is a {kind} model; `lowbit convert` reads lowbit outputs (folders with a "
-                          "lowbit.json) today; importing GPTQ, AWQ, compressed-tensors and GGUF checkpoints is not "
-                          "implemented yet")
     _refuse_existing(args.output, force=args.force)
-    qm = load(path)
+    qm = read_quantized(args.input)
     if args.to == "gguf":
         from lowbit.convert import to_gguf_blocks
         from lowbit.export.gguf import write_gguf
@@ -976,13 +970,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
 
-    cv = sub.add_parser("convert", help="a lowbit output into GGUF / compressed-tensors / GPTQ / AWQ, exactly where the grids map",
+    cv = sub.add_parser("convert", help="a quantized checkpoint into GGUF / compressed-tensors / GPTQ / AWQ / native, "
+                        "exactly where the grids map",
                         description="Write a quantized model in another runtime's format without quantizing it again "
                                     "where the grids map (symmetric INT4/5/8 and float-minimum INT4/5 in groups of "
                                     "multiples of 32 are GGUF blocks already; ternary is TQ2_0); an integer zero-point "
                                     "becomes Q4_1/Q5_1 with its codes kept; other tensors are re-fitted into a GGUF "
                                     "type. A table says which tensor went which way and the error it added.")
-    cv.add_argument("input", help="a lowbit output folder")
+    cv.add_argument("input", help="a lowbit output, or a GPTQ / AWQ / compressed-tensors checkpoint folder")
     cv.add_argument("--to", required=True, choices=["gguf", "native", "compressed-tensors", "gptq", "awq"])
     cv.add_argument("--refit-type", help="--to gguf: GGML type for tensors no block holds (default: the k-quant of "
                                          "their bits, e.g. Q3_K for int3, Q4_K for NF4)")

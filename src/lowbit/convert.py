@@ -27,6 +27,38 @@ class TensorConversion:
     note: str | None = None     # fallback or rounding said in words
 
 
+# quantization_config.quant_method -> the module whose import_checkpoint reads it
+IMPORTERS = {"gptq": "lowbit.export.gptq", "awq": "lowbit.export.awq",
+             "compressed-tensors": "lowbit.export.compressed_tensors"}
+
+
+def read_quantized(path) -> QuantizedModel:
+    """A quantized checkpoint as a QuantizedModel: a lowbit folder, or a GPTQ / AWQ /
+    compressed-tensors folder (its codes and scales as stored)."""
+    import importlib
+    import json
+    from pathlib import Path
+
+    from lowbit.errors import SourceError
+    from lowbit.model.load import resolve_source
+
+    resolved, kind = resolve_source(path)
+    if kind == "lowbit":
+        from lowbit.export.native import load
+
+        return load(resolved)
+    method = None
+    if kind == "hf":
+        config = json.loads((Path(resolved) / "config.json").read_text())
+        method = (config.get("quantization_config") or {}).get("quant_method")
+    if method not in IMPORTERS:
+        raise SourceError(f"{path} is not a quantized checkpoint lowbit reads ({kind}"
+                          f"{', quant_method ' + repr(method) if method else ', not quantized'}); `lowbit convert` reads "
+                          f"lowbit outputs and {', '.join(IMPORTERS)} folders (GGUF input is not implemented yet); "
+                          "quantize a full-precision model with `lowbit quantize`")
+    return importlib.import_module(IMPORTERS[method]).import_checkpoint(resolved)
+
+
 def _label(qt: QuantizedTensor) -> str:
     f = qt.format
     if f.name == "int":

@@ -56,6 +56,12 @@ def _blocks(qt: QuantizedTensor, name: str, params: dict[str, torch.Tensor], shi
     return QuantizedTensor(codes, out, fmt, fmt.fixed_group_size, qt.shape, qt.transposed)
 
 
+def _fp16_exactly(t: torch.Tensor) -> torch.Tensor | None:
+    """t as fp16 when that loses nothing (bf16 or fp32 scales of imported checkpoints), else None."""
+    h = t.to(torch.float16)
+    return h if torch.equal(h.float(), t.float()) else None
+
+
 def exact_blocks(qt: QuantizedTensor) -> QuantizedTensor | None:
     """The same values, bit for bit, as GGUF blocks; qt itself if it is GGUF already; else None."""
     from lowbit.formats.gguf_blocks import GGUF_TYPES
@@ -65,15 +71,19 @@ def exact_blocks(qt: QuantizedTensor) -> QuantizedTensor | None:
         return qt
     if qt.input_quant is not None:
         return None   # llama.cpp has no activation spec to carry
+    scale = _fp16_exactly(p["scale"]) if "scale" in p else None
+    if scale is None:
+        return None
     if f.name == "ternary":
-        return _blocks(qt, "gguf_tq2_0", {"scale": p["scale"]})
-    if f.name != "int" or p["scale"].dtype != torch.float16:
+        return _blocks(qt, "gguf_tq2_0", {"scale": scale})
+    if f.name != "int":
         return None
     if f.symmetric:
         name, offset = _SYM[f.bits]
-        return _blocks(qt, name, {"scale": p["scale"]}, shift=offset - f.signed_offset)
-    if not f.symmetric and f.zero_point == "float" and f.bits in _FMIN:
-        return _blocks(qt, _FMIN[f.bits], {"scale": p["scale"], "min": p["min"]})
+        return _blocks(qt, name, {"scale": scale}, shift=offset - f.signed_offset)
+    mn = _fp16_exactly(p["min"]) if f.zero_point == "float" else None
+    if mn is not None and f.bits in _FMIN:
+        return _blocks(qt, _FMIN[f.bits], {"scale": scale, "min": mn})
     return None
 
 
@@ -83,8 +93,8 @@ def nearest_blocks(qt: QuantizedTensor) -> QuantizedTensor | None:
     f, p = qt.format, qt.params
     if f.name != "int" or f.symmetric or f.zero_point != "int" or f.bits not in _FMIN or qt.input_quant is not None:
         return None
-    scale = p["scale"]
-    if scale.dtype != torch.float16:
+    scale = _fp16_exactly(p["scale"])
+    if scale is None:
         return None
     mn = (-(p["zero"].float()) * scale.float()).to(torch.float16)
     return _blocks(qt, _FMIN[f.bits], {"scale": scale, "min": mn})
