@@ -546,36 +546,11 @@ def cmd_eval(args):
 
 
 def cmd_report(args):
-    from lowbit.eval.report import candidate_record, check_context, eval_windows, load_candidate, resolve_reference
-    from lowbit.model.load import load_source, resolve_source
-    from lowbit.report import check_output, read_records, unique_labels, write_report
+    from lowbit.report import check_output, collect_records, parse_candidate, unique_labels, write_report
 
     check_output(args.output, args.force)
-    named = []   # (label or None, path): LABEL=PATH names a candidate in the report
-    for c in args.candidates:
-        label, sep, path = c.partition("=")
-        named.append((label, path) if sep and label and not os.path.exists(c) else (None, c))
-    models = [p for _, p in named if not (p.endswith(".json") and os.path.isfile(p))]
-    for p in models:
-        resolve_source(p)   # refuse what is not a model before evaluating anything
-    records, references = [], {}
-    for label, c in named:
-        if c not in models:
-            got = read_records(c)
-            records += [{**r, "label": label} for r in got] if label else got
-            continue
-        cand = load_candidate(c)
-        src = resolve_reference(cand, args.reference)
-        if src not in references:
-            references.clear()   # one reference resident at a time
-            references[src] = load_source(src)
-        ref = references[src]
-        check_context(ref.model, args.ctx, ref.source)
-        windows = eval_windows(ref.tokenizer, args.data, args.ctx, args.windows)
-        rec = candidate_record(cand, ref.model, ref.tokenizer, windows, domains=not args.no_domains,
-                               domain_windows=args.windows, seed=args.seed, progress=args.progress)
-        records.append({**rec, "label": label} if label else rec)
-        del cand
+    records = collect_records([parse_candidate(c) for c in args.candidates], args.reference, args.data, args.ctx,
+                              args.windows, domains=not args.no_domains, seed=args.seed, progress=args.progress)
     records = unique_labels(records)
     paths = write_report(records, args.output, args.title, args.reference, args.force)
     rows = [[r["label"], r["size_bytes"] / 1e6, r["kld"], r.get("top1")] for r in records]

@@ -33,6 +33,44 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return [_as_record(data, str(path))]
 
 
+def parse_candidate(arg: str) -> tuple[str | None, str]:
+    """(label or None, path): LABEL=PATH names a candidate (unless the whole argument is a path)."""
+    label, sep, path = arg.partition("=")
+    return (label, path) if sep and label and not os.path.exists(arg) else (None, arg)
+
+
+def collect_records(candidates: list[tuple[str | None, str]], reference: str | None, data: str | None, ctx: int,
+                    windows: int, domains: bool = True, seed: int = 0, progress: bool = True) -> list[dict]:
+    """One record per candidate: an eval JSON's records as they are, a model evaluated against
+    its reference (`reference`, or the source it records) on `windows` x `ctx` tokens of `data`,
+    with its domains unless `domains` is False. Every model path is checked before any work."""
+    from lowbit.eval.report import candidate_record, check_context, eval_windows, load_candidate, resolve_reference
+    from lowbit.model.load import load_source, resolve_source
+
+    is_json = {p: p.endswith(".json") and os.path.isfile(p) for _, p in candidates}
+    for _, p in candidates:
+        if not is_json[p]:
+            resolve_source(p)   # refuse what is not a model before evaluating anything
+    records, loaded = [], {}
+    for label, p in candidates:
+        if is_json[p]:
+            got = read_records(p)
+        else:
+            cand = load_candidate(p)
+            src = resolve_reference(cand, reference)
+            if src not in loaded:
+                loaded.clear()   # one reference resident at a time
+                loaded[src] = load_source(src)
+            ref = loaded[src]
+            check_context(ref.model, ctx, ref.source)
+            w = eval_windows(ref.tokenizer, data, ctx, windows)
+            got = [candidate_record(cand, ref.model, ref.tokenizer, w, domains=domains, domain_windows=windows,
+                                    seed=seed, progress=progress)]
+            del cand
+        records += [{**r, "label": label} for r in got] if label else got
+    return records
+
+
 def unique_labels(records: list[dict]) -> list[dict]:
     """Records whose labels are distinct (a repeated label gets its position appended)."""
     seen: dict[str, int] = {}
