@@ -51,6 +51,13 @@ def test_integer_zero_points_keep_their_codes(bits):
     assert (got - qt.dequantize()).norm() / qt.dequantize().norm() < 1e-3   # the fp16 rounding of the min
 
 
+def test_mxfp4_is_llama_cpps_mxfp4_exactly():
+    qt = lowbit.quantize_tensor(W, lowbit.WeightScheme("mxfp4", None, 32))
+    blocks = exact_blocks(qt)
+    assert blocks.format.name == "gguf_mxfp4" and torch.equal(blocks.codes, qt.codes)
+    assert torch.equal(_gguf_decode(blocks), qt.dequantize())
+
+
 def test_what_no_block_holds_is_not_mapped():
     for ws in (lowbit.WeightScheme("nf4", None, 64), lowbit.WeightScheme("int", 4, 48),
                lowbit.WeightScheme("int", 6, 32, False, "float"), lowbit.WeightScheme("fp8_e4m3", None, -1)):

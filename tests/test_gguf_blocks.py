@@ -38,9 +38,9 @@ def _assert_same_qt(a, b):
         assert torch.equal(a.params[k], b.params[k]), k
 
 
-def test_type_table_covers_thirteen_types():
-    assert len(GGUF_TYPES) == 13
-    assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1", "gguf_iq4_nl"}
+def test_type_table_covers_fourteen_types():
+    assert len(GGUF_TYPES) == 14
+    assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1", "gguf_iq4_nl", "gguf_mxfp4"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -156,10 +156,10 @@ def test_hf_source_tokenizer_and_logits(default_model, tmp_path, arch):
     assert (L.argmax(-1) == H.argmax(-1)).all()
 
 
-@pytest.mark.parametrize("fmt", ["gguf_iq4_nl", "gguf_iq4_xs"])
-def test_llama_cpp_runs_iq4(default_model, tmp_path, fmt):
-    """IQ4_NL / IQ4_XS weights (non-linear 4-bit grid) load in llama.cpp and give lowbit's logits,
-    up to llama.cpp's 8-bit rounding of the activations."""
+@pytest.mark.parametrize("fmt", ["gguf_iq4_nl", "gguf_iq4_xs", "gguf_mxfp4"])
+def test_llama_cpp_runs_iq4_and_mxfp4(default_model, tmp_path, fmt):
+    """IQ4_NL / IQ4_XS (non-linear 4-bit grid) and MXFP4 weights load in llama.cpp and give
+    lowbit's logits, up to llama.cpp's 8-bit rounding of the activations."""
     from lowbit.api import quantize
 
     lm = _tiny("llama", default_model.tokenizer, hidden=256, intermediate=512)
@@ -174,7 +174,7 @@ def test_llama_cpp_runs_iq4(default_model, tmp_path, fmt):
     print(fmt, np.abs(L - H).max() / scale, np.abs(L - H).mean() / scale, (L.argmax(-1) == H.argmax(-1)).mean())
     assert np.abs(L - H).max() < 0.15 * scale and np.abs(L - H).mean() < 0.02 * scale
     # random weights leave near-ties between logits: IQ4_XS's dot products round the
-    # activations per 256 (Q8_K), IQ4_NL's per 32 (Q8_0); measured top-1 0.82 and 1.0
+    # activations per 256 (Q8_K), IQ4_NL's and MXFP4's per 32 (Q8_0); measured top-1 0.82, 1.0 and 0.94
     assert (L.argmax(-1) == H.argmax(-1)).mean() >= 0.75
 
 

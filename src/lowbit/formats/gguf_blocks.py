@@ -1,5 +1,5 @@
 """llama.cpp GGUF block types as formats: legacy Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, k-quants Q2_K..Q6_K,
-the non-linear IQ4_NL/IQ4_XS and the ternary TQ2_0.
+the non-linear IQ4_NL/IQ4_XS, MXFP4 and the ternary TQ2_0.
 
 Decoding is bit-for-bit llama.cpp's (and gguf-py's) dequantization, so a QuantizedTensor of one
 of these formats written with ``to_gguf_bytes`` decodes in llama.cpp to exactly
@@ -54,6 +54,7 @@ GGUF_TYPES: dict[str, GGMLQuantizationType] = {
     "gguf_tq2_0": GGMLQuantizationType.TQ2_0,
     "gguf_iq4_nl": GGMLQuantizationType.IQ4_NL,
     "gguf_iq4_xs": GGMLQuantizationType.IQ4_XS,
+    "gguf_mxfp4": GGMLQuantizationType.MXFP4,
 }
 
 
@@ -609,6 +610,39 @@ def _unpack_scales_iq4xs(packed: torch.Tensor) -> torch.Tensor:
     return (low | (((high[..., None] >> (2 * torch.arange(8))) & 3) << 4)).reshape(rows, -1)
 
 
+# --- MXFP4 --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class MXFP4(GGUFFormat):
+    """llama.cpp's MXFP4: OCP MX v1.0 blocks of 32 E2M1 elements and one E8M0 byte ``e``, the
+    values lowbit's `mxfp4` format holds (same element codes, same scale exponent)."""
+
+    name = "gguf_mxfp4"
+    qbits = 4
+    range_kind = "absmax"
+    fixed_group_size: ClassVar[int | None] = 32
+
+    @staticmethod
+    def _mx():
+        from lowbit.formats.mx import MXFP4Format
+
+        return MXFP4Format()
+
+    def params_from_range(self, lo, hi, tensor_params) -> Params:
+        return self._mx().params_from_range(lo, hi, tensor_params)
+
+    def encode(self, W, p):
+        return self._mx().encode(W, p)
+
+    def decode(self, codes, p):
+        return self._mx().decode(codes, p)
+
+    def store_params(self, p):
+        return {"e": self._mx().store_params(p)["scale"]}
+
+    def load_params(self, stored):
+        return self._mx().load_params({"scale": stored["e"]})
+
+
 # --- byte layout ---------------------------------------------------------------------------------
 def _pack_fields(v: np.ndarray, L: int, b: int) -> np.ndarray:
     """(B, E) values of b bits -> (B, E*b/8) bytes: within each run of L*8/b values, value s*L + l
@@ -664,6 +698,8 @@ def _encode_blocks(name: str, q: np.ndarray, p: dict[str, np.ndarray]) -> list[n
         return [_pack_fields(q, 32, 2), _f16_bytes(p["scale"])]
     if name == "gguf_iq4_nl":
         return [_f16_bytes(p["scale"]), _pack_fields(q, 16, 4)]
+    if name == "gguf_mxfp4":
+        return [p["e"].reshape(-1, 1).astype(np.uint8), _pack_fields(q, 16, 4)]
     if name == "gguf_iq4_xs":
         return [_f16_bytes(p["d"]), p["scales"], _pack_fields(q, 16, 4)]
     raise SchemeError(f"{name!r} is not a GGUF block format; choose one of: {', '.join(GGUF_TYPES)}")
@@ -715,6 +751,9 @@ def _decode_blocks(name: str, blocks: np.ndarray) -> tuple[np.ndarray, dict[str,
     if name == "gguf_iq4_nl":
         d, qs = split(2, 16)
         return _unpack_fields(qs, 16, 4), {"scale": _f16_from(d)}
+    if name == "gguf_mxfp4":
+        e, qs = split(1, 16)
+        return _unpack_fields(qs, 16, 4), {"e": np.ascontiguousarray(e).reshape(-1)}
     if name == "gguf_iq4_xs":
         d, sc, qs = split(2, 2 + QK_K // 64, QK_K // 2)
         return _unpack_fields(qs, 16, 4), {"d": _f16_from(d), "scales": sc}

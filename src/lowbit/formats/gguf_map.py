@@ -4,7 +4,8 @@ A symmetric b-bit integer group decodes as (code - 2^(b-1)) * scale with an fp16
 Q5_0 and Q8_0 decode a 32-weight block as (q - offset) * d with an fp16 d. So a symmetric INT4
 tensor whose groups are multiples of 32 *is* a run of Q4_0 blocks: the same codes, each group's
 scale repeated over its blocks, the same float32 products. Likewise INT5 -> Q5_0, INT8 -> Q8_0,
-a float-minimum INT4/INT5 (q * scale + min, both fp16) -> Q4_1/Q5_1, and ternary -> TQ2_0.
+a float-minimum INT4/INT5 (q * scale + min, both fp16) -> Q4_1/Q5_1, ternary -> TQ2_0, and
+MXFP4 (E2M1 codes, an E8M0 byte per 32) -> llama.cpp's MXFP4.
 Narrower integers widen exactly into those blocks (INT2/3 -> Q4_0 or Q4_1 with the codes shifted
 to the wider offset, INT6/7 -> Q8_0): lossless, at the wider type's size.
 An integer zero-point, (q - z) * s, is Q4_1/Q5_1 with min = -z * s up to that min's fp16
@@ -71,6 +72,8 @@ def exact_blocks(qt: QuantizedTensor) -> QuantizedTensor | None:
         return qt
     if qt.input_quant is not None:
         return None   # llama.cpp has no activation spec to carry
+    if f.name == "mxfp4":   # the same E2M1 codes and E8M0 exponent byte per 32
+        return _blocks(qt, "gguf_mxfp4", {"e": p["scale"]})
     scale = _fp16_exactly(p["scale"]) if "scale" in p else None
     if scale is None:
         return None
