@@ -29,7 +29,10 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path} is not readable JSON ({e}); give the output of `lowbit eval --json` or a report's .json")
     if isinstance(data, dict) and "lowbit_report" in data:
-        return [_as_record(r, f"{path} record {i}") for i, r in enumerate(data.get("records", []))]
+        records = [_as_record(r, f"{path} record {i}") for i, r in enumerate(data.get("records", []))]
+        for r in records:
+            r.setdefault("reference_source", data.get("reference"))
+        return records
     return [_as_record(data, str(path))]
 
 
@@ -64,8 +67,8 @@ def collect_records(candidates: list[tuple[str | None, str]], reference: str | N
             ref = loaded[src]
             check_context(ref.model, ctx, ref.source)
             w = eval_windows(ref.tokenizer, data, ctx, windows)
-            got = [candidate_record(cand, ref.model, ref.tokenizer, w, domains=domains, domain_windows=windows,
-                                    seed=seed, progress=progress)]
+            got = [{**candidate_record(cand, ref.model, ref.tokenizer, w, domains=domains, domain_windows=windows,
+                                       seed=seed, progress=progress), "reference_source": ref.source}]
             del cand
         records += [{**r, "label": label} for r in got] if label else got
     return records
@@ -114,6 +117,9 @@ def write_report(records: list[dict], output: str | os.PathLike, title: str = "l
         raise DataError("no candidates to report; name at least one model or evaluation JSON")
     paths = check_output(output, force)
     records = unique_labels(records)
+    if reference is None:   # the one source every candidate was compared with, if there is one
+        refs = {r.get("reference_source") for r in records}
+        reference = refs.pop() if len(refs) == 1 else None
     drawn = {"quality-size": plots.quality_vs_size(records), "domains": plots.domain_bars(records),
              "layers": plots.layer_heatmap(records)}
     drawn = {k: v for k, v in drawn.items() if v is not None}

@@ -41,10 +41,14 @@ def quality_vs_size(records: list[dict]) -> bytes:
     ax = fig.add_subplot()
     pts = [(r["size_bytes"] / 1e6, max(r["kld"], KLD_FLOOR)) for r in records]
     front = set(pareto_front(pts))
-    for i, (r, (x, y)) in enumerate(zip(records, pts)):
-        on = i in front
+    # labels alternate above and below their point, in order of size, so neighbours do not overlap
+    by_size = sorted(range(len(records)), key=lambda i: pts[i])
+    for rank, i in enumerate(by_size):
+        r, (x, y), on = records[i], pts[i], i in front
         ax.scatter([x], [y], s=46 if on else 30, marker="o" if on else "x", color="C3" if on else "C0", zorder=3)
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5 if rank % 2 == 0 else -10), fontsize=7)
+    ys = [p[1] for p in pts]
+    ax.set_ylim(min(ys) / 2, max(ys) * 3)
     fx = sorted((pts[i] for i in front))
     if len(fx) > 1:
         ax.step([p[0] for p in fx], [p[1] for p in fx], where="post", color="C3", lw=1, alpha=0.6,
@@ -59,6 +63,10 @@ def quality_vs_size(records: list[dict]) -> bytes:
 
 
 _LAYER = re.compile(r"^(.*?)\.(\d+)\.(.+?)(?:\.weight)?$")
+# columns of the heat map in a block's own order where the name is a common one; others after, sorted
+KIND_ORDER = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value", "o_proj", "out_proj", "dense",
+              "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "c_fc", "fc1", "dense_h_to_4h", "down_proj", "w2",
+              "c_proj", "fc2", "dense_4h_to_h")
 
 
 def layer_grid(layers: list[dict]) -> tuple[list[int], list[str], dict[tuple[int, str], float]]:
@@ -71,7 +79,8 @@ def layer_grid(layers: list[dict]) -> tuple[list[int], list[str], dict[tuple[int
             err = row["output_rel_err"] if row.get("output_rel_err") is not None else row["weight_rel_err"]
             cells[(int(m.group(2)), m.group(3).rsplit(".", 1)[-1])] = err
     idx = sorted({i for i, _ in cells})
-    kinds = list(dict.fromkeys(k for _, k in cells))   # the model's own order (q, k, v, o, gate, up, down)
+    found = {k for _, k in cells}
+    kinds = [k for k in KIND_ORDER if k in found] + sorted(found - set(KIND_ORDER))
     return idx, kinds, cells
 
 
@@ -127,7 +136,7 @@ def domain_bars(records: list[dict]) -> bytes | None:
     ax.set_xticks(range(len(names)), names)
     ax.set_yscale("log")
     ax.set_ylabel("KLD per domain (log)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(True, axis="y", which="both", alpha=0.3)
     ax.set_title("Which domains suffer")
     return _png(plt, fig)
