@@ -948,10 +948,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv = sub.add_parser("convert", help="a quantized checkpoint into GGUF / compressed-tensors / GPTQ / AWQ / native, "
                         "exactly where the grids map",
                         description="Write a quantized model in another runtime's format without quantizing it again "
-                                    "where the grids map (symmetric INT4/5/8 and float-minimum INT4/5 in groups of "
-                                    "multiples of 32 are GGUF blocks already; ternary is TQ2_0); an integer zero-point "
-                                    "becomes Q4_1/Q5_1 with its codes kept; other tensors are re-fitted into a GGUF "
-                                    "type. A table says which tensor went which way and the error it added.")
+                                    "where the grids map (symmetric INT2-8 and float-minimum INT2-5 in groups of "
+                                    "multiples of 32 are Q4_0/Q5_0/Q8_0/Q4_1/Q5_1 blocks already, MXFP4 is MXFP4, "
+                                    "ternary is TQ2_0); an integer zero-point becomes Q4_1/Q5_1 with its codes kept; "
+                                    "other tensors are re-fitted into a GGUF type. A table says which tensor went "
+                                    "which way and the error it added.")
     cv.add_argument("input", help="a lowbit output, or a GPTQ / AWQ / compressed-tensors checkpoint folder")
     cv.add_argument("--to", required=True, choices=["gguf", "native", "compressed-tensors", "gptq", "awq"])
     cv.add_argument("--refit-type", help="--to gguf: GGML type for tensors no block holds (default: the k-quant of "

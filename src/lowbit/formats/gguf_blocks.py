@@ -112,8 +112,18 @@ class GGUFFormat(Format):
         return {}
 
 
+class _Fp16Scale:
+    """Stored params: one fp16 ``scale`` per block."""
+
+    def store_params(self, p):
+        return {"scale": p["scale"].to(torch.float16)}
+
+    def load_params(self, stored):
+        return {"scale": stored["scale"].float()}
+
+
 @dataclasses.dataclass(frozen=True)
-class TQ2_0(GGUFFormat):
+class TQ2_0(_Fp16Scale, GGUFFormat):
     """llama.cpp's ternary type: 256-weight blocks, w = (code - 1) * d, codes {0, 1, 2} in 2
     bits (the Q2_K bit order), one fp16 d per block. Fitted with BitNet b1.58's absmean, as
     lowbit's `ternary` format is (llama.cpp's own quantizer takes d = absmax)."""
@@ -134,12 +144,6 @@ class TQ2_0(GGUFFormat):
 
     def decode(self, codes, p):
         return (codes.float() - 1) * p["scale"]
-
-    def store_params(self, p):
-        return {"scale": p["scale"].to(torch.float16)}
-
-    def load_params(self, stored):
-        return {"scale": stored["scale"].float()}
 
 
 # --- legacy 32-weight blocks ---------------------------------------------------------------------
@@ -553,17 +557,11 @@ class _IQ4Format(GGUFFormat):
 
 
 @dataclasses.dataclass(frozen=True)
-class IQ4_NL(_IQ4Format):
+class IQ4_NL(_Fp16Scale, _IQ4Format):
     """32-weight blocks, one fp16 scale each."""
 
     name = "gguf_iq4_nl"
     fixed_group_size: ClassVar[int | None] = 32
-
-    def store_params(self, p):
-        return {"scale": p["scale"].to(torch.float16)}
-
-    def load_params(self, stored):
-        return {"scale": stored["scale"].float()}
 
 
 @dataclasses.dataclass(frozen=True)
