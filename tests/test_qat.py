@@ -318,6 +318,21 @@ def test_qlora_adapters_load_in_peft_onto_the_base_with_the_same_logits(tiny_lla
     assert (a - b).abs().max() < 1e-4
     assert (a - unadapted).abs().max() > 1e-3   # the adapters change the model
 
+    # merged: the same weights as PEFT's merge_and_unload, then quantized through the plan
+    merged = qlora.merge(out)
+    peft_merged = peft_model.merge_and_unload()
+    for name, p in peft_merged.named_parameters():
+        assert torch.allclose(dict(merged.model.named_parameters())[name], p, atol=1e-6), name
+    with torch.no_grad():
+        assert (merged.model(ids).logits - a).abs().max() < 1e-4
+    w8 = tmp_path / "merged-w8"
+    assert main(["qlora-merge", str(out), "--bits", "8", "--group-size", "-1", "-o", str(w8), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scheme"].startswith("int8")
+    with torch.no_grad():
+        requant = load_native(w8, runtime="decoded").model(ids).logits
+    assert (requant - a).abs().max() < 0.05 * a.abs().max()
+    assert main(["qlora-merge", str(tmp_path), "-o", str(tmp_path / "x")]) == 2   # not a QLoRA output
+
 
 def test_qlora_backward_decodes_instead_of_keeping_the_base():
     from lowbit import WeightScheme, quantize_tensor

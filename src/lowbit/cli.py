@@ -174,13 +174,13 @@ def _method_options(args) -> dict:
     return opts
 
 
-def _plan_from_args(args):
+def _plan_from_args(args, loaded=None):
     from lowbit.model.load import load_source
     from lowbit.plan import build_plan
 
     recipe = _recipe_from_args(args, args.parser_defaults)
     t0 = time.perf_counter()
-    loaded = load_source(args.source)
+    loaded = loaded or load_source(args.source)
     t_load = time.perf_counter() - t0
     return loaded, build_plan(loaded, recipe, _container(args), progress=args.progress), t_load
 
@@ -329,6 +329,24 @@ def cmd_qlora(args):
                "rank": cfg.rank, "steps": cfg.steps, "loss_first": res.losses[0], "loss_last": res.losses[-1],
                "seconds": res.seconds, "losses": res.losses}
     _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "losses"], ("", ""))
+
+
+def cmd_qlora_merge(args):
+    """QLoRA adapters merged into their base, then quantized through the plan like any source."""
+    from lowbit.api import execute
+    from lowbit.errors import SchemeError
+    from lowbit.train.qlora import merge
+
+    if args.source is None:
+        raise SchemeError("name the `lowbit qlora` output folder whose adapters to merge")
+    _refuse_existing(args.output, force=args.force)
+    merged = merge(args.source)
+    loaded, plan, _ = _plan_from_args(args, merged)
+    qm = execute(loaded, plan, progress=args.progress)
+    out = _write_output(qm, args)
+    summary = {"output": str(out), "merged": str(args.source), "source": merged.source, "scheme": _plan_line(plan),
+               "method": qm.method, "bits_per_weight": qm.bits_per_weight}
+    _print(summary, args.json, [[k, v] for k, v in summary.items()], ("", ""))
 
 
 def _training_text_windows(args, loaded):
@@ -898,6 +916,16 @@ def build_parser() -> argparse.ArgumentParser:
     lq.add_argument("--force", action="store_true")
     lq.set_defaults(func=cmd_qlora)
 
+    mg = sub.add_parser("qlora-merge", help="merge QLoRA adapters into their base and quantize the result",
+                        description="The adapters of a `lowbit qlora` output added to its decoded base (as PEFT's "
+                                    "merge_and_unload does), then quantized with the scheme flags, method and "
+                                    "exporter as `lowbit quantize` takes them (default: int4 g128, RTN).")
+    _add_plan_flags(mg)
+    next(a for a in mg._actions if a.dest == "source").help = "a `lowbit qlora` output folder"
+    mg.add_argument("--output", "-o", required=True)
+    mg.add_argument("--force", action="store_true")
+    mg.set_defaults(func=cmd_qlora_merge)
+
     f8 = sub.add_parser("fp8-train", help="fine-tune with FP8 delayed scaling beside the same run in FP32",
                         description="Every target Linear computes in FP8 (Transformer Engine's HYBRID: E4M3 inputs and "
                                     "weights, E5M2 output gradients, per-tensor scales from an amax history updated "
@@ -1133,7 +1161,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_quiet_everywhere(parser)
     args = parser.parse_args(argv)
     args.progress = not (args.json or args.quiet)
-    if args.command in ("quantize", "plan", "qat", "qlora"):
+    if args.command in ("quantize", "plan", "qat", "qlora", "qlora-merge"):
         sub = parser._subparsers._group_actions[0].choices[args.command]
         args.parser_defaults = {}
         for a in sub._actions:  # argparse keeps the first action's default for a shared dest

@@ -223,3 +223,38 @@ def load(folder: str | os.PathLike) -> torch.nn.Module:
                 m.lora_A.weight.copy_(state[f"base_model.model.{name}.lora_A.weight"])
                 m.lora_B.weight.copy_(state[f"base_model.model.{name}.lora_B.weight"])
     return model.eval()
+
+
+def merge(folder: str | os.PathLike):
+    """A QLoRA output merged into one full-precision model, as PEFT's merge_and_unload gives:
+    every adapted weight is the decoded base plus (alpha / r) B A, every other quantized weight
+    its decoded base, the rest as stored. Returns a LoadedModel ready for the plan (its source:
+    the base's recorded source, so evaluation compares with the original model)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.export.native import load as load_native
+    from lowbit.model.load import LoadedModel
+
+    folder = Path(folder)
+    cfg_file = folder / ADAPTER_CONFIG
+    if not cfg_file.is_file() or not (folder / BASE_FOLDER).is_dir():
+        raise SchemeError(f"{folder} is not a lowbit QLoRA output (no {ADAPTER_CONFIG} and {BASE_FOLDER}/)")
+    cfg = json.loads(cfg_file.read_text())
+    qm = load_native(folder / BASE_FOLDER, runtime="decoded", compute_dtype=torch.float32)
+    adapters = load_file(str(folder / ADAPTER_WEIGHTS))
+    dense = AutoModelForCausalLM.from_config(qm.model.config, dtype=torch.float32).eval()
+    stored = dict(qm.model.named_parameters())
+    scaling = cfg["lora_alpha"] / cfg["r"]
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if name in qm.tensors:
+                w = qm.tensors[name].dequantize(torch.float32)
+                module = name.rsplit(".", 1)[0]
+                a = adapters.get(f"base_model.model.{module}.lora_A.weight")
+                if a is not None:
+                    w = w + scaling * (adapters[f"base_model.model.{module}.lora_B.weight"].float() @ a.float())
+                p.copy_(w)
+            else:
+                p.copy_(stored[name])
+    return LoadedModel(dense, qm.tokenizer, qm.source, "merged")
