@@ -69,9 +69,13 @@ def test_quantize_to_gguf_mix_and_full_precision(tiny_bpe, tmp_path, capsys):
     assert {t.tensor_type.name for t in gguf.GGUFReader(str(f32)).tensors} == {"F32"}
 
 
-def test_gguf_needs_a_type_and_refuses_unreadable_formats(tiny_llama, w4_dir, tmp_path, capsys):
+def test_gguf_needs_a_type_and_refuses_unreadable_formats(tiny_llama, tmp_path, capsys):
     assert main(["quantize", str(tiny_llama), "--to", "gguf", "-o", str(tmp_path / "x.gguf")]) == 2
     assert "--type" in capsys.readouterr().err
-    assert main(["export", str(w4_dir), "--to", "gguf", "-o", str(tmp_path / "y.gguf")]) == 2
-    assert "gguf_" in capsys.readouterr().err.splitlines()[-1]
+    nf4 = tmp_path / "nf4"   # no GGUF type holds NF4 (int4 g32 sym would be Q4_0 exactly)
+    assert main(["quantize", str(tiny_llama), "--scheme", "NF4", "-o", str(nf4), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(nf4), "--to", "gguf", "-o", str(tmp_path / "y.gguf")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "gguf_" in err and "lowbit convert" in err
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*tmp*"))
