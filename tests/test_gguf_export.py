@@ -200,10 +200,10 @@ def test_integer_grids_are_written_as_gguf_blocks_exactly(default_model, tmp_pat
 def test_non_gguf_format_is_refused_unless_full_precision(default_model, tmp_path):
     from lowbit.api import quantize
 
-    qm = quantize(_tiny("llama", default_model.tokenizer), lowbit.WeightScheme("int", 3, 32), progress=False)
-    with pytest.raises(SchemeError, match="lowbit convert"):
-        write_gguf(qm, tmp_path / "int3.gguf")
-    assert not (tmp_path / "int3.gguf").exists()
+    qm = quantize(_tiny("llama", default_model.tokenizer), lowbit.WeightScheme("nf4", None, 64), progress=False)
+    with pytest.raises(SchemeError, match="lowbit convert"):   # no GGUF type holds NF4
+        write_gguf(qm, tmp_path / "nf4.gguf")
+    assert not (tmp_path / "nf4.gguf").exists()
     path = write_gguf(qm, tmp_path / "int4-f16.gguf", full_precision="F16")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.attn_norm.weight"] == "F32"
