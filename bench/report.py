@@ -134,8 +134,10 @@ def domain_table(meta: dict | None, windows: int) -> None:
     lines += ["", "Caveats, in the same table:",
               "- SmolLM2's shipped weights lie on a Q4_1 grid (4-bit, groups of 32, float minimum). W4 g32 with an "
               "integer zero-point and NF4 cannot express it; GGUF Q4_K_M's k-quants (6-bit scales and minimums) "
-              "come close, so its small KLD is partly that coincidence, not evidence of quality. The 3-bit rows "
-              "are where methods separate.",
+              "come close, so its small KLD is partly that coincidence, not evidence of quality. Q3_K_M is not "
+              "3-bit throughout here: its mix gives attn_v/ffn_down Q4_K/Q5_K, and 576-column rows fall back to "
+              "32-weight blocks, where lowbit's measured fallback picks Q4_1 (which holds this grid exactly). "
+              "The W3 rows are where methods separate.",
               "- MB stored is the whole output on disk: lowbit's own folders keep the embedding (tied to the head) "
               "in fp32 and carry the tokenizer; GGUF files quantize the embedding too.",
               f"- {windows} windows per set: differences under ~10% between domains are within noise.",
