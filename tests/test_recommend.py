@@ -43,7 +43,9 @@ def test_recommend_on_the_default_within_a_budget(tmp_path, capsys):
     reasons = [g["reason"] for g in again["recipe"]["plan"]]
     assert any(r == "llama.cpp mix Q3_K_M -> Q4_K" for r in reasons)     # attn_v / ffn_down of the mix
     assert any("fallback: 576 columns not divisible by 256 (Q3_K)" in r for r in reasons)
-    assert len(again["layers"]) == 210 and all(r["weight_rel_err"] > 0 for r in again["layers"])
+    # every layer's error; the Q4_1 fallbacks hold SmolLM2's Q4_1-grid weights exactly (error 0)
+    errs = [r["weight_rel_err"] for r in again["layers"]]
+    assert len(errs) == 210 and sum(e > 0.01 for e in errs) > 100 and min(errs) < 1e-6
 
 
 def _default():
