@@ -342,15 +342,19 @@ def _search_scale_sym(x: torch.Tensor, w: torch.Tensor, nmax: int) -> torch.Tens
     for k in range(-9, 10):
         iscale = -(nmax + 0.1 * k) / mx
         L = torch.round(iscale.unsqueeze(-1) * x).clamp(-nmax, nmax - 1)
-        sum_lx = (w * x * L).sum(-1)
-        sum_l2 = (w * L * L).sum(-1)
-        ok = sum_l2 > 0
-        sum_l2 = torch.where(ok, sum_l2, torch.ones_like(sum_l2))
-        score = sum_lx * sum_lx / sum_l2  # weighted error = sum(w x^2) - score
-        better = ok & (score > best_score)
-        best_score = torch.where(better, score, best_score)
-        best_scale = torch.where(better, sum_lx / sum_l2, best_scale)
+        best_score, best_scale = _keep_best_lsq(x, w, L, best_score, best_scale)
     return torch.where(valid, best_scale, torch.zeros_like(best_scale))
+
+
+def _keep_best_lsq(x, w, q, best_score, best_scale):
+    """The least-squares scale of x ~ scale * q (weights w) per group, kept where it fits better
+    than the best so far: score = (sum w q x)^2 / sum w q^2 (weighted error = sum w x^2 - score)."""
+    sum_qx, sum_q2 = (w * q * x).sum(-1), (w * q * q).sum(-1)
+    ok = sum_q2 > 0
+    sum_q2 = torch.where(ok, sum_q2, torch.ones_like(sum_q2))
+    score = sum_qx * sum_qx / sum_q2
+    better = ok & (score > best_score)
+    return torch.where(better, score, best_score), torch.where(better, sum_qx / sum_q2, best_scale)
 
 
 
@@ -523,13 +527,7 @@ def _search_scale_iq4(x: torch.Tensor, w: torch.Tensor, ntry: int = 7) -> torch.
     for k in [None, *range(-ntry, ntry + 1)]:
         iscale = -IQ4_LEVELS[0] / mx if k is None else (k + IQ4_LEVELS[0]) / mx
         q = levels[_iq4_index(iscale.unsqueeze(-1) * x)]
-        sum_qx, sum_q2 = (w * q * x).sum(-1), (w * q * q).sum(-1)
-        ok = sum_q2 > 0
-        sum_q2 = torch.where(ok, sum_q2, torch.ones_like(sum_q2))
-        score = sum_qx * sum_qx / sum_q2
-        better = ok & (score > best_score)
-        best_score = torch.where(better, score, best_score)
-        best_d = torch.where(better, sum_qx / sum_q2, best_d)
+        best_score, best_d = _keep_best_lsq(x, w, q, best_score, best_d)
     return torch.where(valid, best_d, torch.zeros_like(best_d))
 
 

@@ -202,8 +202,8 @@ def run_qlora(loaded: LoadedModel, plan: Plan, text: str, text_label: str, cfg: 
     return QLoRAResult(Path(output), losses, names, seconds)
 
 
-def load(folder: str | os.PathLike) -> torch.nn.Module:
-    """A QLoRA output as a runnable model: the packed base (fp32 compute) with its adapters."""
+def _read_output(folder: str | os.PathLike, runtime: str):
+    """(adapter config, the base as a QuantizedModel in `runtime`, adapter tensors) of a QLoRA output."""
     from safetensors.torch import load_file
 
     from lowbit.export.native import load as load_native
@@ -213,10 +213,15 @@ def load(folder: str | os.PathLike) -> torch.nn.Module:
     if not cfg_file.is_file() or not (folder / BASE_FOLDER).is_dir():
         raise SchemeError(f"{folder} is not a lowbit QLoRA output (no {ADAPTER_CONFIG} and {BASE_FOLDER}/)")
     cfg = json.loads(cfg_file.read_text())
-    qm = load_native(folder / BASE_FOLDER, runtime="packed", compute_dtype=torch.float32)
+    qm = load_native(folder / BASE_FOLDER, runtime=runtime, compute_dtype=torch.float32)
+    return cfg, qm, load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def load(folder: str | os.PathLike) -> torch.nn.Module:
+    """A QLoRA output as a runnable model: the packed base (fp32 compute) with its adapters."""
+    cfg, qm, state = _read_output(folder, "packed")
     model = qm.model
     attach_lora(model, cfg["target_modules"], cfg["r"], cfg["lora_alpha"])
-    state = load_file(str(folder / ADAPTER_WEIGHTS))
     with torch.no_grad():
         for name, m in model.named_modules():
             if isinstance(m, LoRALinear):
@@ -230,19 +235,11 @@ def merge(folder: str | os.PathLike):
     every adapted weight is the decoded base plus (alpha / r) B A, every other quantized weight
     its decoded base, the rest as stored. Returns a LoadedModel ready for the plan (its source:
     the base's recorded source, so evaluation compares with the original model)."""
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lowbit.export.native import load as load_native
     from lowbit.model.load import LoadedModel
 
-    folder = Path(folder)
-    cfg_file = folder / ADAPTER_CONFIG
-    if not cfg_file.is_file() or not (folder / BASE_FOLDER).is_dir():
-        raise SchemeError(f"{folder} is not a lowbit QLoRA output (no {ADAPTER_CONFIG} and {BASE_FOLDER}/)")
-    cfg = json.loads(cfg_file.read_text())
-    qm = load_native(folder / BASE_FOLDER, runtime="decoded", compute_dtype=torch.float32)
-    adapters = load_file(str(folder / ADAPTER_WEIGHTS))
+    cfg, qm, adapters = _read_output(folder, "decoded")
     dense = AutoModelForCausalLM.from_config(qm.model.config, dtype=torch.float32).eval()
     stored = dict(qm.model.named_parameters())
     scaling = cfg["lora_alpha"] / cfg["r"]
