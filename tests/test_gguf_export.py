@@ -173,9 +173,12 @@ def test_llama_cpp_runs_iq4_and_mxfp4(default_model, tmp_path, fmt):
     scale = np.abs(H).max()
     print(fmt, np.abs(L - H).max() / scale, np.abs(L - H).mean() / scale, (L.argmax(-1) == H.argmax(-1)).mean())
     assert np.abs(L - H).max() < 0.15 * scale and np.abs(L - H).mean() < 0.02 * scale
-    # random weights leave near-ties between logits: IQ4_XS's dot products round the
-    # activations per 256 (Q8_K), IQ4_NL's and MXFP4's per 32 (Q8_0); measured top-1 0.82, 1.0 and 0.94
-    assert (L.argmax(-1) == H.argmax(-1)).mean() >= 0.75
+    # random weights leave near-ties between logits, and llama.cpp rounds the activations to
+    # 8 bits (per 256 for IQ4_XS, per 32 otherwise) with CPU-dependent summation order: compare
+    # the argmax only where lowbit's top two logits are apart by more than 2% of the scale
+    top2 = np.sort(H, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.02 * scale
+    assert clear.sum() >= 5 and (L.argmax(-1) == H.argmax(-1))[clear].all()
 
 
 @pytest.mark.e2e
