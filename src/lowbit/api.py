@@ -46,16 +46,17 @@ def make_recipe(scheme=None, method: str | None = None, include: list[str] | Non
                   ignore=tuple(exclude) if exclude is not None else None, **extra)
 
 
-def _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options) -> Recipe:
+def _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options, rotate=None) -> Recipe:
     given = [k for k, v in (("scheme", scheme), ("method", method), ("include", include), ("exclude", exclude),
-                            ("calibration", calibration), ("options", options)) if v is not None]
+                            ("calibration", calibration), ("options", options), ("rotate", rotate)) if v is not None]
     if plan is not None or recipe is not None:
         if given:
             raise SchemeError(f"pass either a recipe/plan or {', '.join(given)}, not both: the recipe says everything")
         if plan is not None and recipe is not None:
             raise SchemeError("pass a plan or a recipe, not both (a plan already holds its recipe)")
         return plan.recipe if plan is not None else as_recipe(recipe)
-    return make_recipe(scheme, method, include, exclude, calibration, options)
+    return make_recipe(scheme, method, include, exclude, calibration, options,
+                       **({"rotate": rotate} if rotate is not None else {}))
 
 
 def _as_loaded(source, tokenizer=None) -> LoadedModel:
@@ -70,13 +71,24 @@ def plan_model(source, recipe=None, container: str = "native", progress: bool = 
     """The plan for a source (path, None for the embedded default, LoadedModel or nn.Module)
     under a recipe (Recipe, dict, YAML path; or quantize()'s keyword arguments)."""
     recipe = as_recipe(recipe) if recipe is not None else make_recipe(**kwargs)
-    return build_plan(_as_loaded(source), recipe, container, progress)
+    loaded = _as_loaded(source)
+    transform(loaded, recipe)
+    return build_plan(loaded, recipe, container, progress)
+
+
+def transform(loaded: LoadedModel, recipe: Recipe) -> dict | None:
+    """Apply the recipe's equivalence transforms to the model in place (once); what was done."""
+    if recipe.rotate is None:
+        return None
+    from lowbit.methods.rotation import rotate_model
+
+    return rotate_model(loaded.model, recipe.rotate, recipe.rotate_seed)
 
 
 def quantize(source, scheme=None, method: str | None = None, include: list[str] | None = None,
              exclude: list[str] | None = None, calibration: CalibrationConfig | None = None,
-             options: dict | None = None, *, recipe=None, plan: Plan | None = None, container: str = "native",
-             forward_loop=None, tokenizer=None, progress: bool = True) -> QuantizedModel:
+             options: dict | None = None, *, rotate: str | None = None, recipe=None, plan: Plan | None = None,
+             container: str = "native", forward_loop=None, tokenizer=None, progress: bool = True) -> QuantizedModel:
     """Quantize a model: a path, None (the embedded default), a LoadedModel, or an in-memory
     transformers model (modified in place).
 
@@ -84,9 +96,11 @@ def quantize(source, scheme=None, method: str | None = None, include: list[str] 
     "rtn", "hqq" or a calibrated one: "gptq", "awq", "smoothquant"), or with a `recipe` (Recipe,
     dict or YAML path), or with a `plan` from plan_model(). `container` is the output the plan
     is sized for. Calibrated methods and static activation scales read `calibration` windows, or
-    call `forward_loop()` (a function running the model on the user's data) instead."""
-    recipe = _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options)
+    call `forward_loop()` (a function running the model on the user's data) instead. `rotate`
+    ("hadamard") rotates the model first (methods.rotation); the model is modified in place."""
+    recipe = _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options, rotate)
     loaded = _as_loaded(source, tokenizer)
+    transform(loaded, recipe)
     if plan is None:
         plan = build_plan(loaded, recipe, container, progress)
     elif container != "native" and container != plan.container:
@@ -102,6 +116,7 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
     recipe = plan.recipe
     impl = get_method(recipe.method)
     opts = method_options(recipe.method, dict(recipe.options))
+    rotation = transform(loaded, recipe)
     model = loaded.model
     by_name = {w.name: w for w in all_weights(model)}
     targets = [by_name[n] for n in plan.tensors]
@@ -109,6 +124,8 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
     record = {"targets": len(targets), "kept_full_precision": plan.kept, "seconds": {}}
     if opts is not None:
         record["options"] = dataclasses.asdict(opts)
+    if rotation is not None:
+        record["rotation"] = rotation
     t0 = time.perf_counter()
     if is_calibrated(recipe.method):
         tensors = _quantize_calibrated(model, loaded.tokenizer, targets, ws, impl, opts, recipe.calibration,

@@ -70,7 +70,7 @@ _RECIPE_FLAGS = (("scheme", "--scheme"), ("format", "--format"), ("bits", "--bit
                  ("hessian_precision", "--hessian-precision"), ("damp", "--damp"), ("act_order", "--act-order"),
                  ("opt", "--opt"), ("act", "--act"), ("act_observer", "--act-observer"), ("target_bpw", "--target-bpw"),
                  ("max_size", "--max-size"), ("candidates", "--candidates"), ("fisher_windows", "--fisher-windows"),
-                 ("fallback", "--fallback"))
+                 ("fallback", "--fallback"), ("rotate", "--rotate"), ("rotate_seed", "--rotate-seed"))
 
 
 def _recipe_from_args(args, parser_defaults: dict):
@@ -109,7 +109,8 @@ def _recipe_from_args(args, parser_defaults: dict):
     calibration = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed, sequential=not args.no_sequential,
                                     hessian_precision=args.hessian_precision)
     return make_recipe(scheme if name is None else name, args.method, args.include, args.exclude, calibration,
-                       _method_options(args), budget=budget, gguf_mix=mix, gguf_fallback=args.fallback)
+                       _method_options(args), budget=budget, gguf_mix=mix, gguf_fallback=args.fallback,
+                       rotate=args.rotate, rotate_seed=args.rotate_seed)
 
 
 def _container(args) -> str:
@@ -175,6 +176,7 @@ def _method_options(args) -> dict:
 
 
 def _plan_from_args(args, loaded=None):
+    from lowbit.api import transform
     from lowbit.model.load import load_source
     from lowbit.plan import build_plan
 
@@ -182,6 +184,7 @@ def _plan_from_args(args, loaded=None):
     t0 = time.perf_counter()
     loaded = loaded or load_source(args.source)
     t_load = time.perf_counter() - t0
+    transform(loaded, recipe)
     return loaded, build_plan(loaded, recipe, _container(args), progress=args.progress), t_load
 
 
@@ -274,6 +277,23 @@ def _refuse_existing(*paths, force: bool) -> None:
     for p in paths:
         if p is not None and Path(p).exists() and not force:
             raise SchemeError(f"{p} already exists; pass --force to replace it or choose another output path")
+
+
+def cmd_rotate(args):
+    from lowbit.export.native import staged_output_dir
+    from lowbit.methods.rotation import rotate_model
+    from lowbit.model.load import load_source
+
+    out = Path(args.output)
+    _refuse_existing(out, force=args.force)
+    loaded = load_source(args.source)
+    info = rotate_model(loaded.model, args.kind, args.seed)
+    with staged_output_dir(out, args.force) as tmp:
+        loaded.model.save_pretrained(tmp)
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+    summary = {"output": str(out), **info}
+    _print(summary, args.json, [[k, v] for k, v in summary.items()], ("", ""))
 
 
 def cmd_qat(args):
@@ -835,6 +855,10 @@ def _add_plan_flags(q):
     q.add_argument("--act-order", dest="act_order", action="store_true", default=None, help="GPTQ: act-order (default on)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false")
     q.add_argument("--opt", action="append", help="method option KEY=VALUE (repeatable), e.g. alpha=0.5")
+    q.add_argument("--rotate", choices=["hadamard", "learned"],
+                   help="rotate the model before the method (QuaRot R1+R2: norms folded, randomized Hadamard on the "
+                        "residual stream and per head); same function, a plain checkpoint, outliers spread out")
+    q.add_argument("--rotate-seed", type=int, default=0, help="--rotate: seed of the Hadamard's random signs (default 0)")
     q.add_argument("--to", default="native", choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
     q.add_argument("--type", help="--to gguf: a llama.cpp mix (Q4_K_M, Q8_0, ...), F32/F16, or auto (with a budget)")
     q.add_argument("--max-size", help="largest weights file (e.g. 91.7MB, 87MiB): lowbit chooses each tensor's scheme "
@@ -1098,6 +1122,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="timed runs after the warm-up; the fastest is kept")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_infer)
+
+    ro = sub.add_parser("rotate", help="rotate a model (norms folded, randomized Hadamard) into a plain HF checkpoint "
+                                       "of the same architecture and function",
+                        description="The rotation `quantize --rotate` applies, saved unquantized: transformers, "
+                                    "llama.cpp (after `export --to gguf --type F16`) and vLLM load it unchanged.")
+    ro.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
+    ro.add_argument("--kind", default="hadamard", choices=["hadamard", "learned"])
+    ro.add_argument("--seed", type=int, default=0, help="seed of the random signs (default 0)")
+    ro.add_argument("--output", "-o", required=True)
+    ro.add_argument("--force", action="store_true")
+    ro.add_argument("--json", action="store_true")
+    ro.set_defaults(func=cmd_rotate)
 
     i = sub.add_parser("info", help="what a lowbit folder, HF folder or GGUF file holds")
     i.add_argument("path")

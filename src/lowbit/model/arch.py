@@ -181,3 +181,34 @@ def decoder_layer_of(model: torch.nn.Module, module_name: str) -> tuple[str, tor
             name = ".".join(parts[: i + 1])
             return name, model.get_submodule(name)
     return "", model
+
+
+@dataclasses.dataclass(frozen=True)
+class RotationLayout:
+    """How one decoder-layer family touches the residual stream, names relative to a layer:
+    `reads`: each norm on the stream and the Linears that read its output; `writes`: the Linears
+    whose outputs are added to the stream; `values`: a (value projection, output projection)
+    pair whose per-head space a second rotation may transform; `inert`: parameterised modules
+    that act off the stream (per-head q/k norms), left as they are."""
+
+    reads: tuple[tuple[str, tuple[str, ...]], ...]
+    writes: tuple[str, ...]
+    values: tuple[str, str] | None = None
+    inert: tuple[str, ...] = ()
+
+
+ROTATION_LAYOUTS: tuple[RotationLayout, ...] = (
+    # LLaMA / Mistral / Qwen2 / Qwen3 / Granite ... (pre-norm, separate projections)
+    RotationLayout(reads=(("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                          ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))),
+                   writes=("self_attn.o_proj", "mlp.down_proj"),
+                   values=("self_attn.v_proj", "self_attn.o_proj"),
+                   inert=("self_attn.q_norm", "self_attn.k_norm")),
+    # Phi-3 (fused qkv and gate/up projections)
+    RotationLayout(reads=(("input_layernorm", ("self_attn.qkv_proj",)), ("post_attention_layernorm", ("mlp.gate_up_proj",))),
+                   writes=("self_attn.o_proj", "mlp.down_proj")),
+)
+
+# the norm after the last decoder layer, where the head reads the stream
+FINAL_NORMS: tuple[str, ...] = ("model.norm", "model.language_model.norm", "transformer.ln_f",
+                                "model.decoder.final_layer_norm", "model.final_layernorm")

@@ -11,6 +11,7 @@
       - {name: down, targets: ['down_proj'], scheme: W8A16}
     budget: {target_bpw: 4.25, candidates: [int3_g64, int4_g64, int8_ch], fisher_windows: 16}
     gguf: {mix: Q4_K_M, fallback: measured}
+    rotate: {kind: hadamard, seed: 0}  # an equivalence rotation of the model before any method
 
 The CLI's flags build the same Recipe, so `lowbit quantize --recipe FILE` and the equivalent
 flags run identically; the recipe that ran is written into every output. Unknown keys are an
@@ -72,12 +73,18 @@ class Recipe:
     budget: Budget | None = None
     gguf_mix: str | None = None
     gguf_fallback: str = "measured"
+    rotate: str | None = None           # "hadamard": rotate the model (methods.rotation) first
+    rotate_seed: int = 0
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
         from lowbit.methods import method_options
 
         method_options(self.method, dict(self.options))  # unknown method / option: an error now
+        if self.rotate is not None:
+            from lowbit.methods.rotation import check_kind
+
+            check_kind(self.rotate)
         if self.gguf_fallback not in ("measured", "llama.cpp"):
             raise SchemeError(f"unknown GGUF fallback policy {self.gguf_fallback!r}; use 'measured' or 'llama.cpp'")
         if self.gguf_mix is not None:
@@ -113,6 +120,8 @@ class Recipe:
             out["budget"] = b
         if self.gguf_mix is not None:
             out["gguf"] = {"mix": self.gguf_mix, "fallback": self.gguf_fallback}
+        if self.rotate is not None:
+            out["rotate"] = {"kind": self.rotate, "seed": self.rotate_seed}
         return out
 
 
@@ -164,7 +173,7 @@ def recipe_from_dict(data: dict) -> Recipe:
     from lowbit.plan.budget import parse_size
 
     _keys(data, {"version", "method", "options", "calibration", "scheme", "targets", "ignore", "groups", "budget",
-                 "gguf"}, "the recipe")
+                 "gguf", "rotate"}, "the recipe")
     version = data.get("version", RECIPE_VERSION)
     if not isinstance(version, int) or version > RECIPE_VERSION:
         raise SchemeError(f"recipe version {version!r} is not one this lowbit reads (up to {RECIPE_VERSION}); upgrade lowbit")
@@ -205,6 +214,13 @@ def recipe_from_dict(data: dict) -> Recipe:
         _keys(data["gguf"], {"mix", "fallback"}, "gguf")
         kw["gguf_mix"] = str(data["gguf"].get("mix")).upper() if data["gguf"].get("mix") else None
         kw["gguf_fallback"] = data["gguf"].get("fallback", "measured")
+    if data.get("rotate") is not None:
+        r = data["rotate"] if isinstance(data["rotate"], dict) else {"kind": data["rotate"]}
+        _keys(r, {"kind", "seed"}, "rotate")
+        kw["rotate"] = str(r.get("kind", "hadamard"))
+        if not isinstance(r.get("seed", 0), int):
+            raise SchemeError(f"rotate.seed must be an integer, got {r['seed']!r}")
+        kw["rotate_seed"] = r.get("seed", 0)
     try:
         return Recipe(**kw)
     except TypeError as e:
