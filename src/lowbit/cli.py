@@ -44,6 +44,9 @@ def _scheme_from_args(args):
     from lowbit.errors import SchemeError
     from lowbit.scheme import QuantScheme, WeightScheme, preset
 
+    if (not args.scheme and getattr(args, "method", None) == "llm_int8" and args.format == "int" and args.bits is None
+            and args.group_size == 128 and args.act is None):
+        return preset("LLM_INT8"), "LLM_INT8"   # the method's own scheme, unless flags say another (refused)
     if args.scheme:
         if args.act is not None:
             raise SchemeError(f"--scheme {args.scheme} already fixes the activations; drop --act, or spell the weights "
@@ -834,7 +837,7 @@ def _add_plan_flags(q):
     """Flags shared by quantize and plan: they describe one Recipe."""
     q.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
     q.add_argument("--recipe", help="a YAML recipe (method, scheme, targets, groups, budget, ...) instead of the flags below")
-    q.add_argument("--method", default="rtn", help="rtn | gptq | awq | smoothquant | hqq")
+    q.add_argument("--method", default="rtn", help="rtn | gptq | awq | smoothquant | hqq | llm_int8 (scheme LLM_INT8)")
     _add_scheme_flags(q)
     q.add_argument("--act", choices=_ACT_CHOICES, default=None,
                    help="input (activation) quantization with --format: int8 (per-token dynamic), int8-static (per "

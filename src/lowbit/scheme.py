@@ -91,8 +91,15 @@ class ActivationScheme:
     symmetric: bool = True
     observer: str = "minmax"       # static ranges: minmax | percentile | mse | kl
     percentile: float = 99.9
+    outlier_threshold: float | None = None
 
     def __post_init__(self):
+        if self.outlier_threshold is not None:
+            if (self.format, self.bits, self.granularity, self.dynamic) != ("int", 8, "token", True):
+                raise SchemeError("outlier columns (LLM.int8) go with int8 per-token dynamic activations, not "
+                                  f"{self.format} {self.bits}-bit per-{self.granularity}")
+            if not self.outlier_threshold > 0:
+                raise SchemeError(f"the outlier threshold must be positive, got {self.outlier_threshold}")
         if self.format not in ACTIVATION_FORMATS:
             raise SchemeError(f"activation format must be one of {', '.join(ACTIVATION_FORMATS)}, got {self.format!r}")
         if not self.symmetric:
@@ -128,7 +135,8 @@ class ActivationScheme:
         if self.format in ACTIVATION_BLOCK:
             scale = "dynamic" if self.dynamic else f"static global ({self.observer})"
             return f"{name} block{ACTIVATION_BLOCK[self.format]} {scale}"
-        return f"{name} per-{self.granularity} " + ("dynamic" if self.dynamic else f"static ({self.observer})")
+        outliers = "" if self.outlier_threshold is None else f", columns reaching {self.outlier_threshold:g} in full precision"
+        return f"{name} per-{self.granularity} " + ("dynamic" if self.dynamic else f"static ({self.observer})") + outliers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,11 +197,15 @@ def _presets() -> dict[str, QuantScheme]:
     "NVFP4": QuantScheme(WeightScheme("nvfp4", None, 16), ActivationScheme("nvfp4", 4, "block", False)),
     "NVFP4A16": QuantScheme(WeightScheme("nvfp4", None, 16)),
     "TERNARY": QuantScheme(WeightScheme("ternary", None, -1)),
+    # bitsandbytes' load_in_8bit: int8 rows (absmax / 127), inputs int8 per token with the
+    # columns reaching 6.0 kept in full precision
+    "LLM_INT8": QuantScheme(WeightScheme("int", 8, -1, True), ActivationScheme("int", 8, "token", True,
+                                                                                outlier_threshold=6.0)),
     }
 
 
 PRESET_NAMES = ("W4A16", "W4A16_G32_ASYM", "W3A16_G32", "W8A16", "W8A8", "W8A8_STATIC", "W4A8", "FP8", "FP8_DYNAMIC",
-                "FP8_WEIGHT", "NF4", "MXFP4", "MXFP4A16", "MXFP8", "MXFP8A16", "NVFP4", "NVFP4A16", "TERNARY")
+                "FP8_WEIGHT", "NF4", "MXFP4", "MXFP4A16", "MXFP8", "MXFP8A16", "NVFP4", "NVFP4A16", "TERNARY", "LLM_INT8")
 
 
 def preset(name: str) -> QuantScheme:

@@ -130,6 +130,9 @@ def _input_args(spec: dict, cols: int, name: str) -> dict:
         raise SchemeError(f"{where} spec lacks {missing}; give it a complete input_quant (see lowbit.nn.act_quant) "
                           "or export to native")
     fmt, bits, gran, dynamic = spec["format"], spec["bits"], spec["granularity"], spec["dynamic"]
+    if spec.get("outlier_threshold") is not None:
+        raise SchemeError(f"{where} keeps outlier columns in full precision (LLM.int8), which compressed-tensors "
+                          "cannot express; export to native, or quantize with --scheme W8A8")
     if not spec["symmetric"]:
         raise SchemeError(f"{where} is asymmetric, which lowbit does not export to compressed-tensors; "
                           "quantize inputs symmetrically or export to native")

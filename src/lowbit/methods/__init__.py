@@ -17,6 +17,7 @@ REGISTRY = {
     "gptq": "lowbit.methods.gptq",
     "awq": "lowbit.methods.awq",
     "smoothquant": "lowbit.methods.smoothquant",
+    "llm_int8": "lowbit.methods.llm_int8",
 }
 
 

@@ -79,10 +79,27 @@ def _block_fake_quant(xf: torch.Tensor, fmt_name: str, global_scale: torch.Tenso
     return out.reshape(xf.shape)
 
 
+def outlier_columns(x2: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(features,) bool: the input columns where any token of this call reaches the threshold."""
+    return (x2.abs() >= threshold).any(dim=0)
+
+
+def outlier_split_scale(xf: torch.Tensor, threshold: float, qmax: float) -> torch.Tensor:
+    """Per-token scales of LLM.int8's int8 part: each row's absmax over the values below the
+    threshold (bitsandbytes zeroes the outlier values, not their whole columns, before it)."""
+    return (xf.masked_fill(xf.abs() >= threshold, 0.0).abs().amax(dim=-1, keepdim=True) / qmax).clamp_min(_TINY)
+
+
 def fake_quantize_input(x: torch.Tensor, spec: dict) -> torch.Tensor:
     """x quantized to the activation grid and back (same dtype and shape)."""
     fmt, bits = spec["format"], spec["bits"]
     xf = x.float()
+    if spec.get("outlier_threshold") is not None:   # LLM.int8: outlier columns pass through
+        t = spec["outlier_threshold"]
+        outl = outlier_columns(xf.reshape(-1, xf.shape[-1]), t)
+        scale = outlier_split_scale(xf, t, format_max(fmt, bits))
+        rest = round_half_even(xf.masked_fill(outl, 0.0) / scale).clamp(-format_max(fmt, bits), format_max(fmt, bits))
+        return torch.where(outl, xf, rest * scale).to(x.dtype)
     if fmt in ACTIVATION_BLOCK:
         gs = None if (spec["dynamic"] or fmt != "nvfp4") else torch.tensor(spec["scale"], dtype=torch.float32)
         return _block_fake_quant(xf, fmt, gs).to(x.dtype)

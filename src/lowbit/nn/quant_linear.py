@@ -44,4 +44,6 @@ class QuantLinear(torch.nn.Module):
         if self.input_quant is not None:
             q = self.input_quant
             act = f", input {q['format']}{q['bits'] if q['format'] == 'int' else ''} {'dynamic' if q['dynamic'] else 'static'}"
+            if q.get("outlier_threshold") is not None:
+                act += f", outlier columns >= {q['outlier_threshold']:g} in float"
         return f"in={self.in_features}, out={self.out_features}, {self.qweight.format.name}, {self.qweight.bits_per_weight:.3f} bpw{act}"

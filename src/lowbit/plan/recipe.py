@@ -81,6 +81,13 @@ class Recipe:
         from lowbit.methods import method_options
 
         method_options(self.method, dict(self.options))  # unknown method / option: an error now
+        if self.method == "llm_int8":
+            from lowbit.methods.llm_int8 import check_scheme
+
+            for sch in (self.scheme, *(g.scheme for g in self.groups)):
+                check_scheme(sch.weights, sch.activations)
+            if self.budget is not None or self.gguf_mix is not None:
+                raise SchemeError("--method llm_int8 fixes every weight to int8 rows; drop the budget / GGUF mix")
         if self.rotate is not None:
             from lowbit.methods.rotation import check_kind
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.formats.packing import pack, unpack
-from lowbit.nn.act_quant import fake_quantize_input, validate_spec
+from lowbit.nn.act_quant import fake_quantize_input, outlier_columns, outlier_split_scale, validate_spec
 from lowbit.tensor import QuantizedTensor, expand_groups
 
 SCRATCH_ELEMENTS = 1 << 22     # decode path: at most 4M decoded weights (16 MB fp32) per chunk
@@ -168,7 +168,21 @@ class PackedLinear(torch.nn.Module):
 
     def _mm_int_mm(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.input_quant
-        if spec["dynamic"]:
+        if spec.get("outlier_threshold") is not None:   # LLM.int8: outlier columns in float
+            t = spec["outlier_threshold"]
+            outl = outlier_columns(x, t)
+            sx = outlier_split_scale(x, t, self.input_qmax)
+            if not outl.any():
+                return self._int8_matmul(x, spec, sx)
+            cols = outl.nonzero()[:, 0]
+            w_out = self.w_int8[:, cols].float() * self.w_scale[:, None]
+            return self._int8_matmul(x.index_fill(1, cols, 0.0), spec, sx) + x[:, cols] @ w_out.t()
+        return self._int8_matmul(x, spec)
+
+    def _int8_matmul(self, x: torch.Tensor, spec: dict, sx: torch.Tensor | None = None) -> torch.Tensor:
+        if sx is not None:
+            pass
+        elif spec["dynamic"]:
             sx = (x.abs().amax(dim=-1, keepdim=True) / self.input_qmax).clamp_min(1e-12)
         else:
             sx = torch.tensor(spec["scale"], dtype=torch.float32)
