@@ -8,6 +8,7 @@ tokens is timed in the same run, so GPTQ's cost is reported as a ratio to it.
     python bench/methods.py --quick         # 32 calibration windows, 8 eval windows
     python bench/methods.py --only gptq --scheme "int4 g32 asym" --hessian-precision fp32 bf16
     python bench/methods.py --quick --rows activations   # activation and budget rows -> activations.{json,md}
+    python bench/methods.py --rows rotation      # rotated rows beside unrotated, LLM.int8 -> rotation.{json,md}
 
 Writes bench/results/methods.json and bench/results/methods.md (a subset: methods_<names>.*).
 With --hessian-precision each selected row runs once per Hessian precision, and the results go
@@ -66,6 +67,16 @@ CONFIGS = [
     # mixed precision: each tensor's scheme chosen under a bits-per-weight budget (Fisher-priced
     # RTN error, int2..int8 at g32/g64/g128 sym), against uniform int4 g64 sym at the same 4.25
     ("gptq", dict(format="int", bits=4, group_size=64, symmetric=True, target_bpw=4.25), {}),
+    # rotations (QuaRot R1 + R2, randomized Hadamard) before the method
+    ("rtn", dict(format="int", bits=3, group_size=32, symmetric=False, rotate="hadamard"), {}),
+    ("gptq", dict(format="int", bits=4, group_size=32, symmetric=False, rotate="hadamard"), {}),
+    ("gptq", dict(format="int", bits=3, group_size=32, symmetric=False, rotate="hadamard"), {}),
+    ("gptq", dict(format="int", bits=3, group_size=32, symmetric=False, observer="mse", rotate="hadamard"), {}),
+    ("gptq", dict(format="int", bits=2, group_size=32, symmetric=False), {}),
+    ("gptq", dict(format="int", bits=2, group_size=32, symmetric=False, rotate="hadamard"), {}),
+    ("gptq", dict(format="int", bits=2, group_size=32, symmetric=False, observer="mse"), {}),
+    ("gptq", dict(format="int", bits=2, group_size=32, symmetric=False, observer="mse", rotate="hadamard"), {}),
+    ("llm_int8", dict(preset="LLM_INT8"), {}),
 ]
 
 
@@ -85,6 +96,18 @@ ACTIVATION_ROWS = [
     "gptq|budget --target-bpw 4.25 (int2..int8 g32/g64/g128 sym)",
 ]
 
+# `--rows rotation`: rotated rows beside the same rows unrotated, and LLM.int8 beside W8A8
+ROTATION_ROWS = [
+    "rtn|int3 g32 asym", "rtn|int3 g32 asym rotated",
+    "gptq|int4 g32 asym", "gptq|int4 g32 asym rotated", "rtn|int4 g32 asym",
+    "gptq|int3 g32 asym", "gptq|int3 g32 asym rotated",
+    "gptq|int3 g32 asym mse", "gptq|int3 g32 asym mse rotated",
+    "gptq|int2 g32 asym", "gptq|int2 g32 asym rotated",
+    "gptq|int2 g32 asym mse", "gptq|int2 g32 asym mse rotated",
+    "rtn|W8A8: int8 per-channel sym, inputs int8 per-token dynamic",
+    "llm_int8|LLM_INT8: int8 per-channel sym, inputs int8 per-token dynamic, columns reaching 6 in full precision",
+]
+
 
 def row_suffix(options: dict) -> str:
     """How a row's options show in its method column: +gptq (rounding), +alpha_grid=10."""
@@ -98,6 +121,7 @@ def make_scheme(s: dict):
 
     s = dict(s)
     bpw = s.pop("target_bpw", None)
+    rotate = s.pop("rotate", None)
     if "preset" in s:
         scheme, label = s["preset"], f"{s['preset']}: {preset(s['preset']).label()}"
     else:
@@ -105,6 +129,8 @@ def make_scheme(s: dict):
         scheme, label = ws, ws.label() + (f" {ws.observer}" if ws.observer != "minmax" else "")
     if bpw is not None:
         label = f"budget --target-bpw {bpw} (int2..int8 g32/g64/g128 sym)"
+    if rotate is not None:
+        label += " rotated"
     return scheme, bpw, label
 
 
@@ -150,7 +176,7 @@ def run_one(spec: dict) -> dict:
     t0 = time.perf_counter()
     if bpw is None:
         qm = quantize(loaded, scheme, method=spec["method"], calibration=calibration, options=spec["options"],
-                      progress=False)
+                      rotate=spec["scheme"].get("rotate"), progress=False)
     else:
         from lowbit.api import make_recipe
         from lowbit.plan import Budget
@@ -199,6 +225,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rows == ["activations"]:
         args.rows, args.name = ACTIVATION_ROWS, args.name or "activations"
+    if args.rows == ["rotation"]:
+        args.rows, args.name = ROTATION_ROWS, args.name or "rotation"
     if (args.scheme or args.rows) and not args.name and not args.hessian_precision and not args.only:
         raise SystemExit("a --scheme subset needs --name (so it does not overwrite the full table)")
     if args.worker:
@@ -280,6 +308,17 @@ def main() -> None:
              "load average before and after).", "",
              "| method | scheme | bits/weight | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    if name.startswith("rotation"):
+        head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+        lines[head:head] = [
+            "Rotated rows: norms folded, then a randomized Hadamard on the residual stream (576 = 16 · Paley 36) and "
+            "per head on V/O (QuaRot R1 + R2, no online rotations), before the method; logits of the rotated "
+            "full-precision model equal the source's (relative change < 1e-5). SmolLM2's head is tied to its "
+            "embedding: rotating unties it, so a rotated checkpoint holds one more 49152 × 576 matrix in full "
+            "precision (bits/weight counts the quantized decoder weights only, as in every row). SmolLM2's "
+            "shipped Q4_1 grid favours unrotated 4-bit rows; rotation removes it.", "",
+            "LLM.int8 row: int8 rows (fp16 scales) and int8 per-token inputs with the input columns that reach 6.0 "
+            "kept in float (bitsandbytes' load_in_8bit; tests/test_llm_int8.py compares with bitsandbytes).", ""]
     if args.hessian_precision:
         head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
         lines[head:head + 2] = [f"CPU: {meta['cpu']} (avx512_bf16: {meta['avx512_bf16']}, amx_bf16: {meta['amx_bf16']}), "

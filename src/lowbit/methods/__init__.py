@@ -18,6 +18,8 @@ REGISTRY = {
     "awq": "lowbit.methods.awq",
     "smoothquant": "lowbit.methods.smoothquant",
     "llm_int8": "lowbit.methods.llm_int8",
+    "sparsegpt": "lowbit.methods.sparsegpt",
+    "wanda": "lowbit.methods.wanda",
 }
 
 

@@ -15,6 +15,7 @@ from lowbit.calib.runner import StatsRequest
 from lowbit.errors import SchemeError
 from lowbit.formats import Format, Params
 from lowbit.scheme import WeightScheme
+from lowbit.sparsity import Pattern, exact_zero_codes, prune_mask
 from lowbit.tensor import QuantizedTensor, fit_groups, group_index, resolve_group_size
 
 
@@ -62,12 +63,22 @@ def _params_at(p: Params, g: int) -> Params:
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int, observer: str = "minmax",
-                  percentile: float = 99.9, options: GPTQOptions = GPTQOptions()) -> tuple[torch.Tensor, Params]:
+                  percentile: float = 99.9, options: GPTQOptions = GPTQOptions(),
+                  prune: Pattern | None = None) -> tuple[torch.Tensor, Params]:
     """Codes (rows, cols) and float group parameters for W (rows, cols) given H = X^T X (cols, cols).
 
     Group parameters are fitted on the error-updated weights when the solver reaches a group
     (as in the reference implementation); with act_order they are fitted up front on W
-    ("static groups") so the stored group layout stays contiguous in the original column order."""
+    ("static groups") so the stored group layout stays contiguous in the original column order.
+
+    prune (SparseGPT, Frantar & Alistarh 2023): weights are dropped as the solver reaches them,
+    those with the least w² / [H⁻¹]ᵢᵢ² (the OBS saliency) of each N:M group or, unstructured, of
+    each lazy block's row; a dropped weight gets the code that decodes to 0 and its whole value
+    becomes the error the later columns compensate. Columns stay in their order (no act_order):
+    N:M groups are consecutive input columns."""
+    if prune is not None and options.act_order:
+        raise SchemeError("pruning keeps the columns in order: N:M groups are consecutive input columns; "
+                          "turn act_order off")
     W = W.float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
@@ -93,11 +104,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     per_group: dict[int, Params] = {}                       # group -> params as (rows,) vectors
     # a fitting span (k-quant super-block) must not straddle lazily-updated blocks
     block = options.block_size if static is not None else max(options.block_size, span)
+    if prune is not None and prune.structured and block % prune.m:
+        raise SchemeError(f"GPTQ block size {block} is not a multiple of the {prune.label()} group")
+    zero_codes: dict[int, torch.Tensor] = {}                # group -> codes decoding to 0 (pruning)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        if prune is not None and not prune.structured:      # each row's lowest share of this block
+            saliency = W1.pow(2) / torch.diagonal(Hinv1).pow(2)[:, None]
+            drop, drop_from = prune_mask(saliency.T, prune).T, 0
         for i in range(i2 - i1):
             col = i1 + i
             if static is None and col % span == 0:
@@ -110,12 +127,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
                     fitted.setdefault(k, []).append(v)
                 params = {k: (torch.cat(v, dim=1) if v[0].ndim else v[0]) for k, v in fitted.items()}
                 per_group.clear()
+                zero_codes.clear()
             g = int(col_group[col])
             p = per_group.get(g)
             if p is None:
                 p = per_group[g] = {k: (v[:, g].contiguous() if v.ndim else v) for k, v in params.items()}
             w = W1[i]
             q_codes = fmt.encode(w, p)
+            if prune is not None:
+                if prune.structured and i % prune.m == 0:   # the next N:M group of columns
+                    saliency = W1[i: i + prune.m].pow(2) / torch.diagonal(Hinv1)[i: i + prune.m].pow(2)[:, None]
+                    drop, drop_from = prune_mask(saliency.T, prune).T, i
+                z = zero_codes.get(g)
+                if z is None:
+                    z = zero_codes[g] = exact_zero_codes(fmt, p, rows)
+                q_codes = torch.where(drop[i - drop_from], z, q_codes)
             err = (w - fmt.decode(q_codes, p)) / Hinv1[i, i]
             codes_t[col] = q_codes
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
@@ -129,15 +155,15 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
 
 
 def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor, scheme: WeightScheme,
-                                   options: GPTQOptions) -> list[tuple[torch.Tensor, Params, int]]:
+                                   options: GPTQOptions, prune: Pattern | None = None) -> list[tuple[torch.Tensor, Params, int]]:
     """GPTQ rows are independent given H: weights fed the same input (q/k/v, gate/up) are solved
     as one stacked matrix, then split back. Returns (codes, params, group_size) per weight."""
     fmt = scheme.make_format()
     if len(weights) > 1 and fmt.tensor_params(weights[0].float()):
         # a per-tensor scale (NVFP4) must stay per weight: solve them one by one
-        return [_solve(w, H, fmt, scheme, options) for w in weights]
+        return [_solve(w, H, fmt, scheme, options, prune) for w in weights]
     W = torch.cat([w.float() for w in weights], dim=0)
-    codes, params, g = _solve(W, H, fmt, scheme, options)
+    codes, params, g = _solve(W, H, fmt, scheme, options, prune)
     out, r0 = [], 0
     for w in weights:
         r1 = r0 + w.shape[0]
@@ -146,9 +172,9 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
     return out
 
 
-def _solve(W, H, fmt, scheme, options):
+def _solve(W, H, fmt, scheme, options, prune=None):
     g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
-    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options)
+    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune)
     return codes, params, g
 
 
@@ -160,10 +186,10 @@ def to_quantized_tensor(codes, params, g, scheme: WeightScheme, shape, transpose
 
 
 def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
-                   options: Options) -> tuple[dict[str, QuantizedTensor], list[str]]:
+                   options: Options, prune: Pattern | None = None) -> tuple[dict[str, QuantizedTensor], list[str]]:
     """GPTQ for the targets of one decoder layer (`scheme`: a WeightScheme or one per name);
     weights without observed inputs (stacked experts) fall back to RTN and are returned by name
-    so the caller can record it."""
+    so the caller can record it. `prune`: SparseGPT's joint pruning (see gptq_quantize)."""
     from lowbit.methods import rtn
     from lowbit.scheme import scheme_of
     from lowbit.tensor import to_matrix
@@ -174,6 +200,9 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
         st = stats.get(t.name)
         ws = scheme_of(scheme, t.name)
         if st is None or st.hessian is None:
+            if prune is not None:
+                raise SchemeError(f"{t.name} saw no calibration inputs (a stacked expert?), so it cannot be "
+                                  "pruned with a Hessian; exclude it or use --method wanda")
             out[t.name] = rtn.quantize_weight(t.parameter(model).data, ws, t.transposed)
             fallback.append(t.name)
             continue
@@ -181,6 +210,6 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
     for (_, ws), members in groups.items():
         H = stats[members[0].name].hessian
         mats = [to_matrix(t.parameter(model).data, t.transposed) for t in members]
-        for t, (codes, params, g) in zip(members, quantize_weights_sharing_input(mats, H, ws, options)):
+        for t, (codes, params, g) in zip(members, quantize_weights_sharing_input(mats, H, ws, options, prune)):
             out[t.name] = to_quantized_tensor(codes, params, g, ws, t.parameter(model).shape, t.transposed)
     return out, fallback
