@@ -86,3 +86,33 @@ def test_bad_sparsity_input_is_one_clear_line(tiny_llama, tmp_path, capsys, argv
     assert main(["quantize", str(tiny_llama), *argv, "--samples", "2", "--seqlen", "16", "-o", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lowbit: error:") and msg in last and not out.exists()
+
+
+def test_sparse_24_int4_checkpoint_loads_in_transformers(tiny_llama, tmp_path, calib):
+    """2:4 + INT4 g32 sym as compressed-tensors (pack-quantized weights holding the zeros, the
+    structure recorded in its sparsity_config): transformers loads it with lowbit's logits and
+    every group of four still has two zeros."""
+    import json
+
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoModelForCausalLM
+
+    import lowbit
+
+    out = tmp_path / "ct"
+    assert main(["-q", "quantize", str(tiny_llama), "--method", "sparsegpt", "--opt", "sparsity=2:4", "--bits", "4",
+                 "--group-size", "32", "--calib", calib.text, "--samples", "4", "--seqlen", "32",
+                 "--to", "compressed-tensors", "-o", str(out)]) == 0
+    sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["format"] == "dense" and sc["sparsity_structure"] == "2:4" and sc["global_sparsity"] >= 0.5
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.tensor([[3, 14, 15, 9, 26, 53, 5, 8]])
+    native = tmp_path / "native"
+    assert main(["-q", "quantize", str(tiny_llama), "--method", "sparsegpt", "--opt", "sparsity=2:4", "--bits", "4",
+                 "--group-size", "32", "--calib", calib.text, "--samples", "4", "--seqlen", "32", "-o", str(native)]) == 0
+    qm = lowbit.load(native, runtime="decoded")
+    a, b = _logits(hf, ids), _logits(qm.model, ids)
+    assert (a - b).abs().max() < 1e-3 * a.abs().max()
+    checked = [name for name, mod in hf.named_modules() if name.endswith(("q_proj", "down_proj"))
+               and follows(mod.weight.float(), Pattern(2, 4))]
+    assert len(checked) == 4

@@ -251,6 +251,27 @@ def quantization_config(groups: dict[tuple, list[str]], ignore: list[str], all_l
     return cfg
 
 
+def sparsity_config(qm: QuantizedModel, modules: list[str], ignore: list[str]) -> dict:
+    """compressed-tensors' record of a pruned model stored dense (its DenseSparsityConfig: the
+    zeros are in the quantized weights, loaders need nothing else); {} for a model not pruned.
+    The pattern the recipe asked for is checked on every stored weight first."""
+    from lowbit.sparsity import follows, parse_pattern
+
+    if qm.method not in ("sparsegpt", "wanda"):
+        return {}
+    pattern = parse_pattern((qm.recipe.get("options") or {}).get("sparsity", "2:4"))
+    zeros = total = 0
+    for name, qt in qm.tensors.items():
+        W = qt.dequantize_matrix()
+        if not follows(W, pattern):
+            raise SchemeError(f"{name} does not have the {pattern.label()} zeros its recipe says; re-quantize it")
+        zeros, total = zeros + int((W == 0).sum()), total + W.numel()
+    return {"format": "dense", "global_sparsity": zeros / max(total, 1),
+            "sparsity_structure": f"{pattern.n}:{pattern.m}" if pattern.structured else "unstructured",
+            "targets": [f"re:^{re.escape(m)}$" for m in modules], "ignore": ignore,
+            "registry_requires_subclass": False}
+
+
 def _validate(cfg: dict) -> None:
     """Let compressed-tensors itself parse the config when it is installed."""
     try:
@@ -260,6 +281,11 @@ def _validate(cfg: dict) -> None:
     try:
         QuantizationConfig.model_validate({k: v for k, v in cfg.items()
                                            if k not in ("sparsity_config", "transform_config", "version")})
+        if cfg.get("sparsity_config"):
+            from compressed_tensors.config import SparsityCompressionConfig
+
+            SparsityCompressionConfig.load_from_registry("dense", **{k: v for k, v in cfg["sparsity_config"].items()
+                                                                     if k != "format"})
     except ValueError as e:  # pydantic's ValidationError is a ValueError
         first = str(e).strip().splitlines()
         raise SchemeError(f"compressed-tensors refuses the config lowbit built: {' '.join(first[:3])}") from None
@@ -308,6 +334,7 @@ def export_compressed_tensors(qm: QuantizedModel, output: str | os.PathLike, for
     linear = [n for n, m in qm.model.named_modules() if isinstance(m, torch.nn.Linear)]
     ignore = [n for n in linear if n not in quantized]
     cfg = quantization_config(groups, ignore, all_linear=len(groups) == 1)
+    cfg["sparsity_config"] = sparsity_config(qm, sorted(quantized), ignore)
     _validate(cfg)
     meta = ck.lowbit_metadata(qm, TARGET)
     if exact:
