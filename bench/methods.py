@@ -9,6 +9,8 @@ tokens is timed in the same run, so GPTQ's cost is reported as a ratio to it.
     python bench/methods.py --only gptq --scheme "int4 g32 asym" --hessian-precision fp32 bf16
     python bench/methods.py --quick --rows activations   # activation and budget rows -> activations.{json,md}
     python bench/methods.py --rows rotation      # rotated rows beside unrotated, LLM.int8 -> rotation.{json,md}
+    python bench/methods.py --rows sparsity      # 2:4 SparseGPT / Wanda + INT4, rotated W4A8 -> sparsity.{json,md}
+    python bench/methods.py --rows rotation --calib default --name rotation_genre   # calibrated on another genre
 
 Writes bench/results/methods.json and bench/results/methods.md (a subset: methods_<names>.*).
 With --hessian-precision each selected row runs once per Hessian precision, and the results go
@@ -77,6 +79,15 @@ CONFIGS = [
     ("gptq", dict(format="int", bits=2, group_size=32, symmetric=False, observer="mse"), {}),
     ("gptq", dict(format="int", bits=2, group_size=32, symmetric=False, observer="mse", rotate="hadamard"), {}),
     ("llm_int8", dict(preset="LLM_INT8"), {}),
+    ("gptq", dict(preset="W4A16"), {}),
+    ("gptq", dict(preset="W4A16", rotate="hadamard"), {}),
+    ("gptq", dict(preset="W4A8", rotate="hadamard"), {}),
+    # 2:4 sparsity with INT4 on the survivors, against the same INT4 dense
+    ("rtn", dict(format="int", bits=4, group_size=32, symmetric=True), {}),
+    ("gptq", dict(format="int", bits=4, group_size=32, symmetric=True), {}),
+    ("wanda", dict(format="int", bits=4, group_size=32, symmetric=True), {"sparsity": "2:4"}),
+    ("sparsegpt", dict(format="int", bits=4, group_size=32, symmetric=True), {"sparsity": "2:4"}),
+    ("sparsegpt", dict(format="int", bits=8, group_size=-1, symmetric=True), {"sparsity": "2:4"}),
 ]
 
 
@@ -94,6 +105,15 @@ ACTIVATION_ROWS = [
     "gptq|NVFP4: nvfp4 g16, inputs nvfp4 block16 static global (minmax)",
     "gptq|int4 g64 sym",
     "gptq|budget --target-bpw 4.25 (int2..int8 g32/g64/g128 sym)",
+]
+
+# `--rows sparsity`: 2:4 pruning (+ INT4 / INT8 on the survivors) beside the dense rows; W4A8 rotated
+SPARSITY_ROWS = [
+    "rtn|int4 g32 sym", "gptq|int4 g32 sym", "wanda+sparsity=2:4|int4 g32 sym", "sparsegpt+sparsity=2:4|int4 g32 sym",
+    "rtn|W8A16: int8 per-channel sym", "sparsegpt+sparsity=2:4|int8 per-channel sym",
+    "gptq|W4A16: int4 g128 sym", "gptq|W4A16: int4 g128 sym rotated",
+    "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic",
+    "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic rotated",
 ]
 
 # `--rows rotation`: rotated rows beside the same rows unrotated, and LLM.int8 beside W8A8
@@ -221,12 +241,17 @@ def main() -> None:
                     help="run each selected row with these Hessian precisions; writes hessian_precision.{json,md}")
     ap.add_argument("--rows", nargs="*", help='rows as "METHOD+OPTIONS|scheme label" (e.g. "gptq|W4A8: ..."); default all')
     ap.add_argument("--name", help="results file name (bench/results/NAME.{json,md}); default methods[_ONLY...]")
+    ap.add_argument("--calib", default="wikitext2-valid",
+                    help="calibration text: wikitext2-valid (default), 'default' (lowbit's own calibration text, "
+                         "the Python reference manual: another genre than the WikiText-2 evaluation) or a file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rows == ["activations"]:
         args.rows, args.name = ACTIVATION_ROWS, args.name or "activations"
     if args.rows == ["rotation"]:
         args.rows, args.name = ROTATION_ROWS, args.name or "rotation"
+    if args.rows == ["sparsity"]:
+        args.rows, args.name = SPARSITY_ROWS, args.name or "sparsity"
     if (args.scheme or args.rows) and not args.name and not args.hessian_precision and not args.only:
         raise SystemExit("a --scheme subset needs --name (so it does not overwrite the full table)")
     if args.worker:
@@ -241,7 +266,7 @@ def main() -> None:
 
     samples, n_eval = (32, 8) if args.quick else (128, 16)
     eval_text = (WIKI / "test.txt")
-    calib_text = (WIKI / "valid.txt")
+    calib_text = {"wikitext2-valid": WIKI / "valid.txt", "default": None}.get(args.calib, args.calib)
     loaded = load_source(None)
     windows = token_windows(loaded.tokenizer, eval_text.read_text(), 512, n_eval)
     out_dir = ROOT / "bench" / "results"
@@ -249,7 +274,8 @@ def main() -> None:
     win_file = out_dir / (".eval_windows_quick.pt" if args.quick else ".eval_windows.pt")  # concurrent runs keep theirs
     torch.save(windows, win_file)
     del loaded
-    base = {"eval_windows": str(win_file), "calib_text": str(calib_text), "samples": samples, "seqlen": 512}
+    base = {"eval_windows": str(win_file), "calib_text": None if calib_text is None else str(calib_text),
+            "samples": samples, "seqlen": 512}
     specs = [{**base, "method": "fp_forward", "scheme": {}, "options": {}}]
 
     def label(s):
@@ -281,7 +307,8 @@ def main() -> None:
         if "seconds_quantize" in r:
             r["quantize_over_fp_forward"] = r["seconds_quantize"] / fp["seconds"]
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "eval": f"WikiText-2 test, {n_eval} x 512 tokens",
-            "calibration": f"WikiText-2 validation, {samples} x 512 tokens (seeded positions)",
+            "calibration": f"{ {'wikitext2-valid': 'WikiText-2 validation', 'default': 'lowbit default calibration text (Python reference manual)'}.get(args.calib, args.calib)}, "
+                           f"{samples} x 512 tokens (seeded positions)",
             "fp_forward_seconds": fp["seconds"], "machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads()}
     name = "methods_quick" if args.quick else "methods"
     if args.only:  # a subset never overwrites the full table
@@ -308,6 +335,16 @@ def main() -> None:
              "load average before and after).", "",
              "| method | scheme | bits/weight | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    if name.startswith("sparsity"):
+        head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
+        lines[head:head] = [
+            "2:4 rows: two of every four consecutive input weights of every quantized Linear are zero (SparseGPT: "
+            "pruned inside the GPTQ solver, the rest compensating; Wanda: |W|·‖X‖ scores, no update). bits/weight "
+            "counts the stored codes and scales, zeros included: lowbit's formats and compressed-tensors' dense "
+            "sparsity record store them densely, and no CPU kernel here skips them, so 2:4 costs quality and buys no "
+            "size or speed on this machine (sparse tensor-core kernels on a GPU are where it pays).", "",
+            "W4A16 / W4A8 rows: int4 g128 sym (576 columns: four groups of 128 and one of 64); rotated rows as in "
+            "rotation.md.", ""]
     if name.startswith("rotation"):
         head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
         lines[head:head] = [
