@@ -210,3 +210,34 @@ def test_rotated_q4_0_runs_in_llama_cpp_with_lowbits_logits(default_model, tmp_p
     H = _model_logits(qm.model, ids)
     scale = np.abs(H).max()
     assert np.abs(L - H).max() < 0.05 * scale and np.abs(L - H).mean() < 0.01 * scale
+
+
+@pytest.mark.e2e
+def test_rotated_default_runs_in_llama_cpp_unchanged(default_model, tmp_path):
+    """The embedded default, rotated (untied head, unit norms) and written as an F32 GGUF: llama.cpp
+    gives the unrotated model's logits and greedy continuation."""
+    import copy
+
+    import gguf
+
+    from lowbit.export.gguf import write_gguf
+    from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits
+
+    rotated = copy.deepcopy(default_model)
+    rotate_model(rotated.model)
+    path = write_gguf(rotated, tmp_path / "rotated-f32.gguf")
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert "output.weight" in names
+    ids = default_model.tokenizer(PROMPT)["input_ids"]
+    llm, L = _llama_logits(path, ids)
+    H = _model_logits(default_model.model, ids)   # the source, not rotated
+    assert np.abs(L - H).max() < 5e-3 * np.abs(H).max() and (L.argmax(-1) == H.argmax(-1)).all()
+    llm.reset()
+    gen = []
+    for tok in llm.generate(ids, top_k=1, temp=0.0):
+        gen.append(tok)
+        if len(gen) == 6:
+            break
+    with torch.no_grad():
+        want = default_model.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
+    assert gen == want.tolist()
