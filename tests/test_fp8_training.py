@@ -168,7 +168,8 @@ def test_bitnet_trains_from_scratch_and_saves_ternary_weights(tiny_llama, tmp_pa
 
 
 @pytest.mark.e2e
-def test_bitnet_gguf_tq2_0_runs_in_llama_cpp(tmp_path, capsys):
+@pytest.mark.parametrize("gguf_type", ["TQ2_0", "TQ1_0"])
+def test_bitnet_gguf_ternary_runs_in_llama_cpp(tmp_path, capsys, gguf_type):
     """Ternary weights leave as TQ2_0 blocks (the same codes, the tensor's scale in every block)
     and llama.cpp runs them: its logits follow lowbit's ternary model's."""
     import json
@@ -181,12 +182,13 @@ def test_bitnet_gguf_tq2_0_runs_in_llama_cpp(tmp_path, capsys):
 
     out, path = tmp_path / "bitnet", tmp_path / "bitnet.gguf"
     assert main(["bitnet-train", "--steps", "8", "--layers", "1", "--hidden", "256", "--intermediate", "256",
-                 "--heads", "4", "--ctx", "32", "--no-fp32", "-o", str(out), "--gguf", str(path), "--json"]) == 0
+                 "--heads", "4", "--ctx", "32", "--no-fp32", "-o", str(out), "--gguf", str(path), "--gguf-type", gguf_type,
+                 "--json"]) == 0
     json.loads(capsys.readouterr().out)
     import gguf
 
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-    assert types["blk.0.attn_q.weight"] == "TQ2_0" and types["blk.0.ffn_down.weight"] == "TQ2_0"
+    assert types["blk.0.attn_q.weight"] == gguf_type and types["blk.0.ffn_down.weight"] == gguf_type
     qm = load(out, runtime="decoded")
     ids = qm.tokenizer("The quick brown fox jumps over the lazy dog, again and again.")["input_ids"]
     llm = llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=64, n_batch=1, verbose=False)

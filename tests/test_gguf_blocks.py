@@ -38,15 +38,15 @@ def _assert_same_qt(a, b):
         assert torch.equal(a.params[k], b.params[k]), k
 
 
-def test_type_table_covers_fourteen_types():
-    assert len(GGUF_TYPES) == 14
+def test_type_table_covers_fifteen_types():
+    assert len(GGUF_TYPES) == 15
     assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1", "gguf_iq4_nl", "gguf_mxfp4"}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_group_size_is_the_fixed_sub_block(name):
     expected = {"gguf_q2_k": 16, "gguf_q3_k": 16, "gguf_q6_k": 16, "gguf_q4_k": 32, "gguf_q5_k": 32,
-                "gguf_tq2_0": 256}.get(name, 32)
+                "gguf_tq2_0": 256, "gguf_tq1_0": 256}.get(name, 32)
     assert _scheme(name).effective_group_size() == expected
     assert lowbit.WeightScheme(format=name, bits=None, group_size=128).effective_group_size() == expected
 
@@ -69,7 +69,7 @@ def test_bytes_decode_exactly_like_gguf(name, scale):
         _assert_same_qt(from_gguf_bytes(data, name, shape), qt)
         # quality sanity: relative error well below the signal
         rel = ((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean()).item()
-        assert rel < {"gguf_q2_k": 0.2, "gguf_q3_k": 0.05, "gguf_tq2_0": 0.7}.get(name, 0.02), (name, rel)
+        assert rel < {"gguf_q2_k": 0.2, "gguf_q3_k": 0.05, "gguf_tq2_0": 0.7, "gguf_tq1_0": 0.7}.get(name, 0.02), (name, rel)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -214,3 +214,19 @@ def test_iq4_scale_search_beats_the_range_fit_and_q4_0(name):
     plain = QuantizedTensor(encode_matrix(fmt, w, plain_p, 32), fmt.store_params(plain_p), fmt, 32, tuple(w.shape))
     assert rel(searched) < rel(plain)
     assert rel(searched) < rel(lowbit.quantize_tensor(w, _scheme("gguf_q4_0")))
+
+
+def test_tq1_0_packs_five_trits_per_byte_and_codes_survive_native_storage():
+    """Every base-3 byte value decodes back to its five trits; a TQ1_0 tensor stores 52 + 2 bytes
+    per 256 weights natively too (1.6875 bits/weight), and its packed codes unpack exactly."""
+    from lowbit.formats.gguf_blocks import _pack_tq1, _unpack_tq1
+
+    gen = np.random.default_rng(0)
+    q = gen.integers(0, 3, size=(64, 256)).astype(np.uint8)
+    q[0] = 2
+    q[1] = 0
+    assert np.array_equal(_unpack_tq1(_pack_tq1(q)), q)
+    w = torch.randn(3, 768, generator=torch.Generator().manual_seed(0))
+    qt = lowbit.quantize_tensor(w, _scheme("gguf_tq1_0"))
+    assert qt.bits_per_weight == 1.6875
+    assert torch.equal(qt.format.unpack_codes(qt.packed_codes(), qt.numel).view(3, 768), qt.codes)

@@ -434,7 +434,7 @@ def cmd_bitnet_train(args):
     out = Path(args.output)
     _refuse_existing(out, args.gguf, force=args.force)
     if args.gguf and (args.hidden % 256 or args.intermediate % 256):
-        raise SchemeError(f"--gguf writes TQ2_0 blocks of 256: --hidden ({args.hidden}) and --intermediate "
+        raise SchemeError(f"--gguf writes {args.gguf_type} blocks of 256: --hidden ({args.hidden}) and --intermediate "
                           f"({args.intermediate}) must be multiples of 256")
     loaded = load_source(args.source)   # for its tokenizer
     windows, label = _training_text_windows(args, loaded)
@@ -447,7 +447,7 @@ def cmd_bitnet_train(args):
     if args.gguf:
         from lowbit.export.gguf import write_gguf
 
-        gguf_path = str(write_gguf(without_input_quant(res.qm), args.gguf, force=args.force))
+        gguf_path = str(write_gguf(without_input_quant(res.qm), args.gguf, force=args.force, ternary=args.gguf_type))
     summary = {"output": str(path), "gguf": gguf_path, "shape": dataclasses.asdict(shape), "steps": args.steps, "data": label,
                "bits_per_weight": res.qm.bits_per_weight, "train_loss_last": {k: v[-1] for k, v in res.losses.items()},
                "held_out_loss": res.eval_loss, "seconds": res.seconds, "losses": res.losses}
@@ -984,6 +984,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--heads", type=int, default=4)
     bn.add_argument("--seed", type=int, default=0)
     bn.add_argument("--no-fp32", action="store_true", help="skip the FP32 comparison run")
+    bn.add_argument("--gguf-type", default="TQ2_0", choices=["TQ2_0", "TQ1_0"],
+                    help="--gguf: llama.cpp's ternary block type (TQ2_0 2.06 bits/weight, TQ1_0 1.69; default TQ2_0)")
     bn.add_argument("--gguf", help="also write the ternary weights as a llama.cpp GGUF (TQ2_0; rows must be multiples "
                                    "of 256); llama.cpp quantizes their inputs to 8 bits itself (Q8_K)")
     bn.add_argument("--output", "-o", required=True)

@@ -16,7 +16,6 @@ import torch
 
 from lowbit.errors import SchemeError
 from lowbit.formats import Format, Params, make_format
-from lowbit.formats.packing import pack, packed_nbytes, unpack
 from lowbit.observers import mse_search, observe
 
 
@@ -150,12 +149,12 @@ class QuantizedTensor:
         return from_matrix(self.dequantize_matrix(), self.shape, self.transposed).to(dtype)
 
     def packed_codes(self) -> torch.Tensor:
-        return pack(self.codes, self.format.code_bits)
+        return self.format.pack_codes(self.codes)
 
     @property
     def nbytes(self) -> int:
         """Bytes on disk: packed codes plus stored parameters."""
-        codes = packed_nbytes(self.numel, self.format.code_bits)
+        codes = self.format.packed_nbytes(self.numel)
         return codes + sum(v.numel() * v.element_size() for v in self.params.values())
 
     @property
@@ -176,7 +175,7 @@ class QuantizedTensor:
         fmt_cfg = dict(meta["format"])
         fmt = make_format(fmt_cfg.pop("name"), **fmt_cfg)
         rows, cols = meta["matrix_shape"]
-        codes = unpack(packed, fmt.code_bits, rows * cols).view(rows, cols)
+        codes = fmt.unpack_codes(packed, rows * cols).view(rows, cols)
         return cls(codes, params, fmt, meta["group_size"], tuple(meta["shape"]), meta["transposed"],
                    meta.get("input_quant"))
 

@@ -257,13 +257,13 @@ def _float_array(t: torch.Tensor, type_name: str):
     return gguf_quantize(a, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
 
 
-def _as_gguf_blocks(qt: QuantizedTensor) -> QuantizedTensor:
+def _as_gguf_blocks(qt: QuantizedTensor, ternary: str = "TQ2_0") -> QuantizedTensor:
     """The same values in a GGUF block format where one holds them bit for bit (symmetric INT4/5/8
     and float-minimum INT4/5 in groups of multiples of 32, ternary; see formats.gguf_map);
     other tensors as they are."""
     from lowbit.formats.gguf_map import exact_blocks
 
-    return exact_blocks(qt) or qt
+    return exact_blocks(qt, f"gguf_{ternary.lower()}") or qt
 
 
 def _type_name_of(qt: QuantizedTensor) -> str | None:
@@ -273,7 +273,7 @@ def _type_name_of(qt: QuantizedTensor) -> str | None:
 
 
 def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_precision: str | None,
-                  name_map) -> list[tuple[str, str, object]]:
+                  name_map, ternary: str = "TQ2_0") -> list[tuple[str, str, object]]:
     """[(gguf name, type name, QuantizedTensor | torch.Tensor)] in model order, q/k not yet permuted."""
     config = m.model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
@@ -295,7 +295,7 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
         seen.add(gname)
         requested = tensor_types.get(hf_name, tensor_types.get(gname))
         if hf_name in m.tensors:
-            qt = _as_gguf_blocks(m.tensors[hf_name])
+            qt = _as_gguf_blocks(m.tensors[hf_name], ternary)
             have = _type_name_of(qt)
             want = requested or full_precision or have
             if want is None:
@@ -384,12 +384,15 @@ def metadata_bytes(qm_or_model, tensor_shapes: dict[str, tuple[int, ...]], reser
 
 
 def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str] | None = None, *,
-               full_precision: str | None = None, force: bool = False) -> Path:
+               full_precision: str | None = None, force: bool = False, ternary: str = "TQ2_0") -> Path:
     """Write a QuantizedModel (or a plain LoadedModel) as one GGUF file for llama.cpp.
 
     tensor_types: per tensor (HF or GGUF name) "F32"/"F16"/"BF16", or the GGML name of the type
     it was quantized with; full_precision: write every quantized weight decoded, in that float
-    type (F32/F16/BF16), e.g. for a reference file. The file appears at `path` only when complete."""
+    type (F32/F16/BF16), e.g. for a reference file; ternary: the block type of ternary weights
+    (TQ2_0, or TQ1_0: 1.69 instead of 2.06 bits/weight). The file appears at `path` only when complete."""
+    if ternary not in ("TQ1_0", "TQ2_0"):
+        raise SchemeError(f"ternary weights go to TQ1_0 or TQ2_0 blocks, not {ternary!r}")
     import gguf
 
     if full_precision is not None and full_precision not in FLOAT_TYPES:
@@ -409,7 +412,7 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
     final.parent.mkdir(parents=True, exist_ok=True)
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config.num_hidden_layers))
-    plan = _plan_tensors(m, spec, tensor_types, full_precision, name_map)
+    plan = _plan_tensors(m, spec, tensor_types, full_precision, name_map, ternary)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
 

@@ -53,6 +53,23 @@ class Format:
     def params_from_range(self, lo: torch.Tensor, hi: torch.Tensor, tensor_params: Params) -> Params:
         raise NotImplementedError
 
+    # --- storage of codes: a bit stream of code_bits each, unless the format packs tighter -----
+    def packed_nbytes(self, n_codes: int) -> int:
+        from lowbit.formats.packing import packed_nbytes
+
+        return packed_nbytes(n_codes, self.code_bits)
+
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes (rows, cols) -> 1-D uint8 as stored."""
+        from lowbit.formats.packing import pack
+
+        return pack(codes, self.code_bits)
+
+    def unpack_codes(self, packed: torch.Tensor, n_codes: int) -> torch.Tensor:
+        from lowbit.formats.packing import unpack
+
+        return unpack(packed, self.code_bits, n_codes)
+
     def encode(self, W: torch.Tensor, p: Params) -> torch.Tensor:
         raise NotImplementedError
 

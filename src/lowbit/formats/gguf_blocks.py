@@ -1,5 +1,5 @@
 """llama.cpp GGUF block types as formats: legacy Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, k-quants Q2_K..Q6_K,
-the non-linear IQ4_NL/IQ4_XS, MXFP4 and the ternary TQ2_0.
+the non-linear IQ4_NL/IQ4_XS, MXFP4 and the ternary TQ2_0 and TQ1_0.
 
 Decoding is bit-for-bit llama.cpp's (and gguf-py's) dequantization, so a QuantizedTensor of one
 of these formats written with ``to_gguf_bytes`` decodes in llama.cpp to exactly
@@ -52,6 +52,7 @@ GGUF_TYPES: dict[str, GGMLQuantizationType] = {
     "gguf_q5_k": GGMLQuantizationType.Q5_K,
     "gguf_q6_k": GGMLQuantizationType.Q6_K,
     "gguf_tq2_0": GGMLQuantizationType.TQ2_0,
+    "gguf_tq1_0": GGMLQuantizationType.TQ1_0,
     "gguf_iq4_nl": GGMLQuantizationType.IQ4_NL,
     "gguf_iq4_xs": GGMLQuantizationType.IQ4_XS,
     "gguf_mxfp4": GGMLQuantizationType.MXFP4,
@@ -144,6 +145,57 @@ class TQ2_0(_Fp16Scale, GGUFFormat):
 
     def decode(self, codes, p):
         return (codes.float() - 1) * p["scale"]
+
+
+# TQ1_0's trit fields per 256-block: (first element, end, bytes, trits per byte). Trit t of byte
+# l is element first + t * bytes + l, most significant first; the last field holds four trits
+# in the top positions of five.
+_TQ1_FIELDS = ((0, 160, 32, 5), (160, 240, 16, 5), (240, 256, 4, 4))
+_TQ1_BYTES = sum(f[2] for f in _TQ1_FIELDS)   # 52
+
+
+def _pack_tq1(q: np.ndarray) -> np.ndarray:
+    """(B, 256) codes {0, 1, 2} -> (B, 52) bytes: each byte is ceil(256 · v / 243) for v the
+    trits read as a base-3 number in [0, 242], so trit t comes back as ((byte · 3^t) mod 256) · 3 >> 8."""
+    out = []
+    for a, b, L, n in _TQ1_FIELDS:
+        v = q[:, a:b].reshape(q.shape[0], n, L).astype(np.uint16)
+        byte = np.zeros((q.shape[0], L), dtype=np.uint16)
+        for t in range(5):
+            byte = byte * 3 + (v[:, t, :] if t < n else 0)
+        out.append(((byte * 256 + 242) // 243).astype(np.uint8))
+    return np.concatenate(out, axis=1)
+
+
+def _unpack_tq1(data: np.ndarray) -> np.ndarray:
+    out, off = [], 0
+    for _, _, L, n in _TQ1_FIELDS:
+        byte = data[:, off: off + L].astype(np.uint16)
+        off += L
+        trits = [(((byte * 3 ** t) & 0xFF) * 3) >> 8 for t in range(n)]
+        out.append(np.stack(trits, axis=1).reshape(data.shape[0], -1))
+    return np.concatenate(out, axis=1).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class TQ1_0(TQ2_0):
+    """llama.cpp's 1.6875-bit ternary type: TQ2_0's codes and fp16 d per 256, the codes packed as
+    base-3 digits, five per byte (3^5 = 243 ≤ 256). lowbit stores the same 52 bytes per block."""
+
+    name = "gguf_tq1_0"
+
+    def packed_nbytes(self, n_codes: int) -> int:
+        if n_codes % QK_K:
+            raise SchemeError(f"{self.name} packs whole blocks of {QK_K} codes, got {n_codes}")
+        return n_codes // QK_K * _TQ1_BYTES
+
+    def pack_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        q = codes.reshape(-1, QK_K).numpy().astype(np.uint8)
+        return torch.from_numpy(_pack_tq1(q).reshape(-1).copy())
+
+    def unpack_codes(self, packed: torch.Tensor, n_codes: int) -> torch.Tensor:
+        data = packed.reshape(-1).numpy().astype(np.uint8)[: self.packed_nbytes(n_codes)]
+        return torch.from_numpy(_unpack_tq1(data.reshape(-1, _TQ1_BYTES)).reshape(-1).copy())
 
 
 # --- legacy 32-weight blocks ---------------------------------------------------------------------
@@ -692,6 +744,8 @@ def _encode_blocks(name: str, q: np.ndarray, p: dict[str, np.ndarray]) -> list[n
                 _f16_bytes(p["d"])]
     if name == "gguf_tq2_0":
         return [_pack_fields(q, 32, 2), _f16_bytes(p["scale"])]
+    if name == "gguf_tq1_0":
+        return [_pack_tq1(q), _f16_bytes(p["scale"])]
     if name == "gguf_iq4_nl":
         return [_f16_bytes(p["scale"]), _pack_fields(q, 16, 4)]
     if name == "gguf_mxfp4":
@@ -744,6 +798,9 @@ def _decode_blocks(name: str, blocks: np.ndarray) -> tuple[np.ndarray, dict[str,
     if name == "gguf_tq2_0":
         qs, d = split(QK_K // 4, 2)
         return _unpack_fields(qs, 32, 2), {"scale": _f16_from(d)}
+    if name == "gguf_tq1_0":
+        qs, d = split(_TQ1_BYTES, 2)
+        return _unpack_tq1(np.ascontiguousarray(qs)), {"scale": _f16_from(d)}
     if name == "gguf_iq4_nl":
         d, qs = split(2, 16)
         return _unpack_fields(qs, 16, 4), {"scale": _f16_from(d)}

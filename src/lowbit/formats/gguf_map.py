@@ -46,7 +46,7 @@ def _blocks(qt: QuantizedTensor, name: str, params: dict[str, torch.Tensor], shi
     from lowbit.formats import make_format
 
     fmt = make_format(name)
-    block = QK_K if name == "gguf_tq2_0" else 32
+    block = QK_K if name in ("gguf_tq2_0", "gguf_tq1_0") else 32
     out = {}
     for k, v in params.items():
         rep = _per_block(v, qt, block)
@@ -63,8 +63,9 @@ def _fp16_exactly(t: torch.Tensor) -> torch.Tensor | None:
     return h if torch.equal(h.float(), t.float()) else None
 
 
-def exact_blocks(qt: QuantizedTensor) -> QuantizedTensor | None:
-    """The same values, bit for bit, as GGUF blocks; qt itself if it is GGUF already; else None."""
+def exact_blocks(qt: QuantizedTensor, ternary: str = "gguf_tq2_0") -> QuantizedTensor | None:
+    """The same values, bit for bit, as GGUF blocks; qt itself if it is GGUF already; else None.
+    `ternary`: the block type ternary weights become (gguf_tq2_0, or the smaller gguf_tq1_0)."""
     from lowbit.formats.gguf_blocks import GGUF_TYPES
 
     f, p = qt.format, qt.params
@@ -78,7 +79,7 @@ def exact_blocks(qt: QuantizedTensor) -> QuantizedTensor | None:
     if scale is None:
         return None
     if f.name == "ternary":
-        return _blocks(qt, "gguf_tq2_0", {"scale": scale})
+        return _blocks(qt, ternary, {"scale": scale})
     if f.name != "int":
         return None
     if f.symmetric:

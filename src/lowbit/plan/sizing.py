@@ -16,7 +16,6 @@ import functools
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from lowbit.formats.packing import packed_nbytes
 from lowbit.scheme import WeightScheme
 
 CONTAINERS = ("native", "compressed-tensors", "gptq", "awq", "gguf")
@@ -39,7 +38,7 @@ def _param_bytes(ws: WeightScheme, cols: int) -> tuple[int, int]:
 def lowbit_nbytes(ws: WeightScheme, rows: int, cols: int) -> int:
     """Bytes lowbit stores for a (rows, cols) weight: packed codes + parameters."""
     per_row, per_tensor = _param_bytes(ws, cols)
-    return packed_nbytes(rows * cols, ws.make_format().code_bits) + rows * per_row + per_tensor
+    return ws.make_format().packed_nbytes(rows * cols) + rows * per_row + per_tensor
 
 
 def gguf_type_of(ws: WeightScheme) -> str | None:

@@ -217,13 +217,13 @@ class PackedLinear(torch.nn.Module):
         for i in range(n_chunks):
             r0, r1 = i * self.chunk_rows, min(rows, (i + 1) * self.chunk_rows)
             params = {k: (v[r0:r1].clone() if v.ndim else v.clone()) for k, v in qt.params.items()}
-            self.chunks.append((pack(qt.codes[r0:r1], self.code_bits), params, r1 - r0))
+            self.chunks.append((qt.format.pack_codes(qt.codes[r0:r1]), params, r1 - r0))
 
     def decoded_chunks(self):
         """(row offset, decoded fp32 rows) per chunk, decoded now."""
         r0 = 0
         for packed, params, n in self.chunks:
-            codes = unpack(packed, self.code_bits, n * self.in_features).view(n, self.in_features)
+            codes = self.format.unpack_codes(packed, n * self.in_features).view(n, self.in_features)
             yield r0, self.format.decode(codes, expand_groups(self.format.load_params(params), self.in_features,
                                                               self.group_size))
             r0 += n
