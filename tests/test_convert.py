@@ -152,3 +152,51 @@ def test_convert_checkpoints_of_other_tools_to_gguf(bpe_llama, tmp_path, capsys,
         assert torch.equal(got, want)
     else:
         assert (got - want).norm() / want.norm() < 1e-3
+
+
+@pytest.mark.e2e
+def test_convert_the_default_gguf_to_native_keeps_its_blocks(default_model, tmp_path, capsys):
+    """The embedded default GGUF (Q4_1 decoder weights, a Q8_0 embedding) read as it is stored:
+    the lowbit folder holds the file's own blocks, and runs with the logits transformers gets
+    from dequantizing the same file."""
+    from lowbit.model.load import default_gguf_path
+
+    out = tmp_path / "native"
+    capsys.readouterr()
+    assert main(["convert", str(default_gguf_path()), "--to", "native", "-o", str(out), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["tensors"]["exact"] == 211
+    qm = lowbit.load(out, runtime="decoded")
+    kinds = {qt.format.name for qt in qm.tensors.values()}
+    assert kinds == {"gguf_q4_1", "gguf_q8_0"}
+    src = {t.name: t for t in gguf.GGUFReader(default_gguf_path()).tensors}
+    t = src["blk.3.ffn_down.weight"]
+    assert np.array_equal(to_gguf_bytes(qm.tensors["model.layers.3.mlp.down_proj.weight"]).reshape(-1),
+                          np.asarray(t.data).view(np.uint8).reshape(-1))
+    ids = torch.tensor([default_model.tokenizer("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad():
+        a, b = qm.model(ids).logits, default_model.model(ids).logits
+    assert (a - b).abs().max() < 1e-4 * b.abs().max()
+
+
+def test_convert_gguf_q4_0_to_compressed_tensors_and_back(bpe_llama, tmp_path, capsys):
+    """A Q4_0 GGUF becomes a compressed-tensors INT4 g32 checkpoint with the file's codes and scales
+    (transformers loads it with lowbit's logits), and converting that back gives the same bytes."""
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("compressed_tensors")
+    folder = tmp_path / "q"
+    assert main(["-q", "quantize", str(bpe_llama), "--bits", "4", "--group-size", "32", "-o", str(folder)]) == 0
+    first, _ = _convert(folder, tmp_path, capsys)
+    ct = tmp_path / "ct"
+    assert main(["-q", "convert", str(first), "--to", "compressed-tensors", "-o", str(ct)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32)
+    ids = torch.tensor([[1, 2, 3, 400, 5000, 77, 8]])
+    with torch.no_grad():
+        a, b = hf(ids).logits, lowbit.load(folder, runtime="decoded").model(ids).logits
+    assert (a - b).abs().max() < 1e-4 * b.abs().max()
+    again = tmp_path / "again.gguf"
+    assert main(["-q", "convert", str(ct), "--to", "gguf", "-o", str(again)]) == 0
+    x = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(first).tensors}
+    y = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(again).tensors}
+    assert x.keys() == y.keys() and all(x[k] == y[k] for k in x)

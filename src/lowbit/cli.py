@@ -503,6 +503,10 @@ def cmd_convert(args):
     else:
         if args.refit_type:
             raise SchemeError("--refit-type applies to --to gguf; the other exporters store lowbit's codes as they are")
+        if args.to != "native":   # GGUF's linear 32-blocks are integer groups for the checkpoint formats
+            from lowbit.convert import blocks_as_integers
+
+            qm = blocks_as_integers(qm)
         out = write(qm, args.to, args.output, force=args.force)
         rows = [{"name": n, "source": qt.format.name, "target": args.to, "how": "exact", "added_rel_err": 0.0}
                 for n, qt in qm.tensors.items()]
@@ -1010,7 +1014,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "ternary is TQ2_0); an integer zero-point becomes Q4_1/Q5_1 with its codes kept; "
                                     "other tensors are re-fitted into a GGUF type. A table says which tensor went "
                                     "which way and the error it added.")
-    cv.add_argument("input", help="a lowbit output, or a GPTQ / AWQ / compressed-tensors checkpoint folder")
+    cv.add_argument("input", help="a lowbit output, a GGUF file, or a GPTQ / AWQ / compressed-tensors checkpoint folder")
     cv.add_argument("--to", required=True, choices=["gguf", "native", "compressed-tensors", "gptq", "awq"])
     cv.add_argument("--refit-type", help="--to gguf: GGML type for tensors no block holds (default: the k-quant of "
                                          "their bits, e.g. Q3_K for int3, Q4_K for NF4)")

@@ -33,7 +33,7 @@ IMPORTERS = {"gptq": "lowbit.export.gptq", "awq": "lowbit.export.awq",
 
 
 def read_quantized(path) -> QuantizedModel:
-    """A quantized checkpoint as a QuantizedModel: a lowbit folder, or a GPTQ / AWQ /
+    """A quantized checkpoint as a QuantizedModel: a lowbit folder, a GGUF file, or a GPTQ / AWQ /
     compressed-tensors folder (its codes and scales as stored)."""
     import importlib
     import json
@@ -47,6 +47,10 @@ def read_quantized(path) -> QuantizedModel:
         from lowbit.export.native import load
 
         return load(resolved)
+    if kind == "gguf":
+        from lowbit.export.gguf import import_gguf
+
+        return import_gguf(resolved)
     method = None
     if kind == "hf":
         config = json.loads((Path(resolved) / "config.json").read_text())
@@ -54,7 +58,7 @@ def read_quantized(path) -> QuantizedModel:
     if method not in IMPORTERS:
         raise SourceError(f"{path} is not a quantized checkpoint lowbit reads ({kind}"
                           f"{', quant_method ' + repr(method) if method else ', not quantized'}); `lowbit convert` reads "
-                          f"lowbit outputs and {', '.join(IMPORTERS)} folders (GGUF input is not implemented yet); "
+                          f"lowbit outputs, GGUF files and {', '.join(IMPORTERS)} folders; "
                           "quantize a full-precision model with `lowbit quantize`")
     return importlib.import_module(IMPORTERS[method]).import_checkpoint(resolved)
 
@@ -112,3 +116,12 @@ def to_gguf_blocks(qm: QuantizedModel, refit: str | None = None,
     counts = {how: sum(r.how == how for r in rows) for how in ("exact", "codes kept", "re-fitted")}
     recipe = {**qm.recipe, "converted": {"to": "gguf", "tensors": counts, "refit_type": refit}}
     return dataclasses.replace(qm, tensors=tensors, recipe=recipe), float_types, rows
+
+
+def blocks_as_integers(qm: QuantizedModel) -> QuantizedModel:
+    """GGUF Q4_0/Q5_0/Q8_0 (and Q4_1/Q5_1) tensors as the lowbit integer formats with the same
+    values, so checkpoint exporters that store integers take them; other tensors as they are."""
+    from lowbit.formats.gguf_map import integer_from_blocks
+
+    tensors = {n: integer_from_blocks(qt) or qt for n, qt in qm.tensors.items()}
+    return dataclasses.replace(qm, tensors=tensors)

@@ -448,3 +448,49 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
         tmp.unlink(missing_ok=True)
         raise
     return final
+
+
+# --- import ---------------------------------------------------------------------------------------
+def import_gguf(path: str | os.PathLike):
+    """A GGUF file as a QuantizedModel: every weight stored in a block type lowbit knows becomes a
+    QuantizedTensor with the file's own codes and scales (q/k rows back in HF order); float
+    tensors (norms, F16/F32 weights) are the model's parameters, as transformers reads them."""
+    import collections
+
+    import gguf
+
+    from lowbit.formats.gguf_blocks import GGUF_TYPES, from_gguf_bytes
+    from lowbit.model.load import load_source
+    from lowbit.model.quantized import QuantizedModel, install_quantized
+    from lowbit.model.targets import all_weights
+    from lowbit.scheme import QuantScheme, WeightScheme
+
+    loaded = load_source(path)
+    config = loaded.model.config
+    spec = _arch(config)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config.num_hidden_layers))
+    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    known = {v.name: k for k, v in GGUF_TYPES.items()}
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    tensors, targets = {}, {}
+    for t in all_weights(loaded.model):
+        gname = _gguf_name(name_map, t.name)
+        rt = stored.get(gname)
+        if t.kind not in ("linear", "embedding") or rt is None or rt.tensor_type.name not in known:
+            continue
+        rows, cols = (int(x) for x in reversed(rt.shape.tolist()))
+        qt = from_gguf_bytes(rt.data, known[rt.tensor_type.name], (rows, cols))
+        if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
+            perm = qk_permutation(rows, n_head if ".attn_q." in gname else n_kv)
+            qt = permute_rows(qt, torch.argsort(perm))
+        install_quantized(loaded.model, t, qt)
+        tensors[t.name], targets[t.name] = qt, t
+    if not tensors:
+        raise SourceError(f"{path} holds no weights in a block type lowbit reads ({', '.join(known)}); "
+                          "it is a full-precision GGUF: quantize it with `lowbit quantize`")
+    counts = collections.Counter(GGUF_TYPES[qt.format.name].name for qt in tensors.values())
+    common = counts.most_common(1)[0][0]
+    scheme = QuantScheme(WeightScheme(known[common], None, 32))
+    return QuantizedModel(loaded.model, loaded.tokenizer, scheme, tensors, targets, str(path), "imported-gguf",
+                          {"imported_from": "gguf", "gguf_types": dict(counts)})

@@ -109,3 +109,22 @@ def refit_type(qt: QuantizedTensor) -> str:
     (4-bit floats and NF4: Q4_K; FP8 and wider: Q8_0)."""
     bits = getattr(qt.format, "bits", None) or qt.format.code_bits
     return {2: "Q2_K", 3: "Q3_K", 4: "Q4_K", 5: "Q5_K", 6: "Q6_K"}.get(int(bits), "Q8_0")
+
+
+# GGUF block type -> (bits, symmetric) of the lowbit integer format decoding its blocks identically
+_AS_INT = {"gguf_q4_0": (4, True), "gguf_q5_0": (5, True), "gguf_q8_0": (8, True),
+           "gguf_q4_1": (4, False), "gguf_q5_1": (5, False)}
+
+
+def integer_from_blocks(qt: QuantizedTensor) -> QuantizedTensor | None:
+    """The inverse of exact_blocks for the 32-blocks with a linear grid: Q4_0/Q5_0/Q8_0 as
+    symmetric INT4/5/8 g32 (the same codes, d as the group scale), Q4_1/Q5_1 as float-minimum
+    INT4/5 g32; the same values bit for bit. None for any other tensor."""
+    from lowbit.formats import make_format
+
+    if qt.format.name not in _AS_INT:
+        return None
+    bits, sym = _AS_INT[qt.format.name]
+    fmt = make_format("int", bits=bits, symmetric=sym, zero_point="int" if sym else "float")
+    params = {"scale": qt.params["scale"]} if sym else {"scale": qt.params["scale"], "min": qt.params["min"]}
+    return QuantizedTensor(qt.codes, params, fmt, 32, qt.shape, qt.transposed)
