@@ -129,6 +129,28 @@ ROTATION_ROWS = [
 ]
 
 
+# paragraphs the tables of a row set carry above their rows (the caveats stand with the numbers)
+ROW_SET_NOTES = {
+    "sparsity": [
+        "2:4 rows: two of every four consecutive input weights of every quantized Linear are zero (SparseGPT: "
+        "pruned inside the GPTQ solver, the rest compensating; Wanda: |W|·‖X‖ scores, no update). bits/weight "
+        "counts the stored codes and scales, zeros included: lowbit's formats and compressed-tensors' dense "
+        "sparsity record store them densely, and no CPU kernel here skips them, so 2:4 costs quality and buys no "
+        "size or speed on this machine (sparse tensor-core kernels on a GPU are where it pays).", "",
+        "W4A16 / W4A8 rows: int4 g128 sym (576 columns: four groups of 128 and one of 64); rotated rows as in "
+        "rotation.md.", ""],
+    "rotation": [
+        "Rotated rows: norms folded, then a randomized Hadamard on the residual stream (576 = 16 · Paley 36) and "
+        "per head on V/O (QuaRot R1 + R2, no online rotations), before the method; logits of the rotated "
+        "full-precision model equal the source's (relative change < 1e-5). SmolLM2's head is tied to its "
+        "embedding: rotating unties it, so a rotated checkpoint holds one more 49152 × 576 matrix in full "
+        "precision (bits/weight counts the quantized decoder weights only, as in every row). SmolLM2's "
+        "shipped Q4_1 grid favours unrotated 4-bit rows; rotation removes it.", "",
+        "LLM.int8 row: int8 rows (fp16 scales) and int8 per-token inputs with the input columns that reach 6.0 "
+        "kept in float (bitsandbytes' load_in_8bit; tests/test_llm_int8.py compares with bitsandbytes).", ""],
+}
+
+
 def row_suffix(options: dict) -> str:
     """How a row's options show in its method column: +gptq (rounding), +alpha_grid=10."""
     return "".join(f"+{k}={v}" if k != "rounding" else f"+{v}" for k, v in options.items())
@@ -335,27 +357,10 @@ def main() -> None:
              "load average before and after).", "",
              "| method | scheme | bits/weight | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    if name.startswith("sparsity"):
+    note = next((text for prefix, text in ROW_SET_NOTES.items() if name.startswith(prefix)), None)
+    if note:
         head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
-        lines[head:head] = [
-            "2:4 rows: two of every four consecutive input weights of every quantized Linear are zero (SparseGPT: "
-            "pruned inside the GPTQ solver, the rest compensating; Wanda: |W|·‖X‖ scores, no update). bits/weight "
-            "counts the stored codes and scales, zeros included: lowbit's formats and compressed-tensors' dense "
-            "sparsity record store them densely, and no CPU kernel here skips them, so 2:4 costs quality and buys no "
-            "size or speed on this machine (sparse tensor-core kernels on a GPU are where it pays).", "",
-            "W4A16 / W4A8 rows: int4 g128 sym (576 columns: four groups of 128 and one of 64); rotated rows as in "
-            "rotation.md.", ""]
-    if name.startswith("rotation"):
-        head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
-        lines[head:head] = [
-            "Rotated rows: norms folded, then a randomized Hadamard on the residual stream (576 = 16 · Paley 36) and "
-            "per head on V/O (QuaRot R1 + R2, no online rotations), before the method; logits of the rotated "
-            "full-precision model equal the source's (relative change < 1e-5). SmolLM2's head is tied to its "
-            "embedding: rotating unties it, so a rotated checkpoint holds one more 49152 × 576 matrix in full "
-            "precision (bits/weight counts the quantized decoder weights only, as in every row). SmolLM2's "
-            "shipped Q4_1 grid favours unrotated 4-bit rows; rotation removes it.", "",
-            "LLM.int8 row: int8 rows (fp16 scales) and int8 per-token inputs with the input columns that reach 6.0 "
-            "kept in float (bitsandbytes' load_in_8bit; tests/test_llm_int8.py compares with bitsandbytes).", ""]
+        lines[head:head] = note
     if args.hessian_precision:
         head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
         lines[head:head + 2] = [f"CPU: {meta['cpu']} (avx512_bf16: {meta['avx512_bf16']}, amx_bf16: {meta['amx_bf16']}), "

@@ -126,6 +126,19 @@ def _llama_logits(path, ids):
     return llm, np.array(llm.scores[: len(ids)])
 
 
+def greedy_continuations(llm, model, ids, n: int = 6) -> tuple[list[int], list[int]]:
+    """The next n greedy tokens after ids in llama.cpp and in transformers."""
+    llm.reset()
+    gen = []
+    for tok in llm.generate(ids, top_k=1, temp=0.0):
+        gen.append(tok)
+        if len(gen) == n:
+            break
+    with torch.no_grad():
+        hf = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)[0, len(ids):].tolist()
+    return gen, hf
+
+
 def _model_logits(model, ids):
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
@@ -272,16 +285,7 @@ def test_llama_cpp_runs_default_f32_and_q8_0(default_model, default_files):
         H = _model_logits(model, ids)
         diff = np.abs(L - H)
         results[kind] = (diff.max(), diff.mean(), np.abs(H).max(), (L.argmax(-1) == H.argmax(-1)).mean())
-        # greedy continuation in llama.cpp vs transformers
-        llm.reset()
-        gen = []
-        for tok in llm.generate(ids, top_k=1, temp=0.0):
-            gen.append(tok)
-            if len(gen) == 6:
-                break
-        with torch.no_grad():
-            hf = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):].tolist()
-        results[kind] += (gen, hf)
+        results[kind] += greedy_continuations(llm, model, ids)
     print({k: tuple(v) for k, v in results.items()})
     mx, mean, scale, top1, gen, hf = results["f32"]
     assert mx < 5e-3 * scale and top1 == 1.0  # measured: 0.025 on logits up to 30

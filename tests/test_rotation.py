@@ -221,7 +221,7 @@ def test_rotated_default_runs_in_llama_cpp_unchanged(default_model, tmp_path):
     import gguf
 
     from lowbit.export.gguf import write_gguf
-    from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits
+    from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits, greedy_continuations
 
     rotated = copy.deepcopy(default_model)
     rotate_model(rotated.model)
@@ -232,12 +232,5 @@ def test_rotated_default_runs_in_llama_cpp_unchanged(default_model, tmp_path):
     llm, L = _llama_logits(path, ids)
     H = _model_logits(default_model.model, ids)   # the source, not rotated
     assert np.abs(L - H).max() < 5e-3 * np.abs(H).max() and (L.argmax(-1) == H.argmax(-1)).all()
-    llm.reset()
-    gen = []
-    for tok in llm.generate(ids, top_k=1, temp=0.0):
-        gen.append(tok)
-        if len(gen) == 6:
-            break
-    with torch.no_grad():
-        want = default_model.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False)[0, len(ids):]
-    assert gen == want.tolist()
+    gen, want = greedy_continuations(llm, default_model.model, ids)
+    assert gen == want
