@@ -10,6 +10,7 @@ tokens is timed in the same run, so GPTQ's cost is reported as a ratio to it.
     python bench/methods.py --quick --rows activations   # activation and budget rows -> activations.{json,md}
     python bench/methods.py --rows rotation      # rotated rows beside unrotated, LLM.int8 -> rotation.{json,md}
     python bench/methods.py --rows sparsity      # 2:4 SparseGPT / Wanda + INT4, rotated W4A8 -> sparsity.{json,md}
+    python bench/methods.py --quick --rows sparsity codebooks   # both sets, one table -> sparsity_codebooks.{json,md}
     python bench/methods.py --rows rotation --calib default --name rotation_genre   # calibrated on another genre
 
 Writes bench/results/methods.json and bench/results/methods.md (a subset: methods_<names>.*).
@@ -88,6 +89,8 @@ CONFIGS = [
     ("wanda", dict(format="int", bits=4, group_size=32, symmetric=True), {"sparsity": "2:4"}),
     ("sparsegpt", dict(format="int", bits=4, group_size=32, symmetric=True), {"sparsity": "2:4"}),
     ("sparsegpt", dict(format="int", bits=8, group_size=-1, symmetric=True), {"sparsity": "2:4"}),
+    ("aqlm", dict(format="aqlm_2x8", bits=None, group_size=-1), {}),
+    ("rtn", dict(format="aqlm_2x8", bits=None, group_size=-1), {}),
 ]
 
 
@@ -116,6 +119,10 @@ SPARSITY_ROWS = [
     "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic rotated",
 ]
 
+# `--rows codebooks`: 2-bit AQLM-style additive codebooks beside 2-bit GPTQ
+CODEBOOK_ROWS = ["aqlm|aqlm_2x8 per-channel", "rtn|aqlm_2x8 per-channel", "gptq|int2 g32 asym",
+                 "gptq|int2 g32 asym mse"]
+
 # `--rows rotation`: rotated rows beside the same rows unrotated, and LLM.int8 beside W8A8
 ROTATION_ROWS = [
     "rtn|int3 g32 asym", "rtn|int3 g32 asym rotated",
@@ -139,6 +146,12 @@ ROW_SET_NOTES = {
         "size or speed on this machine (sparse tensor-core kernels on a GPU are where it pays).", "",
         "W4A16 / W4A8 rows: int4 g128 sym (576 columns: four groups of 128 and one of 64); rotated rows as in "
         "rotation.md.", ""],
+    "codebooks": [
+        "aqlm_2x8 rows: every 8 weights are two 8-bit codes into two codebooks of 256 vectors per tensor (fp16, "
+        "counted in bits/weight with the fp16 row scales). aqlm: k-means initialised, codes by coordinate descent "
+        "under the Hessian's diagonal, codebooks and scales by Adam on the layer's output error (methods/aqlm.py; "
+        "AQLM's full beam search and end-to-end fine-tuning are not done); rtn: the format's own k-means and "
+        "nearest codes, no calibration.", ""],
     "rotation": [
         "Rotated rows: norms folded, then a randomized Hadamard on the residual stream (576 = 16 · Paley 36) and "
         "per head on V/O (QuaRot R1 + R2, no online rotations), before the method; logits of the rotated "
@@ -268,12 +281,11 @@ def main() -> None:
                          "the Python reference manual: another genre than the WikiText-2 evaluation) or a file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.rows == ["activations"]:
-        args.rows, args.name = ACTIVATION_ROWS, args.name or "activations"
-    if args.rows == ["rotation"]:
-        args.rows, args.name = ROTATION_ROWS, args.name or "rotation"
-    if args.rows == ["sparsity"]:
-        args.rows, args.name = SPARSITY_ROWS, args.name or "sparsity"
+    sets = {"activations": ACTIVATION_ROWS, "rotation": ROTATION_ROWS, "sparsity": SPARSITY_ROWS,
+            "codebooks": CODEBOOK_ROWS}
+    if args.rows and all(r in sets for r in args.rows):   # named row sets: their rows, one table
+        args.name = args.name or "_".join(args.rows)
+        args.rows = [row for r in args.rows for row in sets[r]]
     if (args.scheme or args.rows) and not args.name and not args.hessian_precision and not args.only:
         raise SystemExit("a --scheme subset needs --name (so it does not overwrite the full table)")
     if args.worker:
@@ -357,7 +369,7 @@ def main() -> None:
              "load average before and after).", "",
              "| method | scheme | bits/weight | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    note = next((text for prefix, text in ROW_SET_NOTES.items() if name.startswith(prefix)), None)
+    note = [line for key, text in ROW_SET_NOTES.items() if key in name.split("_") for line in text]
     if note:
         head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
         lines[head:head] = note

@@ -47,6 +47,13 @@ def _scheme_from_args(args):
     if (not args.scheme and getattr(args, "method", None) == "llm_int8" and args.format == "int" and args.bits is None
             and args.group_size == 128 and args.act is None):
         return preset("LLM_INT8"), "LLM_INT8"   # the method's own scheme, unless flags say another (refused)
+    if (not args.scheme and getattr(args, "method", None) == "aqlm" and args.format == "int" and args.bits is None
+            and args.act is None):
+        from lowbit.methods import method_options
+
+        # the codebook setting names the format (a bad setting is refused by the method's options)
+        fmt = method_options("aqlm", _parse_options(args.opt)).format_name()
+        return QuantScheme(WeightScheme(fmt, None, -1)), None
     if args.scheme:
         if args.act is not None:
             raise SchemeError(f"--scheme {args.scheme} already fixes the activations; drop --act, or spell the weights "
@@ -841,7 +848,9 @@ def _add_plan_flags(q):
     """Flags shared by quantize and plan: they describe one Recipe."""
     q.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
     q.add_argument("--recipe", help="a YAML recipe (method, scheme, targets, groups, budget, ...) instead of the flags below")
-    q.add_argument("--method", default="rtn", help="rtn | gptq | awq | smoothquant | hqq | llm_int8 (scheme LLM_INT8)")
+    q.add_argument("--method", default="rtn", help="rtn | gptq | awq | smoothquant | hqq | llm_int8 (scheme LLM_INT8) | "
+                                                    "sparsegpt | wanda (--opt sparsity=2:4) | aqlm (--opt codebooks=2 "
+                                                    "--opt codebook_bits=8)")
     _add_scheme_flags(q)
     q.add_argument("--act", choices=_ACT_CHOICES, default=None,
                    help="input (activation) quantization with --format: int8 (per-token dynamic), int8-static (per "

@@ -53,16 +53,17 @@ def group_index(cols: int, group_size: int) -> torch.Tensor:
 
 
 def expand_params(p: Params, gidx: torch.Tensor) -> Params:
-    """Per-group parameters (rows, n_groups) -> per-column (rows, len(gidx)); 0-d stay 0-d."""
-    return {k: (v[:, gidx] if v.ndim else v) for k, v in p.items()}
+    """Per-group parameters (rows, n_groups) -> per-column (rows, len(gidx)); tensor-level ones
+    (0-d scales, codebooks: anything not 2-D) stay as they are."""
+    return {k: (v[:, gidx] if v.ndim == 2 else v) for k, v in p.items()}
 
 
 def expand_groups(p: Params, cols: int, group_size: int) -> Params:
     """expand_params for contiguous groups of group_size columns (the last one possibly
     shorter): the same values, by repetition instead of a gather (~15x faster)."""
     if group_size == 0:
-        return {k: (v.expand(v.shape[0], cols) if v.ndim else v) for k, v in p.items()}
-    return {k: (v.repeat_interleave(group_size, dim=1)[:, :cols] if v.ndim else v) for k, v in p.items()}
+        return {k: (v.expand(v.shape[0], cols) if v.ndim == 2 else v) for k, v in p.items()}
+    return {k: (v.repeat_interleave(group_size, dim=1)[:, :cols] if v.ndim == 2 else v) for k, v in p.items()}
 
 
 def _fit_blocks(fmt: Format, blocks: torch.Tensor, tensor_params: Params, observer: str, percentile: float,

@@ -82,8 +82,8 @@ def permute_rows(qt: QuantizedTensor, perm: torch.Tensor) -> QuantizedTensor:
     if qt.transposed or len(qt.shape) != 2:
         raise SchemeError(f"row permutation needs a plain (out, in) weight, got shape {qt.shape}")
     rows = qt.codes.shape[0]
-    params = {k: (v[perm] if v.ndim and v.shape[0] == rows else v) for k, v in qt.params.items()}
-    bad = [k for k, v in qt.params.items() if v.ndim and v.shape[0] != rows]
+    params = {k: (v[perm] if v.ndim == 2 and v.shape[0] == rows else v) for k, v in qt.params.items()}
+    bad = [k for k, v in qt.params.items() if v.ndim == 2 and v.shape[0] != rows]
     if bad:
         raise SchemeError(f"parameters {bad} of a {qt.format.name} tensor are not per row; cannot permute rows")
     return dataclasses.replace(qt, codes=qt.codes[perm], params=params)

@@ -20,6 +20,7 @@ REGISTRY = {
     "llm_int8": "lowbit.methods.llm_int8",
     "sparsegpt": "lowbit.methods.sparsegpt",
     "wanda": "lowbit.methods.wanda",
+    "aqlm": "lowbit.methods.aqlm",
 }
 
 

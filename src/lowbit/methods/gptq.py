@@ -59,7 +59,7 @@ def prepare_hessian_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 def _params_at(p: Params, g: int) -> Params:
-    return {k: (v[:, g: g + 1] if v.ndim else v) for k, v in p.items()}
+    return {k: (v[:, g: g + 1] if v.ndim == 2 else v) for k, v in p.items()}
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int, observer: str = "minmax",
@@ -79,6 +79,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     if prune is not None and options.act_order:
         raise SchemeError("pruning keeps the columns in order: N:M groups are consecutive input columns; "
                           "turn act_order off")
+    if getattr(fmt, "codebooks", None):
+        raise SchemeError(f"{fmt.name} encodes 8 weights at a time, not one column: use --method aqlm (or rtn)")
     W = W.float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
@@ -131,7 +133,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
             g = int(col_group[col])
             p = per_group.get(g)
             if p is None:
-                p = per_group[g] = {k: (v[:, g].contiguous() if v.ndim else v) for k, v in params.items()}
+                p = per_group[g] = {k: (v[:, g].contiguous() if v.ndim == 2 else v) for k, v in params.items()}
             w = W1[i]
             q_codes = fmt.encode(w, p)
             if prune is not None:
@@ -167,7 +169,7 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
     out, r0 = [], 0
     for w in weights:
         r1 = r0 + w.shape[0]
-        out.append((codes[r0:r1], {k: (v[r0:r1] if v.ndim else v) for k, v in params.items()}, g))
+        out.append((codes[r0:r1], {k: (v[r0:r1] if v.ndim == 2 else v) for k, v in params.items()}, g))
         r0 = r1
     return out
 

@@ -88,6 +88,16 @@ class Recipe:
                 check_scheme(sch.weights, sch.activations)
             if self.budget is not None or self.gguf_mix is not None:
                 raise SchemeError("--method llm_int8 fixes every weight to int8 rows; drop the budget / GGUF mix")
+        codebook = [s.weights.format for s in (self.scheme, *(g.scheme for g in self.groups))
+                    if s.weights.format.startswith("aqlm_")]
+        if codebook and self.method not in ("rtn", "aqlm"):
+            raise SchemeError(f"{codebook[0]} encodes 8 weights at a time: use --method aqlm (or rtn), not {self.method}")
+        if self.method == "aqlm":
+            want = method_options("aqlm", dict(self.options)).format_name()
+            other = [s.weights.format for s in (self.scheme, *(g.scheme for g in self.groups)) if s.weights.format != want]
+            if other:
+                raise SchemeError(f"--method aqlm stores {want} (its --opt codebooks/codebook_bits); the scheme says "
+                                  f"{other[0]}: pass --format {want} or drop --format")
         if self.rotate is not None:
             from lowbit.methods.rotation import check_kind
 

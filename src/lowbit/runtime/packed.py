@@ -216,7 +216,7 @@ class PackedLinear(torch.nn.Module):
         self.chunks = []    # (packed codes, params) per row chunk: nothing dense at rest
         for i in range(n_chunks):
             r0, r1 = i * self.chunk_rows, min(rows, (i + 1) * self.chunk_rows)
-            params = {k: (v[r0:r1].clone() if v.ndim else v.clone()) for k, v in qt.params.items()}
+            params = {k: (v[r0:r1].clone() if v.ndim == 2 else v.clone()) for k, v in qt.params.items()}
             self.chunks.append((qt.format.pack_codes(qt.codes[r0:r1]), params, r1 - r0))
 
     def decoded_chunks(self):
