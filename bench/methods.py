@@ -113,15 +113,12 @@ ACTIVATION_ROWS = [
 # `--rows sparsity`: 2:4 pruning (+ INT4 / INT8 on the survivors) beside the dense rows; W4A8 rotated
 SPARSITY_ROWS = [
     "rtn|int4 g32 sym", "gptq|int4 g32 sym", "wanda+sparsity=2:4|int4 g32 sym", "sparsegpt+sparsity=2:4|int4 g32 sym",
-    "rtn|W8A16: int8 per-channel sym", "sparsegpt+sparsity=2:4|int8 per-channel sym",
-    "gptq|W4A16: int4 g128 sym", "gptq|W4A16: int4 g128 sym rotated",
-    "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic",
+    "gptq|W4A16: int4 g128 sym", "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic",
     "gptq|W4A8: int4 g128 sym, inputs int8 per-token dynamic rotated",
 ]
 
 # `--rows codebooks`: 2-bit AQLM-style additive codebooks beside 2-bit GPTQ
-CODEBOOK_ROWS = ["aqlm|aqlm_2x8 per-channel", "rtn|aqlm_2x8 per-channel", "gptq|int2 g32 asym",
-                 "gptq|int2 g32 asym mse"]
+CODEBOOK_ROWS = ["aqlm|aqlm_2x8 per-channel", "rtn|aqlm_2x8 per-channel", "gptq|int2 g32 asym"]
 
 # `--rows rotation`: rotated rows beside the same rows unrotated, and LLM.int8 beside W8A8
 ROTATION_ROWS = [
