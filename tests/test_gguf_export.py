@@ -295,3 +295,47 @@ def test_llama_cpp_runs_default_f32_and_q8_0(default_model, default_files):
     mx, mean, scale, top1, gen, hf = results["q8_0"]
     assert mx < 0.15 * scale and mean < 0.02 * scale and top1 >= 0.9
     assert len(gen) == 6 and gen[:2] == hf[:2]
+
+
+def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+    model = {"qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=16, tie_word_embeddings=False)),
+             "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False)),
+             "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=16))}[arch]().eval()
+    with torch.no_grad():   # norms away from their initial value: Gemma's 1 + w must be written as such
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("arch,gguf_arch,fused", [("qwen3", "qwen3", "blk.0.attn_q_norm.weight"),
+                                                  ("phi3", "phi3", "blk.0.attn_qkv.weight"),
+                                                  ("gemma", "gemma", None)])
+@pytest.mark.parametrize("quantized", [False, True])
+def test_more_architectures_run_in_llama_cpp(default_model, tmp_path, arch, gguf_arch, fused, quantized):
+    """Qwen3 (per-head q/k norms), Phi-3 (fused qkv and gate/up) and Gemma (x·(1 + w) norms, a
+    scaled, tied embedding) leave as GGUF, float or as Q4_0 blocks, and llama.cpp gives their logits."""
+    from lowbit.api import quantize
+
+    lm = LoadedModel(_tiny_arch(arch, len(default_model.tokenizer)), default_model.tokenizer, "/nonexistent", "hf")
+    obj = quantize(lm, lowbit.WeightScheme("int", 4, 32, True), progress=False) if quantized else lm
+    path = write_gguf(obj, tmp_path / f"{arch}.gguf")
+    reader = gguf.GGUFReader(path)
+    assert reader.fields["general.architecture"].contents() == gguf_arch
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    if fused:
+        assert fused in types
+    assert types["blk.1.ffn_down.weight"] == ("Q4_0" if quantized else "F32")
+    ids = default_model.tokenizer(PROMPT)["input_ids"]
+    _, L = _llama_logits(path, ids)
+    H = _model_logits(obj.model, ids)
+    scale = np.abs(H).max()
+    if quantized:   # llama.cpp rounds the activations to 8 bits for Q4_0 products
+        assert np.abs(L - H).max() < 0.1 * scale and np.abs(L - H).mean() < 0.02 * scale
+    else:
+        assert np.abs(L - H).max() < 1e-3 * scale and (L.argmax(-1) == H.argmax(-1)).all()

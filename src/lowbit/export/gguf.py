@@ -46,12 +46,16 @@ class ArchSpec:
 
     gguf_arch: str        # general.architecture, and the prefix of its keys
     permute_qk: bool      # llama.cpp's llama rope wants interleaved q/k rows (HF: half split)
+    norm_offset: float = 0.0   # added to norm weights: Gemma's x·(1 + w) is llama.cpp's x·w'
 
 
 ARCHS: dict[str, ArchSpec] = {
     "llama": ArchSpec("llama", True),
     "mistral": ArchSpec("llama", True),
     "qwen2": ArchSpec("qwen2", False),
+    "qwen3": ArchSpec("qwen3", False),      # + per-head q/k norms (attn_q_norm / attn_k_norm)
+    "phi3": ArchSpec("phi3", False),        # fused qkv and gate/up projections, as llama.cpp keeps them
+    "gemma": ArchSpec("gemma", False, 1.0),
 }
 
 # Pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer (data).
@@ -279,7 +283,8 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan, seen = [], set()
     state = dict(m.model.named_parameters(remove_duplicate=False))
-    state.update({k: v for k, v in m.model.named_buffers() if k not in state})
+    persistent = set(m.model.state_dict())   # non-persistent buffers (Gemma's embed_scale) are recomputed
+    state.update({k: v for k, v in m.model.named_buffers() if k not in state and k in persistent})
     names = list(dict.fromkeys(list(state) + list(m.tensors)))
     for hf_name in names:
         if "rotary_emb" in hf_name or hf_name.endswith("inv_freq"):
@@ -435,6 +440,8 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
                 t = value.detach()
                 if heads is not None:
                     t = t[qk_permutation(t.shape[0], heads)]
+                if spec.norm_offset and gname.endswith("norm.weight"):
+                    t = t.float() + spec.norm_offset
                 arr, raw = _float_array(t, type_name)
                 w.add_tensor(gname, arr, raw_dtype=raw)
 
