@@ -305,21 +305,26 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
                   num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
     model = {"qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**common, head_dim=16, tie_word_embeddings=False)),
              "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**common, pad_token_id=0, tie_word_embeddings=False)),
-             "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=16))}[arch]().eval()
+             "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=16)),
+             "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
+                                                              n_positions=128, bos_token_id=0, eos_token_id=0)),
+             }[arch]().eval()
     with torch.no_grad():   # norms away from their initial value: Gemma's 1 + w must be written as such
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or ".ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
 
 @pytest.mark.parametrize("arch,gguf_arch,fused", [("qwen3", "qwen3", "blk.0.attn_q_norm.weight"),
                                                   ("phi3", "phi3", "blk.0.attn_qkv.weight"),
-                                                  ("gemma", "gemma", None)])
+                                                  ("gemma", "gemma", None),
+                                                  ("gpt2", "gpt2", "position_embd.weight")])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_more_architectures_run_in_llama_cpp(default_model, tmp_path, arch, gguf_arch, fused, quantized):
-    """Qwen3 (per-head q/k norms), Phi-3 (fused qkv and gate/up) and Gemma (x·(1 + w) norms, a
-    scaled, tied embedding) leave as GGUF, float or as Q4_0 blocks, and llama.cpp gives their logits."""
+    """Qwen3 (per-head q/k norms), Phi-3 (fused qkv and gate/up), Gemma (x·(1 + w) norms, a
+    scaled, tied embedding) and GPT-2 (LayerNorm with biases, learned positions, Conv1D weights)
+    leave as GGUF, float or as Q4_0 blocks, and llama.cpp gives their logits."""
     from lowbit.api import quantize
 
     lm = LoadedModel(_tiny_arch(arch, len(default_model.tokenizer)), default_model.tokenizer, "/nonexistent", "hf")

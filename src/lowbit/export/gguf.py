@@ -47,6 +47,7 @@ class ArchSpec:
     gguf_arch: str        # general.architecture, and the prefix of its keys
     permute_qk: bool      # llama.cpp's llama rope wants interleaved q/k rows (HF: half split)
     norm_offset: float = 0.0   # added to norm weights: Gemma's x·(1 + w) is llama.cpp's x·w'
+    family: str = "rope"       # which hyper-parameters the file carries: "rope" (LLaMA-like) | "gpt2"
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -56,6 +57,7 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen3": ArchSpec("qwen3", False),      # + per-head q/k norms (attn_q_norm / attn_k_norm)
     "phi3": ArchSpec("phi3", False),        # fused qkv and gate/up projections, as llama.cpp keeps them
     "gemma": ArchSpec("gemma", False, 1.0),
+    "gpt2": ArchSpec("gpt2", False, family="gpt2"),   # LayerNorm with biases, learned positions, Conv1D
 }
 
 # Pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer (data).
@@ -140,6 +142,15 @@ def _arch(config) -> ArchSpec:
 
 
 def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
+    if spec.family == "gpt2":
+        w.add_context_length(int(config.n_positions))
+        w.add_embedding_length(int(config.n_embd))
+        w.add_feed_forward_length(int(config.n_inner or 4 * config.n_embd))
+        w.add_block_count(int(config.n_layer))
+        w.add_head_count(int(config.n_head))
+        w.add_layer_norm_eps(float(config.layer_norm_epsilon))
+        w.add_vocab_size(int(config.vocab_size))
+        return
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
@@ -420,6 +431,10 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
     plan = _plan_tensors(m, spec, tensor_types, full_precision, name_map, ternary)
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    from lowbit.model.targets import _is_conv1d
+
+    # Conv1D stores (in, out); GGUF rows are output features
+    conv1d = {_gguf_name(name_map, f"{n}.weight") for n, mod in m.model.named_modules() if _is_conv1d(mod)}
 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     w = gguf.GGUFWriter(tmp, spec.gguf_arch)
@@ -442,6 +457,8 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
                     t = t[qk_permutation(t.shape[0], heads)]
                 if spec.norm_offset and gname.endswith("norm.weight"):
                     t = t.float() + spec.norm_offset
+                if gname in conv1d:
+                    t = t.T.contiguous()
                 arr, raw = _float_array(t, type_name)
                 w.add_tensor(gname, arr, raw_dtype=raw)
 
