@@ -65,3 +65,14 @@ def test_bad_method_input_is_one_clear_line(tiny_llama, tmp_path, capsys, argv, 
     assert main(["quantize", str(tiny_llama), *argv, "--samples", "2", "--seqlen", "16", "-o", str(out)]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("lowbit: error:") and msg in last and not out.exists()
+
+
+def test_calibration_text_nothing_reads_is_refused(tiny_llama, calib, tmp_path, capsys):
+    """RTN reads no data: a --calib FILE would be silently ignored, so it is one clear line."""
+    out = tmp_path / "o"
+    assert main(["quantize", str(tiny_llama), "--method", "rtn", "--calib", calib.text, "-o", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("lowbit: error:") and "would be ignored" in last and not out.exists()
+    # the same file with what reads it: static activation scales
+    assert main(["-q", "quantize", str(tiny_llama), "--method", "rtn", "--scheme", "W8A8_STATIC", "--calib", calib.text,
+                 "--samples", "4", "--seqlen", "32", "-o", str(out)]) == 0

@@ -185,12 +185,27 @@ def _method_options(args) -> dict:
     return opts
 
 
+def _check_calibration_is_read(recipe, calib: str) -> None:
+    """--calib with nothing that reads it would be silently ignored: refuse it instead."""
+    from lowbit.errors import SchemeError
+    from lowbit.methods import is_calibrated
+
+    static = any(s.activations is not None and s.activations.needs_calibration
+                 for s in (recipe.scheme, *(g.scheme for g in recipe.groups)))
+    if not (is_calibrated(recipe.method) or static or recipe.budget is not None):
+        raise SchemeError(f"--calib {calib}: --method {recipe.method} with this scheme reads no calibration data, so "
+                          "the file would be ignored; drop --calib, or use a calibrated method (gptq, awq, "
+                          "smoothquant, sparsegpt, ...), static activations or a size budget")
+
+
 def _plan_from_args(args, loaded=None):
     from lowbit.api import transform
     from lowbit.model.load import load_source
     from lowbit.plan import build_plan
 
     recipe = _recipe_from_args(args, args.parser_defaults)
+    if getattr(args, "calib", None) and not args.recipe:
+        _check_calibration_is_read(recipe, args.calib)
     t0 = time.perf_counter()
     loaded = loaded or load_source(args.source)
     t_load = time.perf_counter() - t0
