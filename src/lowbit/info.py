@@ -36,13 +36,21 @@ def _describe_gguf(path: Path) -> dict:
 
 def describe(path: str | os.PathLike) -> dict:
     """A summary dict: kind, size, scheme or types, and per-tensor rows."""
+    from lowbit.model.files import check_gguf, check_json, check_safetensors
+
     p = Path(path)
     if not p.exists():
         raise SourceError(f"{path} does not exist; pass a lowbit folder, HF folder or .gguf file")
     if p.is_file():
         if p.suffix.lower() != ".gguf":
             raise SourceError(f"{path} is not a .gguf file; pass a .gguf file or a folder")
+        check_gguf(p)
         return _describe_gguf(p)
+    for name in ("lowbit.json", "config.json"):   # what it reads, checked whole first
+        if (p / name).exists():
+            check_json(p / name)
+    for f in sorted(p.glob("*.safetensors")):
+        check_safetensors(f)
     size = sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
     if (p / "lowbit.json").exists():
         recipe = json.loads((p / "lowbit.json").read_text())

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from lowbit.errors import SourceError
+from lowbit.model.files import check_gguf, check_json, check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,14 @@ def default_gguf_path() -> Path:
     return files[0]
 
 
+def _check_folder_files(path: Path) -> None:
+    """config.json and every weights file are whole before a library parses them (model.files)."""
+    if (path / "config.json").exists():
+        check_json(path / "config.json")
+    for f in sorted(path.glob("*.safetensors")):
+        check_safetensors(f)
+
+
 def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
     """(path, kind) of a source; None means the embedded default."""
     if source is None or str(source) in ("", "default"):
@@ -51,13 +60,17 @@ def resolve_source(source: str | os.PathLike | None) -> tuple[Path, str]:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise SourceError(f"{path} is a file but not .gguf; pass a .gguf file or a model folder")
+        check_gguf(path)
         return path, "gguf"
     if (path / "lowbit.json").exists():
+        check_json(path / "lowbit.json")
+        _check_folder_files(path)
         return path, "lowbit"
     if not (path / "config.json").exists():
         raise SourceError(f"{path} has no config.json; pass a Hugging Face model folder")
     if not list(path.glob("*.safetensors")):
         raise SourceError(f"{path} has no .safetensors weights; lowbit does not load pickled .bin checkpoints (convert them to safetensors first)")
+    _check_folder_files(path)
     return path, "hf"
 
 
