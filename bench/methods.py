@@ -276,6 +276,7 @@ def main() -> None:
     ap.add_argument("--calib", default="wikitext2-valid",
                     help="calibration text: wikitext2-valid (default), 'default' (lowbit's own calibration text, "
                          "the Python reference manual: another genre than the WikiText-2 evaluation) or a file")
+    ap.add_argument("--from-log", help="write the tables from the rows an interrupted run printed (its stdout)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sets = {"activations": ACTIVATION_ROWS, "rotation": ROTATION_ROWS, "sparsity": SPARSITY_ROWS,
@@ -318,6 +319,13 @@ def main() -> None:
               and (not args.rows or f"{m}{row_suffix(o)}|{label(s)}" in args.rows)
               for p in precisions]
     rows = []
+    if args.from_log:   # an interrupted run: the rows its log printed, each as it was measured
+        rows = [json.loads(line) for line in Path(args.from_log).read_text().splitlines()
+                if line.startswith('{"method"')]
+        done = {f"{r['method']}|{r.get('scheme')}" for r in rows}
+        skipped = [f"{sp['method']}{row_suffix(sp['options'])}|{label(sp['scheme'])}" for sp in specs[1:]
+                   if f"{sp['method']}{row_suffix(sp['options'])}|{label(sp['scheme'])}" not in done]
+        specs = []
     for spec in specs:
         load_before = os.getloadavg()[0]  # others' work on the machine inflates the seconds
         t0 = time.perf_counter()
@@ -338,6 +346,7 @@ def main() -> None:
         if "seconds_quantize" in r:
             r["quantize_over_fp_forward"] = r["seconds_quantize"] / fp["seconds"]
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "eval": f"WikiText-2 test, {n_eval} x 512 tokens",
+            **({"interrupted": {"log": Path(args.from_log).name, "rows_not_run": skipped}} if args.from_log else {}),
             "calibration": f"{ {'wikitext2-valid': 'WikiText-2 validation', 'default': 'lowbit default calibration text (Python reference manual)'}.get(args.calib, args.calib)}, "
                            f"{samples} x 512 tokens (seeded positions)",
             "fp_forward_seconds": fp["seconds"], "machine": f"{os.cpu_count()} CPU cores", "torch_threads": torch.get_num_threads()}
@@ -367,6 +376,9 @@ def main() -> None:
              "| method | scheme | bits/weight | PPL | ref PPL | KLD | top-1 | quantize s | × fp forward | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     note = [line for key, text in ROW_SET_NOTES.items() if key in name.split("_") for line in text]
+    if args.from_log:
+        note += [f"This run was stopped before its last rows ({'; '.join(skipped) or 'none'}); the table holds the "
+                 f"rows it finished, from its log (`--from-log`).", ""]
     if note:
         head = next(i for i, line in enumerate(lines) if line.startswith("| method"))
         lines[head:head] = note
