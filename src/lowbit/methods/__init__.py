@@ -49,3 +49,16 @@ def method_options(name: str, options: dict):
     if unknown:
         raise SchemeError(f"method {name!r} has no option(s) {sorted(unknown)}; it takes {sorted(fields)}")
     return cls(**options)
+
+
+def weight_and_hessian(model, target, stats, method: str, needs: str):
+    """(parameter data, its float (out, in) matrix, XᵀX of its inputs) for a calibrated method
+    that needs a Hessian per weight; SchemeError for a weight no calibration input reached."""
+    from lowbit.tensor import to_matrix
+
+    st = stats.get(target.name)
+    if st is None or st.hessian is None:
+        raise SchemeError(f"{target.name} saw no calibration inputs (a stacked expert?), so {method} has no "
+                          f"{needs} for it; exclude it")
+    w = target.parameter(model).data
+    return w, to_matrix(w, target.transposed).float(), st.hessian

@@ -83,8 +83,9 @@ def quantize_matrix(W: torch.Tensor, H: torch.Tensor, fmt: _Additive, options: O
 
 
 def quantize_layer(model, layer_targets, stats, scheme, options: Options):
+    from lowbit.methods import weight_and_hessian
     from lowbit.scheme import scheme_of
-    from lowbit.tensor import QuantizedTensor, resolve_group_size, to_matrix
+    from lowbit.tensor import QuantizedTensor, resolve_group_size
 
     out = {}
     for t in layer_targets:
@@ -93,14 +94,9 @@ def quantize_layer(model, layer_targets, stats, scheme, options: Options):
         if not isinstance(fmt, _Additive) or fmt.name != options.format_name():
             raise SchemeError(f"--method aqlm stores {options.format_name()} (from --opt codebooks/codebook_bits); "
                               f"{t.name} is planned as {ws.format}: pass --format {options.format_name()} or drop --format")
-        st = stats.get(t.name)
-        if st is None or st.hessian is None:
-            raise SchemeError(f"{t.name} saw no calibration inputs (a stacked expert?), so AQLM has no Hessian for it; "
-                              "exclude it")
-        w = t.parameter(model).data
-        W = to_matrix(w, t.transposed).float()
+        w, W, H = weight_and_hessian(model, t, stats, "AQLM", "Hessian")
         check_row(W.shape[1], t.name)
-        codes, params = quantize_matrix(W, st.hessian, fmt, options)
+        codes, params = quantize_matrix(W, H, fmt, options)
         g = resolve_group_size(ws.effective_group_size(), W.shape[1])
         out[t.name] = QuantizedTensor(codes, params, fmt, g, tuple(w.shape), t.transposed)
     return out, []

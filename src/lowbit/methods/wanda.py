@@ -27,21 +27,16 @@ STATS = StatsRequest(hessian=True, staged=True, channel_stats=False)
 
 
 def quantize_layer(model, layer_targets, stats, scheme, options: Options):
-    from lowbit.methods import rtn
+    from lowbit.methods import rtn, weight_and_hessian
     from lowbit.scheme import scheme_of
-    from lowbit.tensor import from_matrix, to_matrix
+    from lowbit.tensor import from_matrix
 
     pattern = parse_pattern(options.sparsity)
     out = {}
     for t in layer_targets:
-        st = stats.get(t.name)
-        if st is None or st.hessian is None:
-            raise SchemeError(f"{t.name} saw no calibration inputs (a stacked expert?), so Wanda has no input "
-                              "norms for it; exclude it")
-        w = t.parameter(model).data
-        W = to_matrix(w, t.transposed).float()
+        w, W, H = weight_and_hessian(model, t, stats, "Wanda", "input norms")
         check_shape(pattern, W.shape[1], t.name)
-        norms = torch.diag(st.hessian).float().clamp_min(0).sqrt()
+        norms = torch.diag(H).float().clamp_min(0).sqrt()
         pruned = W.masked_fill(prune_mask(W.abs() * norms[None, :], pattern), 0.0)
         qt = rtn.quantize_weight(from_matrix(pruned, tuple(w.shape), t.transposed), scheme_of(scheme, t.name), t.transposed)
         if not follows(qt.dequantize_matrix(), pattern):
