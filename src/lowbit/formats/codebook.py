@@ -67,6 +67,16 @@ def kmeans(X: torch.Tensor, k: int, iters: int = 8, seed: int = 0, weight: torch
     return C
 
 
+def residual_kmeans(X: torch.Tensor, M: int, k: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """(M, k, d) codebooks, each the k-means of what the ones before it left of X (seeded by its index)."""
+    C, residual = [], X
+    for m in range(M):
+        Cm = kmeans(residual, k, seed=m, weight=weight)
+        C.append(Cm)
+        residual = residual - Cm[nearest(residual, Cm, weight)]
+    return torch.stack(C)
+
+
 def encode_vectors(X: torch.Tensor, C: torch.Tensor, weight: torch.Tensor | None = None, rounds: int = 2,
                    codes: torch.Tensor | None = None) -> torch.Tensor:
     """(N, M) codes whose codebook sum approximates each row of X: coordinate descent, each
@@ -120,13 +130,7 @@ class _Additive(Format):
     def tensor_params(self, W: torch.Tensor) -> Params:
         check_row(W.shape[-1])
         X = (W / _row_scale(W)).reshape(-1, DIM)
-        C = []
-        residual = X
-        for m in range(self.codebooks):   # residual k-means: each codebook fits what the others left
-            Cm = kmeans(residual, self.entries, seed=m)
-            C.append(Cm)
-            residual = residual - Cm[nearest(residual, Cm)]
-        return {"codebooks": torch.stack(C)}
+        return {"codebooks": residual_kmeans(X, self.codebooks, self.entries)}
 
     def params_from_blocks(self, blocks, tensor_params, importance=None) -> Params:
         return {"scale": blocks.pow(2).mean(-1).sqrt().clamp_min(1e-8)}

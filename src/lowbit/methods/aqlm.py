@@ -18,7 +18,7 @@ import torch
 
 from lowbit.calib.runner import StatsRequest
 from lowbit.errors import SchemeError
-from lowbit.formats.codebook import DIM, _Additive, check_row, encode_vectors, kmeans, nearest
+from lowbit.formats.codebook import DIM, _Additive, check_row, encode_vectors, residual_kmeans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,12 +56,7 @@ def quantize_matrix(W: torch.Tensor, H: torch.Tensor, fmt: _Additive, options: O
     weight = (diag / diag.mean()).reshape(1, cols // DIM, DIM).expand(rows, -1, -1).reshape(-1, DIM)
     scale = W.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-8)
     X = (W / scale).reshape(-1, DIM)
-    C, residual = [], X
-    for m in range(fmt.codebooks):
-        Cm = kmeans(residual, fmt.entries, seed=m, weight=weight)
-        C.append(Cm)
-        residual = residual - Cm[nearest(residual, Cm, weight)]
-    C = torch.stack(C)
+    C = residual_kmeans(X, fmt.codebooks, fmt.entries, weight)
     codes = encode_vectors(X, C, weight)
     norm = max(float(torch.einsum("ij,jk,ik->", W, H, W)), 1e-12)   # the loss relative to the weights' own
     for _ in range(options.rounds):

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from lowbit.errors import SchemeError
 from lowbit.methods import rtn
-from lowbit.scheme import WeightScheme, preset
+from lowbit.scheme import WeightScheme
 
 WEIGHTS = WeightScheme("int", 8, -1, True)
-OUTLIERS = preset("LLM_INT8").activations
 
 
 def check_scheme(weights: WeightScheme, activations) -> None:
@@ -24,5 +23,6 @@ def check_scheme(weights: WeightScheme, activations) -> None:
 
 
 def quantize_weight(w, scheme: WeightScheme, transposed: bool = False):
-    check_scheme(scheme, OUTLIERS if scheme == WEIGHTS else None)   # the recipe checked the activations
+    if scheme != WEIGHTS:   # the recipe checked the activations
+        check_scheme(scheme, None)
     return rtn.quantize_weight(w, scheme, transposed)

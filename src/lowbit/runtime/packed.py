@@ -180,12 +180,9 @@ class PackedLinear(torch.nn.Module):
         return self._int8_matmul(x, spec)
 
     def _int8_matmul(self, x: torch.Tensor, spec: dict, sx: torch.Tensor | None = None) -> torch.Tensor:
-        if sx is not None:
-            pass
-        elif spec["dynamic"]:
-            sx = (x.abs().amax(dim=-1, keepdim=True) / self.input_qmax).clamp_min(1e-12)
-        else:
-            sx = torch.tensor(spec["scale"], dtype=torch.float32)
+        if sx is None:   # LLM.int8 passes the scales of its non-outlier values
+            sx = ((x.abs().amax(dim=-1, keepdim=True) / self.input_qmax).clamp_min(1e-12) if spec["dynamic"]
+                  else torch.tensor(spec["scale"], dtype=torch.float32))
         # the same rounding as fake_quantize_input: round half to even, clamp to +-127
         xq = torch.round(x / sx).clamp(-self.input_qmax, self.input_qmax).to(torch.int8)
         if xq.shape[0] <= INT_MM_GEMV_ROWS and self.compute_dtype == torch.bfloat16:
