@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 
 import torch
@@ -121,9 +122,7 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
     by_name = {w.name: w for w in all_weights(model)}
     targets = [by_name[n] for n in plan.tensors]
     ws = plan.weight_schemes()
-    record = {"targets": len(targets), "kept_full_precision": plan.kept, "seconds": {}}
-    if opts is not None:
-        record["options"] = dataclasses.asdict(opts)
+    record = new_record(plan, opts)
     if rotation is not None:
         record["rotation"] = rotation
     t0 = time.perf_counter()
@@ -143,6 +142,22 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
     t0 = time.perf_counter()
     _attach_activations(model, loaded.tokenizer, plan, tensors, by_name, forward_loop, record, progress)
     record["seconds"]["activations"] = time.perf_counter() - t0
+    finish_record(record, plan)
+    return QuantizedModel(model, loaded.tokenizer, plan.common_scheme(), tensors, {t.name: t for t in targets},
+                          loaded.source, recipe.method, record, plan)
+
+
+def new_record(plan: Plan, opts) -> dict:
+    """The start of what a run records (lowbit.json's "recipe"): targets, kept weights, options."""
+    record = {"targets": len(plan.tensors), "kept_full_precision": plan.kept, "seconds": {}}
+    if opts is not None:
+        record["options"] = dataclasses.asdict(opts)
+    return record
+
+
+def finish_record(record: dict, plan: Plan) -> None:
+    """The plan's part of the record, added when the run is done."""
+    recipe = plan.recipe
     record["recipe"] = recipe.to_dict()
     record["plan"] = plan.summary()
     if plan.budget is not None:
@@ -153,8 +168,6 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
         record["gguf_mix"] = recipe.gguf_mix
         record["gguf_fallbacks"] = {n: t.reason.split("fallback: ", 1)[1] for n, t in plan.tensors.items()
                                     if "fallback: " in t.reason}
-    return QuantizedModel(model, loaded.tokenizer, plan.common_scheme(), tensors, {t.name: t for t in targets},
-                          loaded.source, recipe.method, record, plan)
 
 
 def _attach_activations(model, tokenizer, plan: Plan, tensors: dict, by_name: dict, forward_loop, record, progress) -> None:
@@ -181,9 +194,18 @@ def _attach_activations(model, tokenizer, plan: Plan, tensors: dict, by_name: di
         tensors[n] = qt
 
 
+def _compute_device(model: torch.nn.Module) -> torch.device:
+    """Where the model computes (a streamed model's parameters are mostly on meta)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
 def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration: CalibrationConfig,
-                         recipe: dict, progress: bool, forward_loop=None, activations: dict | None = None) -> dict:
-    """Run a calibrated method layer by layer; returns the quantized tensors (installed)."""
+                         recipe: dict, progress: bool, forward_loop=None, activations: dict | None = None,
+                         hooks=None, tensors: dict | None = None, fallbacks: list | None = None) -> dict:
+    """Run a calibrated method layer by layer; returns the quantized tensors (installed).
+    hooks (calib.runner.LayerHooks), tensors (the dict filled as layers are quantized) and
+    fallbacks (names quantized without data so far) are how a streamed run takes part."""
+    from lowbit.calib import distributed
     from lowbit.calib.runner import bf16_gram_path, check_hessian_precision, run_layers
     from lowbit.methods import rtn
 
@@ -191,17 +213,25 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
     if forward_loop is None:
         windows = calibration.windows(tokenizer)
         recipe["calibration"] = {**dataclasses.asdict(calibration), "tokens": int(windows.numel())}
+        distributed.check_same_run(windows, json.dumps({k: v for k, v in recipe.items() if k != "seconds"},
+                                                       sort_keys=True, default=str),
+                                   *(f"{t.name}{tuple(t.parameter(model).shape)}" for t in targets))
+        windows = distributed.share(windows)   # this rank's windows (all of them in one process)
     else:
         windows = None
         recipe["calibration"] = {"forward_loop": True, "hessian_precision": calibration.hessian_precision}
     recipe["seconds"]["calibration_data"] = time.perf_counter() - t0
-    tensors: dict = {}
-    fallbacks: list[str] = []
+    tensors = {} if tensors is None else tensors
+    fallbacks = [] if fallbacks is None else fallbacks
 
     extra = {"activations": activations} if getattr(impl, "USES_ACTIVATIONS", False) else {}
 
     def quantize_layer(_index, layer_targets, stats):
-        out, fb = impl.quantize_layer(model, layer_targets, stats, ws, opts, **extra)
+        # with torch.distributed: statistics of every rank's windows, the solving split by weight
+        distributed.reduce_stats(stats, [t.name for t in layer_targets], request.sample_rows)
+        sizes = {t.name: t.parameter(model).numel() for t in layer_targets}
+        out, fb = distributed.solve_split(lambda ts: impl.quantize_layer(model, ts, stats, ws, opts, **extra),
+                                          layer_targets, sizes, getattr(impl, "SOLVES_EACH_WEIGHT", False))
         for t in layer_targets:
             install_quantized(model, t, out[t.name])
         tensors.update(out)
@@ -209,14 +239,14 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
 
     request = dataclasses.replace(impl.STATS, hessian_precision=check_hessian_precision(calibration.hessian_precision))
     recipe["calibration"]["hessian_precision"] = request.hessian_precision
-    recipe["calibration"]["hessian_precision_path"] = bf16_gram_path(next(model.parameters()).device) if request.hessian_precision == "bf16" else "fp32"
+    recipe["calibration"]["hessian_precision_path"] = bf16_gram_path(_compute_device(model)) if request.hessian_precision == "bf16" else "fp32"
     outside = run_layers(model, windows, targets, quantize_layer, request,
                          calibration.batch_size, calibration.sequential, progress, recipe["seconds"],
-                         forward_loop=forward_loop)
+                         forward_loop=forward_loop, hooks=hooks)
     for t in outside:  # weights outside the decoder stack (embeddings, an included lm_head) get RTN
         qt = rtn.quantize_weight(t.parameter(model).data, scheme_of(ws, t.name), t.transposed)
         install_quantized(model, t, qt)
         tensors[t.name] = qt
         fallbacks.append(t.name)
     recipe["rtn_fallback"] = fallbacks
-    return {t.name: tensors[t.name] for t in targets}
+    return {t.name: tensors[t.name] for t in targets if t.name in tensors}

@@ -198,15 +198,20 @@ def _check_calibration_is_read(recipe, calib: str) -> None:
                           "smoothquant, sparsegpt, ...), static activations or a size budget")
 
 
-def _plan_from_args(args, loaded=None):
+def _plan_from_args(args, loaded=None, stream: bool = False):
+    """(loaded model, plan, load seconds). stream: open a safetensors source lazily (parameters on
+    meta, read layer by layer) when the run allows it (streaming.resident_reason)."""
     from lowbit.api import transform
-    from lowbit.model.load import load_source
+    from lowbit.model.load import load_lazy, load_source
     from lowbit.plan import build_plan
+    from lowbit.streaming import resident_reason
 
     recipe = _recipe_from_args(args, args.parser_defaults)
     if getattr(args, "calib", None) and not args.recipe:
         _check_calibration_is_read(recipe, args.calib)
     t0 = time.perf_counter()
+    if loaded is None and stream and resident_reason(recipe, _container(args)) is None:
+        loaded = load_lazy(args.source)
     loaded = loaded or load_source(args.source)
     t_load = time.perf_counter() - t0
     transform(loaded, recipe)
@@ -218,8 +223,20 @@ def cmd_quantize(args):
     from lowbit.errors import SchemeError
     from lowbit.export.native import remove_output
 
-    loaded, plan, t_load = _plan_from_args(args)
-    qm = execute(loaded, plan, progress=args.progress)
+    loaded, plan, t_load = _plan_from_args(args, stream=True)
+    _check_distributed(plan)
+    if loaded.weights is not None:
+        _quantize_streamed(args, loaded, plan, t_load)
+        return
+    if args.resume:
+        from lowbit.streaming import resident_reason
+
+        why = resident_reason(plan.recipe, plan.container) or f"{loaded.source} is not a safetensors folder that streams"
+        raise SchemeError(f"--resume continues a layer-by-layer run, and this one holds the whole model ({why}); "
+                          "drop --resume")
+    qm = execute(loaded, plan, progress=args.progress and _is_main())
+    if not _is_main():   # rank 0 writes and reports
+        return
     qm.recipe["seconds"]["load"] = t_load
     kept = qm.recipe["kept_full_precision"]
     if args.progress:
@@ -247,6 +264,48 @@ def cmd_quantize(args):
     if budget is not None:
         summary["budget"] = budget
     _print(summary, args.json, [[k, v] for k, v in summary.items() if k not in ("kept_full_precision", "budget")], ("", ""))
+
+
+def _is_main() -> bool:
+    from lowbit.calib.distributed import is_main
+
+    return is_main()
+
+
+def _check_distributed(plan) -> None:
+    """Under torch.distributed only calibration is split: a run that reads none is refused."""
+    from lowbit.calib.distributed import world
+    from lowbit.errors import SchemeError
+    from lowbit.methods import is_calibrated
+
+    if world()[1] == 1:
+        return
+    if not is_calibrated(plan.recipe.method):
+        raise SchemeError(f"--workers splits calibration, and --method {plan.recipe.method} reads none; "
+                          "run it in one process")
+    if plan.needs_static_activations:
+        raise SchemeError("static activation scales are not yet calibrated across ranks; run them in one process "
+                          "(or use dynamic activations)")
+
+
+def _quantize_streamed(args, loaded, plan, t_load) -> None:
+    from lowbit.streaming import quantize_streamed
+
+    r = quantize_streamed(loaded, plan, args.output, force=args.force, resume=args.resume,
+                          progress=args.progress and _is_main())
+    if not _is_main():
+        return
+    r.record["seconds"]["load"] = t_load
+    kept = r.record["kept_full_precision"]
+    if args.progress:
+        resumed = "" if r.resumed_at_layer is None else f", resumed at layer {r.resumed_at_layer}"
+        print(f"quantized {r.weights_quantized} weights with {r.method} layer by layer{resumed}: {_plan_line(plan)}; "
+              f"kept in full precision: {len(kept)}", file=sys.stderr)
+    summary = {"output": str(r.output), "method": r.method, "scheme": _plan_line(plan),
+               "weights_quantized": r.weights_quantized, "kept_full_precision": kept,
+               "bits_per_weight": r.bits_per_weight, "quantized_bytes": r.quantized_bytes, "streamed": True,
+               "resumed_at_layer": r.resumed_at_layer, "seconds": r.record["seconds"]}
+    _print(summary, args.json, [[k, v] for k, v in summary.items() if k != "kept_full_precision"], ("", ""))
 
 
 def _plan_line(plan) -> str:
@@ -928,6 +987,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_flags(q)
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--force", action="store_true", help="replace an existing output")
+    q.add_argument("--resume", action="store_true",
+                   help="continue a killed run into --output from its .OUTPUT.partial folder (a safetensors source "
+                        "is quantized layer by layer; same bytes as an uninterrupted run)")
+    q.add_argument("--workers", type=int,
+                   help="data-parallel calibration over N local torch.distributed ranks (gloo): windows split, "
+                        "statistics all-reduced, GPTQ's solving split by weight; the same codes as one process "
+                        "(`torchrun --nproc-per-node N -m lowbit quantize ...` does the same)")
     q.set_defaults(func=cmd_quantize)
 
     pl = sub.add_parser("plan", help="what each tensor would become, its size and estimated cost; nothing quantized")
@@ -1225,17 +1291,41 @@ def _add_quiet_everywhere(parser: argparse.ArgumentParser) -> None:
                          help="no progress bars or notes, only the results")
 
 
+def _spawn(args, argv: list[str]) -> int:
+    """--workers N: the same command as N local ranks (calib.distributed.spawn_workers)."""
+    from lowbit.calib.distributed import spawn_workers
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--workers":
+            skip = True
+        elif not a.startswith("--workers="):
+            rest.append(a)
+    try:
+        return spawn_workers(args.workers, rest)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _add_quiet_everywhere(parser)
     args = parser.parse_args(argv)
     args.progress = not (args.json or args.quiet)
+    if getattr(args, "workers", None) is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _spawn(args, list(sys.argv[1:] if argv is None else argv))
     if args.command in ("quantize", "plan", "qat", "qlora", "qlora-merge"):
         sub = parser._subparsers._group_actions[0].choices[args.command]
         args.parser_defaults = {}
         for a in sub._actions:  # argparse keeps the first action's default for a shared dest
             args.parser_defaults.setdefault(a.dest, a.default)
     try:
+        from lowbit.calib.distributed import init_from_environment
+
+        init_from_environment()
         with _quiet() if args.quiet else contextlib.nullcontext():
             args.func(args)
     except LowbitError as e:

@@ -29,12 +29,13 @@ class InputStats:
     n_tokens: int = 0
     hessian: torch.Tensor | None = None   # sum of X^T X (in, in), float32
     absmax: torch.Tensor | None = None    # max |X| per input channel
-    abssum: torch.Tensor | None = None    # sum |X| per input channel
+    abssum: torch.Tensor | None = None    # sum |X| per input channel, float64: the same total in any
+                                          # batch order (data-parallel ranks add their shares)
     sample: torch.Tensor | None = None    # first rows of X (for search-based methods)
 
     @property
     def absmean(self) -> torch.Tensor:
-        return self.abssum / max(1, self.n_tokens)
+        return (self.abssum / max(1, self.n_tokens)).float()
 
     def add(self, X: torch.Tensor, request: "StatsRequest") -> None:
         X = X.reshape(-1, X.shape[-1]).float()
@@ -44,7 +45,7 @@ class InputStats:
             accumulate_gram(self.hessian, X, request.hessian_precision)
         if request.channel_stats:
             a = X.abs()
-            amax, asum = a.amax(dim=0), a.sum(dim=0)
+            amax, asum = a.amax(dim=0), a.sum(dim=0, dtype=torch.float64)
             self.absmax = amax if self.absmax is None else torch.maximum(self.absmax, amax)
             self.abssum = asum if self.abssum is None else self.abssum.add_(asum)
         sample_rows = request.sample_rows
@@ -195,6 +196,20 @@ class _StopForward(Exception):
     pass
 
 
+@dataclasses.dataclass
+class LayerHooks:
+    """Calls around the runner's steps: a streamed run (lowbit.streaming) reads each layer's
+    weights before it runs, writes and frees it after, and resumes at `first_layer` with the
+    saved inputs `hidden` of that layer (one tensor per calibration batch)."""
+
+    before_capture: Callable[[], None] = lambda: None
+    after_capture: Callable[[], None] = lambda: None
+    before_layer: Callable[[int], None] = lambda i: None
+    after_layer: Callable[[int, list], None] = lambda i, outputs: None
+    first_layer: int = 0
+    hidden: list | None = None
+
+
 def find_decoder_layers(model: torch.nn.Module, targets: list[WeightTarget]) -> tuple[str, torch.nn.ModuleList]:
     """The ModuleList holding most target weights (model.layers, transformer.h, decoder.layers...)."""
     best, best_count = None, 0
@@ -265,7 +280,7 @@ def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[Weig
                quantize_layer: Callable[[int, list[WeightTarget], dict[str, InputStats]], None],
                request: StatsRequest, batch_size: int = 8, sequential: bool = True,
                progress: bool = True, seconds: dict | None = None,
-               forward_loop: Callable[[], None] | None = None) -> list[WeightTarget]:
+               forward_loop: Callable[[], None] | None = None, hooks: LayerHooks | None = None) -> list[WeightTarget]:
     """Drive `quantize_layer(index, layer_targets, stats_by_target_name)` over the decoder layers.
 
     With sequential=True each layer sees inputs produced by the already-quantized layers before
@@ -273,6 +288,8 @@ def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[Weig
     forward_loop, if given, replaces `windows`: the user's function that runs the model on data.
     `seconds`, if given, accumulates wall time per stage (capture, observe, quantize, propagate)."""
     import time
+
+    hooks = hooks or LayerHooks()
 
     clock = seconds if seconds is not None else {}
 
@@ -289,17 +306,25 @@ def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[Weig
             continue
         by_layer.setdefault(int(rest.split(".")[0]), []).append(t)
     t0 = time.perf_counter()
+    hooks.before_capture()
     if forward_loop is not None:
         batches = capture_layer_inputs_from_loop(layers[0], forward_loop)
     else:
         batches = capture_layer_inputs(model, layers[0], windows, batch_size)
+    hooks.after_capture()
+    if hooks.hidden is not None:
+        batches = [(h, kwargs) for h, (_, kwargs) in zip(hooks.hidden, batches, strict=True)]
     tick("capture", t0)
-    for i, layer in enumerate(tqdm(layers, desc="layers", disable=not progress, unit="layer")):
+    for i in tqdm(range(hooks.first_layer, len(layers)), desc="layers", disable=not progress, unit="layer",
+                  initial=hooks.first_layer, total=len(layers)):
+        hooks.before_layer(i)
+        layer = layers[i]
         layer_targets = by_layer.get(i, [])
         if request.staged and sequential:
             outputs = _staged_layer(model, i, layer, layer_targets, batches, quantize_layer, request, tick)
         else:
             outputs = _two_pass_layer(model, i, layer, layer_targets, batches, quantize_layer, request, sequential, tick)
+        hooks.after_layer(i, outputs)
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
     return outside
 

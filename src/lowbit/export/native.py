@@ -11,9 +11,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lowbit.errors import SourceError
+from lowbit.export.safetensors_io import write_safetensors
 from lowbit.model.quantized import QuantizedModel, install_quantized, recorded_recipe
 from lowbit.model.targets import WeightTarget, set_submodule
 from lowbit.scheme import QuantScheme
@@ -78,25 +79,35 @@ def staged_output_dir(output: str | os.PathLike, force: bool = False):
         raise
 
 
+def tensor_entries(name: str, qt: QuantizedTensor, target) -> tuple[dict[str, torch.Tensor], dict]:
+    """The stored tensors of one quantized weight (packed codes, parameters) and its lowbit.json entry."""
+    tensors = {name + CODES_SUFFIX: qt.packed_codes()}
+    for pname, v in qt.params.items():
+        tensors[f"{name}:{pname}"] = v.contiguous()
+    return tensors, {**qt.meta(), "module": target.module_name, "param": target.param_name, "kind": target.kind}
+
+
+def recipe_document(source: str, method: str, scheme, bits_per_weight: float, recipe: dict, metas: dict) -> str:
+    """The text of lowbit.json."""
+    return json.dumps({"format_version": FORMAT_VERSION, "source": source, "method": method,
+                       "scheme": scheme.to_dict(), "bits_per_weight": bits_per_weight,
+                       "recipe": recorded_recipe(recipe), "tensors": metas}, indent=1, sort_keys=True)
+
+
+WEIGHTS_METADATA = {"format": f"lowbit-{FORMAT_VERSION}"}
+
+
 def save(qm: QuantizedModel, output: str | os.PathLike, force: bool = False) -> Path:
     """Write qm as a lowbit folder; nothing appears at `output` unless all of it was written."""
     with staged_output_dir(output, force) as tmp:
         tensors = _full_precision_state(qm)
         meta = {}
         for name, qt in qm.tensors.items():
-            tensors[name + CODES_SUFFIX] = qt.packed_codes()
-            for pname, v in qt.params.items():
-                tensors[f"{name}:{pname}"] = v.contiguous()
-            t = qm.targets[name]
-            meta[name] = {**qt.meta(), "module": t.module_name, "param": t.param_name, "kind": t.kind}
-        tensors = dict(sorted(tensors.items()))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": f"lowbit-{FORMAT_VERSION}"})  # one key: safetensors orders metadata keys arbitrarily
-        recipe = {"format_version": FORMAT_VERSION, "source": qm.source, "method": qm.method,
-                  "scheme": qm.scheme.to_dict(), "bits_per_weight": qm.bits_per_weight,
-                  "recipe": recorded_recipe(qm.recipe), "tensors": meta}
-        (tmp / RECIPE_FILE).write_text(json.dumps(recipe, indent=1, sort_keys=True))
-        config = qm.model.config
-        config.save_pretrained(tmp)
+            stored, meta[name] = tensor_entries(name, qt, qm.targets[name])
+            tensors.update(stored)
+        write_safetensors(tmp / WEIGHTS_FILE, tensors, WEIGHTS_METADATA)
+        (tmp / RECIPE_FILE).write_text(recipe_document(qm.source, qm.method, qm.scheme, qm.bits_per_weight, qm.recipe, meta))
+        qm.model.config.save_pretrained(tmp)
         if qm.tokenizer is not None:
             qm.tokenizer.save_pretrained(tmp)
     return Path(output)

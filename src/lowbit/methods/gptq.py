@@ -33,6 +33,8 @@ class Options:
 
 GPTQOptions = Options
 STATS = StatsRequest(hessian=True, staged=True, channel_stats=False)
+# each weight is solved from the shared statistics alone: ranks can split the solving
+SOLVES_EACH_WEIGHT = True
 
 
 def fit_span(fmt: Format, group_size: int) -> int:

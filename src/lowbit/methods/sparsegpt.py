@@ -25,6 +25,8 @@ class Options(gptq.Options):
 
 
 STATS = gptq.STATS
+# each weight is solved from the shared statistics alone: ranks can split the solving
+SOLVES_EACH_WEIGHT = True
 
 
 def quantize_layer(model, layer_targets, stats, scheme, options: Options):

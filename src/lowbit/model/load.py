@@ -27,6 +27,7 @@ class LoadedModel:
     tokenizer: object
     source: str          # resolved path, recorded in outputs
     kind: str            # "hf" | "gguf"
+    weights: object = None   # model.lazy.CheckpointWeights when the parameters are on meta (streamed)
 
 
 def default_gguf_path() -> Path:
@@ -143,3 +144,21 @@ def load_source(source: str | os.PathLike | None = None) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     model.eval()
     return LoadedModel(model, tokenizer, str(path.resolve()), kind)
+
+
+def load_lazy(source: str | os.PathLike | None) -> LoadedModel | None:
+    """A safetensors folder opened with its parameters on the meta device, read layer by layer
+    later (model.lazy); None when the source cannot stream (a GGUF file, the embedded default, a
+    checkpoint transformers converts while loading)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lowbit.model.lazy import lazy_weights, meta_model
+
+    path, kind = resolve_source(source)
+    if kind != "hf":
+        return None
+    model = meta_model(AutoConfig.from_pretrained(path, trust_remote_code=False))
+    weights = lazy_weights(model, path)
+    if weights is None:
+        return None
+    return LoadedModel(model, AutoTokenizer.from_pretrained(path, trust_remote_code=False), str(path.resolve()), kind, weights)

@@ -50,8 +50,8 @@ def all_weights(model: torch.nn.Module) -> list[WeightTarget]:
                 if p.ndim == 3:
                     found.append(WeightTarget(prefix + pname, mname, pname, "experts", bool(getattr(module, "is_transposed", False))))
     unique = []
-    for t in found:  # a tied lm_head shares the embedding's storage: keep the first name
-        ptr = t.parameter(model).data_ptr()
+    for t in found:  # a tied lm_head is the embedding's Parameter: keep the first name
+        ptr = id(t.parameter(model))
         if ptr not in seen:
             seen.add(ptr)
             unique.append(t)

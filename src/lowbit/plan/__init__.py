@@ -247,8 +247,8 @@ def _fixed_bytes(loaded, container: str, planned: set[str]) -> int:
         fixed = sum(int(v.numel()) * 4 for g, _, v in every if g not in planned_gguf)
         return fixed + metadata_bytes(loaded, {g: tuple(v.shape) for g, _, v in every})
     seen, fixed = set(), 0
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), tuple(t.shape))
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = id(t)   # a tied head is the embedding's Parameter (data pointers say nothing on meta)
         if name in planned or key in seen:
             seen.add(key)
             continue

@@ -1,0 +1,196 @@
+"""Benchmark: peak memory of a layer-streamed quantization against a resident one, on
+synthetic checkpoints with 7B-class layer shapes (hidden 4096, intermediate 11008, 32 heads,
+8 KV heads; bf16; random weights, made here on the fly, sharded with an index).
+
+Each run is its own subprocess; its peak RSS comes from os.wait4 (that child only). The
+resident run is lowbit's in-memory path (the whole model in fp32, then saved); the streamed one
+is what `lowbit quantize` does with a safetensors folder. Both write the same bytes (checked).
+
+    python bench/streaming.py --quick      # RTN and GPTQ, depth 2/4 (and 4/8 for RTN)
+    python bench/streaming.py              # + depth 8 for GPTQ, width series, a >= 3 GB checkpoint
+Writes bench/results/streaming.{json,md}. Checkpoints are made under --work (default /tmp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
+
+CHILD = r"""
+import json, sys, time
+from lowbit.calib import CalibrationConfig
+from lowbit.api import execute, make_recipe
+from lowbit.export.native import save
+from lowbit.model.load import load_lazy, load_source
+from lowbit.plan import build_plan
+from lowbit.scheme import WeightScheme
+from lowbit.streaming import quantize_streamed
+mode, src, out, method, calib, samples, seqlen = sys.argv[1:8]
+cal = CalibrationConfig(samples=int(samples), seqlen=int(seqlen), text=calib)
+recipe = make_recipe(WeightScheme(bits=4, group_size=128, symmetric=True), method=method, calibration=cal)
+t0 = time.perf_counter()
+if mode == "streamed":
+    lazy = load_lazy(src)
+    assert lazy is not None
+    quantize_streamed(lazy, build_plan(lazy, recipe, "native", False), out, progress=False)
+else:
+    loaded = load_source(src)
+    save(execute(loaded, build_plan(loaded, recipe, "native", False), progress=False), out)
+print(json.dumps({"seconds": time.perf_counter() - t0}))
+"""
+
+
+def make_checkpoint(folder: Path, layers: int, hidden: int = 4096, intermediate: int = 11008, heads: int = 32,
+                    kv_heads: int = 8, seed: int = 0) -> int:
+    """A LLaMA-shaped bf16 checkpoint, one shard per layer plus one for the rest; its bytes."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from lowbit.model.load import default_gguf_path
+
+    if (folder / "config.json").exists():
+        return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    gguf = default_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=4096, tie_word_embeddings=False, dtype="bfloat16")
+    g = torch.Generator().manual_seed(seed)
+    head_dim = hidden // heads
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    shards: list[dict] = []
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shards.append({p + "self_attn.q_proj.weight": rand(hidden, hidden),
+                       p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
+                       p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+                       p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                       p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+                       p + "mlp.up_proj.weight": rand(intermediate, hidden),
+                       p + "mlp.down_proj.weight": rand(hidden, intermediate),
+                       p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
+    rest = {"model.embed_tokens.weight": rand(len(tokenizer), hidden), "lm_head.weight": rand(len(tokenizer), hidden),
+            "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+    weight_map, total = {}, 0
+    n = layers + 1
+    for k, part in enumerate([rest, *shards]):
+        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(part, str(tmp / name), metadata={"format": "pt"})
+        weight_map.update({t: name for t in part})
+        total += sum(v.numel() * 2 for v in part.values())
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}, indent=1))
+    config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def run_child(mode: str, src: Path, out: Path, method: str, calib: str, samples: int, seqlen: int) -> dict:
+    shutil.rmtree(out, ignore_errors=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(out), method, calib, str(samples), str(seqlen)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.perf_counter()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()
+    if status != 0:
+        raise RuntimeError(f"{mode} {method} on {src.name} failed:\n{stderr[-3000:]}")
+    return {"peak_rss_bytes": usage.ru_maxrss * 1024, "wall_seconds": wall, **json.loads(stdout.strip().splitlines()[-1])}
+
+
+def digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.iterdir()):
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(64 << 20):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", default="/tmp/lowbit-streaming-bench")
+    ap.add_argument("--samples", type=int, default=8, help="GPTQ calibration windows (default 8)")
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    calib = str(WIKI / "valid.txt")
+    # (method, layers, hidden, intermediate, modes)
+    rows = [("rtn", 2, 4096, 11008, ("streamed", "resident")), ("rtn", 4, 4096, 11008, ("streamed", "resident")),
+            ("rtn", 8, 4096, 11008, ("streamed", "resident")),
+            ("gptq", 2, 4096, 11008, ("streamed", "resident")), ("gptq", 4, 4096, 11008, ("streamed", "resident"))]
+    if not args.quick:
+        rows += [("gptq", 8, 4096, 11008, ("streamed",)),
+                 ("rtn", 4, 1024, 2816, ("streamed", "resident")), ("rtn", 4, 2048, 5504, ("streamed", "resident"))]
+    results = []
+    for method, layers, hidden, inter, modes in rows:
+        ckpt = work / f"llama-{layers}x{hidden}"
+        size = make_checkpoint(ckpt, layers, hidden, inter, heads=hidden // 128, kv_heads=max(1, hidden // 512))
+        digests = {}
+        for mode in modes:
+            r = run_child(mode, ckpt, work / f"out-{mode}", method, calib, args.samples, args.seqlen)
+            digests[mode] = digest(work / f"out-{mode}")
+            row = {"method": method, "mode": mode, "layers": layers, "hidden": hidden, "intermediate": inter,
+                   "checkpoint_bytes": size, **r, "rss_over_checkpoint": r["peak_rss_bytes"] / size,
+                   "load_average": os.getloadavg()[0]}
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            shutil.rmtree(work / f"out-{mode}", ignore_errors=True)
+        if len(digests) == 2:
+            for row in results[-2:]:
+                row["same_bytes_as_resident"] = digests["streamed"] == digests["resident"]
+    if not args.keep:
+        for p in work.glob("llama-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    write_results(results, args)
+
+
+def write_results(results: list[dict], args) -> None:
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "calibration": f"GPTQ: {args.samples} x {args.seqlen} WikiText-2 validation tokens", "scheme": "int4 g128 sym"}
+    (out / "streaming.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    lines = ["# Layer-streamed vs resident quantization: peak RSS", "",
+             f"`python bench/streaming.py{' --quick' if args.quick else ''}`. Synthetic LLaMA checkpoints, bf16, "
+             "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "
+             f"the width says otherwise. {meta['scheme']}; {meta['calibration']}. {meta['cores']} cores, shared with "
+             "other work (seconds are indicative; RSS is not affected). Peak RSS: os.wait4 of the run's own process, "
+             "which includes ~0.4-0.5 GB of Python, torch and transformers.", "",
+             "| method | layers | hidden | checkpoint GB | mode | peak RSS GB | RSS / checkpoint | seconds | same bytes |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        same = r.get("same_bytes_as_resident")
+        lines.append(f"| {r['method']} | {r['layers']} | {r['hidden']} | {r['checkpoint_bytes'] / 1e9:.2f} | {r['mode']} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_over_checkpoint']:.0%} | {r['wall_seconds']:.0f} | "
+                     f"{'-' if same is None else ('yes' if same else 'NO')} |")
+    (out / "streaming.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

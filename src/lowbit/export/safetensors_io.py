@@ -1,0 +1,128 @@
+"""A safetensors writer that never holds more than one tensor: what a streamed quantization
+needs to write a file larger than memory.
+
+Layout (valid for every safetensors reader): the 8-byte little-endian header length, the JSON
+header (keys sorted, "__metadata__" first, padded with spaces to a multiple of 8), then each
+tensor's bytes in the order of its name. A tensor comes from memory or from a byte range of
+another safetensors file (a part written earlier), copied in bounded chunks. The same tensors
+give the same bytes whichever way they arrive, so a streamed output equals a resident one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from lowbit.model.files import check_safetensors
+
+_CHUNK = 64 << 20
+
+
+def _dtypes() -> dict[str, torch.dtype]:
+    """safetensors' dtype names -> torch dtypes (the library's own table)."""
+    from safetensors.torch import _TYPES
+
+    return _TYPES
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor's bytes inside a safetensors file on disk."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int     # absolute byte offsets in the file
+    end: int
+    as_dtype: str | None = None   # written converted to this dtype (e.g. a bf16 source kept as F32)
+
+    @property
+    def out_dtype(self) -> str:
+        return self.as_dtype or self.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes as written."""
+        if self.as_dtype is None:
+            return self.end - self.begin
+        return (self.end - self.begin) // _dtypes()[self.dtype].itemsize * _dtypes()[self.as_dtype].itemsize
+
+    def converted(self, dtype: str) -> "StoredTensor":
+        return dataclasses.replace(self, as_dtype=None if dtype == self.dtype else dtype)
+
+    def write_to(self, out) -> None:
+        src = _dtypes()[self.dtype]
+        dst = None if self.as_dtype is None else _dtypes()[self.as_dtype]
+        step = _CHUNK - _CHUNK % 8   # whole elements of every dtype
+        with open(self.file, "rb") as f:
+            f.seek(self.begin)
+            left = self.end - self.begin
+            while left:
+                chunk = f.read(min(left, step))
+                if not chunk:
+                    raise OSError(f"{self.file} ended early")
+                left -= len(chunk)
+                if dst is not None:
+                    chunk = torch.frombuffer(bytearray(chunk), dtype=src).to(dst).view(torch.uint8).numpy().tobytes()
+                out.write(chunk)
+
+
+def stored_tensors(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[str, str]]:
+    """The tensors of a safetensors file as byte ranges (nothing read), and its metadata."""
+    path = Path(path)
+    check_safetensors(path)
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    return ({name: StoredTensor(path, e["dtype"], tuple(e["shape"]), base + e["data_offsets"][0], base + e["data_offsets"][1])
+             for name, e in header.items()}, meta)
+
+
+def _entry(t, names) -> tuple[str, tuple[int, ...], int]:
+    if isinstance(t, StoredTensor):
+        return t.out_dtype, t.shape, t.nbytes
+    if t.dtype not in names:
+        raise TypeError(f"safetensors cannot store {t.dtype}")
+    return names[t.dtype], tuple(t.shape), t.numel() * t.element_size()
+
+
+def _write_tensor(out, t) -> None:
+    if isinstance(t, StoredTensor):
+        t.write_to(out)
+        return
+    flat = t.detach().reshape(-1).contiguous().cpu()
+    for i in range(0, flat.numel(), _CHUNK // max(1, flat.element_size())):
+        out.write(flat[i: i + _CHUNK // max(1, flat.element_size())].view(torch.uint8).numpy().tobytes())
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tensor | StoredTensor"],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` (in memory or StoredTensor ranges) as one safetensors file at path."""
+    dtypes = _dtypes()
+    names = {v: k for k, v in dtypes.items()}
+    order = sorted(tensors)
+    header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
+    offset = 0
+    for name in order:
+        dtype, shape, nbytes = _entry(tensors[name], names)
+        if nbytes != math.prod(shape) * dtypes[dtype].itemsize:
+            raise ValueError(f"{name}: {nbytes} bytes do not fill {dtype} {list(shape)}")
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for name in order:
+            _write_tensor(out, tensors[name])
+

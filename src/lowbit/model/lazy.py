@@ -1,0 +1,145 @@
+"""A Hugging Face safetensors checkpoint opened without reading its weights: the model's
+parameters live on the meta device and are read from the (memory-mapped) shards when a part
+of the model is needed, then released. This is what lets a model larger than memory be
+quantized layer by layer.
+
+Only checkpoints whose tensor names are the model's parameter names stream; architectures
+that transformers converts at load time (per-expert tensors fused into stacked experts, renamed
+keys) are loaded whole instead, which `lazy_weights` reports as None."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from lowbit.errors import SourceError
+from lowbit.export.safetensors_io import StoredTensor, stored_tensors
+from lowbit.model.files import check_json
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointWeights:
+    """name -> tensor of a folder's safetensors files (one file, or shards named by an index)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index = folder / INDEX_FILE
+        if index.exists():
+            weight_map = check_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise SourceError(f"{index} has no weight_map; re-download the model or remove the index")
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (folder / f).exists()]
+            if missing:
+                raise SourceError(f"{folder}: shard {missing[0]} named in {INDEX_FILE} is missing"
+                                  f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; re-download it")
+        else:
+            weight_map, files = None, sorted(p.name for p in folder.glob("*.safetensors"))
+        self.tensors: dict[str, StoredTensor] = {}
+        for f in files:
+            stored, _meta = stored_tensors(folder / f)
+            for name, t in stored.items():
+                if weight_map is not None and weight_map.get(name, f) != f:
+                    continue
+                self.tensors[name] = t
+        if weight_map is not None:
+            absent = sorted(n for n in weight_map if n not in self.tensors)
+            if absent:
+                raise SourceError(f"{folder}: {absent[0]} is not in {weight_map[absent[0]]}, where {INDEX_FILE} says it is; "
+                                  "the shards and the index disagree: re-download the model")
+        self.folder = folder
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One tensor, converted to dtype (a copy: nothing keeps the file's pages mapped)."""
+        from safetensors import safe_open
+
+        t = self.tensors[name]
+        with safe_open(str(t.file), framework="pt") as f:
+            return f.get_tensor(name).to(dtype)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device and buffers (rotary tables) real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        yield
+
+
+def meta_model(config) -> torch.nn.Module:
+    """The architecture of `config` with every parameter on the meta device (float32 shapes)."""
+    from transformers import AutoModelForCausalLM
+
+    with _parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    model.eval()
+    return model
+
+
+def checkpoint_names(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Parameter name -> parameter, each parameter once (a tied head under the embedding's name)."""
+    seen, out = set(), {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def lazy_weights(model: torch.nn.Module, folder: Path) -> CheckpointWeights | None:
+    """The folder's weights if they stream into this model name for name, None if transformers
+    would have to convert them (then the model is loaded whole); a shape that disagrees with the
+    config is a SourceError."""
+    weights = CheckpointWeights(folder)
+    params = checkpoint_names(model)
+    if any(name not in weights for name in params):
+        return None
+    buffers = {n for n, _ in model.named_buffers()}
+    extra = [n for n in weights.tensors if n not in params and n not in buffers]
+    tied_extra = [n for n in extra if n == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)]
+    if len(extra) > len(tied_extra):
+        return None
+    for name, p in params.items():
+        shape = weights.tensors[name].shape
+        if tuple(shape) != tuple(p.shape):
+            raise SourceError(f"{weights.tensors[name].file.name}: {name} has shape {list(shape)}, but config.json "
+                              f"gives {list(p.shape)}; the weights and the config are from different models")
+    return weights
+
+
+def materialize(model: torch.nn.Module, prefix: str, weights: CheckpointWeights) -> None:
+    """Read every meta parameter under module `prefix` ("" = all) from the checkpoint, as float32."""
+    root = model.get_submodule(prefix) if prefix else model
+    names = {id(p): n for n, p in checkpoint_names(model).items()}
+    materialize_parameters(model, [names[id(p)] for p in root.parameters() if p.is_meta], weights)
+
+
+def materialize_parameters(model: torch.nn.Module, names: list[str], weights: CheckpointWeights) -> None:
+    """Read the named parameters from the checkpoint, as float32."""
+    for name in names:
+        p = model.get_parameter(name)
+        if p.is_meta:
+            _replace_everywhere(model, p, torch.nn.Parameter(weights.read(name), requires_grad=False))
+
+
+def _replace_everywhere(model: torch.nn.Module, old: torch.nn.Parameter, new: torch.nn.Parameter) -> None:
+    """Put `new` wherever `old` is registered (a tied head shares the embedding's parameter)."""
+    for module in model.modules():
+        for pname, p in module._parameters.items():
+            if p is old:
+                module._parameters[pname] = new
+
+
+def release(model: torch.nn.Module, prefix: str = "") -> None:
+    """Put every parameter under module `prefix` back on the meta device, freeing its memory."""
+    root = model.get_submodule(prefix) if prefix else model
+    for p in list(root.parameters()):
+        if not p.is_meta:
+            _replace_everywhere(model, p, torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))

@@ -1,0 +1,352 @@
+"""Quantize a safetensors checkpoint layer by layer into a lowbit folder, never holding more
+than one decoder layer's weights: the model's parameters stay on the meta device
+(model.lazy), each layer is read from the shards when the runner reaches it, quantized,
+written as a part file and freed.
+
+The output is the same, byte for byte, as the resident run's (the same plan, method and
+writer); only memory differs. Parts live in a hidden folder beside the output,
+`.NAME.partial/`, written atomically, with the inputs of the next layer (calibrated methods):
+a run killed at any point continues there with `resume=True` and gives the same bytes. The
+output appears, by one rename, only when every part is merged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.calib import distributed
+from lowbit.errors import LowbitError, SchemeError, SourceError
+from lowbit.export.native import (RECIPE_FILE, WEIGHTS_FILE, WEIGHTS_METADATA, commit_output_dir, recipe_document,
+                                  tensor_entries)
+from lowbit.export.safetensors_io import stored_tensors, write_safetensors
+from lowbit.model.lazy import materialize, materialize_parameters, release
+from lowbit.model.load import LoadedModel
+from lowbit.plan import Plan, Recipe
+from lowbit.scheme import scheme_of
+
+RUN_FILE = "run.json"
+HIDDEN_DIR = "hidden"     # rank{r}-layer{i}.safetensors: rank r's inputs of layer i + 1
+PART_KEY = "lowbit_part"
+
+
+def resident_reason(recipe: Recipe, container: str) -> str | None:
+    """Why a run must hold the whole model in memory; None when it streams."""
+    if container != "native":
+        return f"--to {container} is written from the whole model (quantize to native, then `lowbit convert`)"
+    if recipe.rotate is not None:
+        return "a rotation changes every layer at once"
+    if recipe.budget is not None:
+        return "a size budget measures every weight's sensitivity first"
+    if any(s.activations is not None and s.activations.needs_calibration for s in (recipe.scheme, *(g.scheme for g in recipe.groups))):
+        return "static activation scales are calibrated on the whole quantized model"
+    return None
+
+
+@dataclasses.dataclass
+class StreamedResult:
+    """What a streamed run reports (the output folder holds the rest)."""
+
+    output: Path
+    method: str
+    weights_quantized: int
+    quantized_bytes: int
+    quantized_numel: int
+    resumed_at_layer: int | None
+    record: dict
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.quantized_bytes * 8 / max(1, self.quantized_numel)
+
+
+def _atomic_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write_safetensors(tmp, tensors, metadata)
+    os.replace(tmp, path)
+
+
+def _identity(loaded: LoadedModel, plan: Plan) -> dict:
+    """What a partial folder must match to be resumed: the source files and the plan."""
+    from importlib.metadata import version
+
+    files = {t.file.name: [t.file.stat().st_size, t.file.stat().st_mtime_ns] for t in loaded.weights.tensors.values()}
+    return {"source": loaded.source, "files": dict(sorted(files.items())), "recipe": plan.recipe.to_dict(),
+            "plan": plan.summary(), "lowbit": version("lowbit"), "ranks": distributed.world()[1]}
+
+
+class _StreamedRun:
+    def __init__(self, loaded: LoadedModel, plan: Plan, output, force: bool, resume: bool):
+        self.loaded, self.plan, self.model, self.weights = loaded, plan, loaded.model, loaded.weights
+        self.final = Path(output)
+        if self.final.exists() and not force:
+            raise SourceError(f"output {self.final} already exists; choose another --output or pass --force")
+        self.partial = self.final.parent / f".{self.final.name}.partial"
+        self.parts = self.partial / "parts"
+        self.rank = distributed.world()[0]
+        if self.rank == 0:   # rank 0 owns the files; the other ranks read what it has checked
+            self.resumed = self._open_partial(_identity(loaded, plan), resume)
+        distributed.barrier()
+        if self.rank != 0:
+            self.resumed = resume and (self.partial / RUN_FILE).exists()
+        self.metas: dict[str, dict] = {}
+        self.sizes: dict[str, tuple[int, int]] = {}
+
+    def _open_partial(self, identity: dict, resume: bool) -> bool:
+        """Check a partial folder to resume (True), or start a new one (False)."""
+        if resume and (self.partial / RUN_FILE).exists():
+            try:
+                found = json.loads((self.partial / RUN_FILE).read_text())
+            except (OSError, json.JSONDecodeError):
+                found = None
+            if found != identity:
+                differs = "nothing readable" if not isinstance(found, dict) else \
+                    ", ".join(k for k in identity if found.get(k) != identity[k])
+                raise SourceError(f"--resume: {self.partial} is from a different run ({differs} differ); rerun the "
+                                  f"same command, or drop --resume to start over")
+            return True
+        if self.partial.exists():
+            shutil.rmtree(self.partial)
+        self.parts.mkdir(parents=True)
+        (self.partial / HIDDEN_DIR).mkdir()
+        (self.partial / RUN_FILE).write_text(json.dumps(identity, indent=1, sort_keys=True))
+        return False
+
+    def _hidden_layers(self) -> list[int]:
+        """Layers whose outputs this rank has saved."""
+        return sorted(int(p.stem.split("-layer")[1]) for p in (self.partial / HIDDEN_DIR).glob(f"rank{self.rank}-layer*.safetensors"))
+
+    def _hidden_path(self, layer: int) -> Path:
+        return self.partial / HIDDEN_DIR / f"rank{self.rank}-layer{layer:05d}.safetensors"
+
+    def save_hidden(self, layer: int, outputs: list) -> None:
+        """This rank's inputs of the next layer; older ones go once every rank has saved these."""
+        _atomic_safetensors(self._hidden_path(layer), {f"batch.{b:05d}": o.contiguous() for b, o in enumerate(outputs)}, {})
+        distributed.barrier()
+        for old in self._hidden_layers():
+            if old < layer:
+                self._hidden_path(old).unlink()
+
+    def load_hidden(self) -> tuple[int, list | None]:
+        """(first layer to run, its saved inputs) of a resumed run: the last layer every rank saved."""
+        from safetensors.torch import load_file
+
+        saved = self._hidden_layers()
+        last = distributed.agree_min(saved[-1] if saved else -1)
+        if last < 0:
+            return 0, None
+        stored = load_file(str(self._hidden_path(last)))
+        return last + 1, [stored[f"batch.{b:05d}"] for b in range(len(stored))]
+
+    # parts ----------------------------------------------------------------------------------
+    def part_path(self, key: str) -> Path:
+        return self.parts / f"{key}.safetensors"
+
+    def done_part(self, key: str) -> dict | None:
+        """The metadata of a finished part (a resumed run skips its work), else None."""
+        path = self.part_path(key)
+        if not path.exists():
+            return None
+        _, meta = stored_tensors(path)
+        info = json.loads(meta[PART_KEY])
+        self._remember(info)
+        return info
+
+    def _remember(self, info: dict) -> None:
+        self.metas.update(info["tensors"])
+        self.sizes.update({n: tuple(v) for n, v in info["sizes"].items()})
+
+    def write_part(self, key: str, quantized: dict, full_precision: dict, fallbacks: list[str] = ()) -> None:
+        """One part: quantized tensors (with their activation specs) and full-precision ones."""
+        from lowbit.nn.act_quant import input_quant_spec
+
+        if self.rank != 0:
+            return
+        tensors, info = dict(full_precision), {"tensors": {}, "sizes": {}, "fallbacks": list(fallbacks)}
+        for name, qt in quantized.items():
+            act = self.plan.tensors[name].activations
+            if act is not None:
+                qt = dataclasses.replace(qt, input_quant=input_quant_spec(act, None))
+            stored, info["tensors"][name] = tensor_entries(name, qt, self.targets[name])
+            info["sizes"][name] = [qt.nbytes, qt.numel]
+            tensors.update(stored)
+        _atomic_safetensors(self.part_path(key), tensors, {PART_KEY: json.dumps(info, sort_keys=True)})
+        self._remember(info)
+
+    # the model's pieces ---------------------------------------------------------------------
+    def full_precision_names(self, prefix: str) -> list[str]:
+        """Checkpoint names under module `prefix` that stay in full precision."""
+        from lowbit.model.lazy import checkpoint_names
+
+        names = checkpoint_names(self.model)
+        start = f"{prefix}." if prefix else ""
+        return [n for n in names if n.startswith(start) and n not in self.plan.tensors]
+
+    def value(self, name: str) -> torch.Tensor:
+        module, _, attr = name.rpartition(".")
+        return getattr(self.model.get_submodule(module), attr).detach().contiguous()
+
+    # the run --------------------------------------------------------------------------------
+    def run(self, progress: bool) -> StreamedResult:
+        from lowbit.api import finish_record, new_record
+        from lowbit.calib.runner import find_decoder_layers
+        from lowbit.methods import get_method, is_calibrated, method_options
+        from lowbit.model.targets import all_weights
+
+        recipe = self.plan.recipe
+        impl = get_method(recipe.method)
+        opts = method_options(recipe.method, dict(recipe.options))
+        by_name = {w.name: w for w in all_weights(self.model)}
+        targets = [by_name[n] for n in self.plan.tensors]
+        self.targets = {t.name: t for t in targets}
+        ws = self.plan.weight_schemes()
+        self.prefix, layers = find_decoder_layers(self.model, targets)
+        inner = [t for t in targets if t.module_name.startswith(self.prefix + ".")]
+        outer = [t for t in targets if t not in inner]
+        record = new_record(self.plan, opts)
+        t0 = time.perf_counter()
+        if is_calibrated(recipe.method):
+            resumed_at = self._calibrated(layers, inner, ws, impl, opts, record, progress)
+            extra, outer_method = {}, None
+        else:
+            resumed_at = self._layerwise(layers, inner, ws, impl, opts, progress)
+            extra, outer_method = (dataclasses.asdict(opts) if opts is not None else {}), impl
+        if self.rank == 0:   # the other ranks only helped calibrate
+            self._outside(outer, ws, outer_method, extra, record)
+            record["seconds"]["quantize"] = time.perf_counter() - t0
+            finish_record(record, self.plan)
+            t0 = time.perf_counter()
+            self._finish(record)
+            record["seconds"]["write"] = time.perf_counter() - t0
+        numel = sum(v[1] for v in self.sizes.values())
+        return StreamedResult(self.final, recipe.method, len(self.metas), sum(v[0] for v in self.sizes.values()),
+                              numel, resumed_at, record)
+
+    def _layerwise(self, layers, inner, ws, impl, opts, progress) -> int | None:
+        """Methods without calibration: one weight read and quantized at a time, a part per layer
+        (the layer's full-precision tensors are copied from the source at the end)."""
+        extra = dataclasses.asdict(opts) if opts is not None else {}
+        first_missing = None
+        with torch.no_grad():
+            for i in tqdm(range(len(layers)), desc=self.plan.recipe.method, disable=not progress, unit="layer"):
+                key = f"layer-{i:05d}"
+                if self.done_part(key) is not None:
+                    continue
+                first_missing = i if first_missing is None else first_missing
+                out = {}
+                for t in inner:
+                    if t.module_name.startswith(f"{self.prefix}.{i}."):
+                        w = self.weights.read(t.name)
+                        out[t.name] = impl.quantize_weight(w, ws[t.name], t.transposed, **extra)
+                        del w
+                self.write_part(key, out, {})
+        return first_missing if self.resumed else None
+
+    def _calibrated(self, layers, inner, ws, impl, opts, record, progress) -> int | None:
+        """Calibrated methods: the layer-sequential runner, reading and writing around each layer."""
+        from lowbit.api import _quantize_calibrated
+        from lowbit.calib.runner import LayerHooks
+
+        (first, hidden), fallbacks = self.load_hidden() if self.resumed else (0, None), []
+        for i in range(first):
+            info = self.done_part(f"layer-{i:05d}")
+            if info is None:
+                raise SourceError(f"--resume: {self.partial} lacks layer {i}; drop --resume to start over")
+            fallbacks.extend(info["fallbacks"])
+        tensors: dict = {}
+        outside = [n for n in self.full_precision_names("") if not n.startswith(self.prefix + ".")]
+        state = {"meta_layer": None, "fallbacks_before": len(fallbacks)}
+
+        def before_capture():   # what runs before the first layer (the embedding); not an untied head
+            head = getattr(self.model.get_output_embeddings(), "weight", None)
+            embedding = self.model.get_input_embeddings().weight
+            materialize_parameters(self.model, [n for n in outside if self.model.get_parameter(n) is not head
+                                                or head is embedding], self.weights)
+
+        def before_layer(i):
+            state["meta_layer"] = copy.deepcopy(layers[i])
+            materialize(self.model, f"{self.prefix}.{i}", self.weights)
+
+        def after_layer(i, outputs):
+            prefix = f"{self.prefix}.{i}."
+            mine = [t.name for t in inner if t.name.startswith(prefix)]
+            new_fallbacks = fallbacks[state["fallbacks_before"]:]
+            state["fallbacks_before"] = len(fallbacks)
+            self.write_part(f"layer-{i:05d}", {n: tensors.pop(n) for n in mine},
+                            {n: self.value(n) for n in self.full_precision_names(prefix[:-1])}, new_fallbacks)
+            self.save_hidden(i, outputs)
+            layers[i] = state["meta_layer"]
+
+        hooks = LayerHooks(before_capture=before_capture, after_capture=lambda: release(self.model),
+                           before_layer=before_layer, after_layer=after_layer, first_layer=first, hidden=hidden)
+        _quantize_calibrated(self.model, self.loaded.tokenizer, inner, ws, impl, opts, self.plan.recipe.calibration,
+                             record, progress, activations={n: t.activations for n, t in self.plan.tensors.items()},
+                             hooks=hooks, tensors=tensors, fallbacks=fallbacks)
+        return first if self.resumed else None
+
+    def _outside(self, outer, ws, impl, extra, record) -> None:
+        """Targets outside the decoder layers (an included embedding or head): the method itself,
+        or RTN after a calibrated method (as the resident run does), one part each."""
+        from lowbit.methods import rtn
+
+        for t in outer:
+            key = "outside-" + t.name.replace("/", "_")
+            if self.done_part(key) is None:
+                w = self.weights.read(t.name)
+                if impl is not None:
+                    qt = impl.quantize_weight(w, ws[t.name], t.transposed, **extra)
+                else:
+                    qt = rtn.quantize_weight(w, scheme_of(ws, t.name), t.transposed)
+                del w
+                self.write_part(key, {t.name: qt}, {})
+            if impl is None:
+                record.setdefault("rtn_fallback", []).append(t.name)
+
+    def _finish(self, record: dict) -> None:
+        """Merge the parts (and the untouched full-precision tensors, read from the source) into the
+        output folder, then rename it into place."""
+        every = {}
+        for part in sorted(self.parts.glob("*.safetensors")):
+            stored, _ = stored_tensors(part)
+            every.update(stored)
+        for name in self.full_precision_names(""):
+            if name not in every:
+                every[name] = self.weights.tensors[name].converted("F32")
+        write_safetensors(self.partial / WEIGHTS_FILE, every, WEIGHTS_METADATA)
+        shutil.rmtree(self.parts)
+        shutil.rmtree(self.partial / HIDDEN_DIR)
+        (self.partial / RUN_FILE).unlink()
+        bpw = sum(v[0] for v in self.sizes.values()) * 8 / max(1, sum(v[1] for v in self.sizes.values()))
+        (self.partial / RECIPE_FILE).write_text(recipe_document(self.loaded.source, self.plan.recipe.method,
+                                                                self.plan.common_scheme(), bpw, record, self.metas))
+        self.model.config.save_pretrained(self.partial)
+        if self.loaded.tokenizer is not None:
+            self.loaded.tokenizer.save_pretrained(self.partial)
+        commit_output_dir(self.partial, self.final)
+
+
+def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = False, resume: bool = False,
+                      progress: bool = True) -> StreamedResult:
+    """Quantize a lazily loaded checkpoint (model.load.load_lazy) under `plan` into the lowbit
+    folder `output`, one decoder layer in memory at a time; resume=True continues a killed run."""
+    if loaded.weights is None:
+        raise SchemeError("quantize_streamed needs a lazily loaded source (lowbit.model.load.load_lazy)")
+    why = resident_reason(plan.recipe, plan.container)
+    if why is not None:
+        raise SchemeError(f"this run cannot stream: {why}")
+    run = _StreamedRun(loaded, plan, output, force, resume)
+    try:
+        return run.run(progress)
+    except LowbitError:
+        # bad input found on the way leaves nothing behind; a crash or a kill keeps the parts for --resume
+        if not run.resumed and run.rank == 0:
+            shutil.rmtree(run.partial, ignore_errors=True)
+        raise

@@ -1,0 +1,71 @@
+"""Data-parallel calibration on torch.distributed (gloo, 2 local ranks): the same bytes as one
+process, and the ways ranks can disagree refused in one line."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowbit.calib.distributed import owners
+
+
+def _lowbit(*argv, env=None):
+    return subprocess.run([sys.executable, "-m", "lowbit", "--quiet", *map(str, argv)], capture_output=True,
+                          text=True, env=env)
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_owners_balance_the_work():
+    sizes = {"q": 100, "k": 20, "v": 20, "o": 100, "gate": 300, "up": 300, "down": 300}
+    own = owners(sizes, 2)
+    load = [sum(n for k, n in sizes.items() if own[k] == r) for r in range(2)]
+    assert sorted(load) == [540, 600]
+    assert owners(dict(reversed(sizes.items())), 2) == own   # the same on every rank, whatever the order
+
+
+@pytest.mark.parametrize("method,to", [("gptq", "native"), ("awq", "native"), ("gptq", "gptq")])
+def test_two_ranks_give_the_bytes_of_one_process(tiny_llama, calib, tmp_path, method, to):
+    """Windows split over 2 gloo ranks, statistics all-reduced, GPTQ's weights solved by their
+    owner rank and broadcast: identical output files (streamed for native, resident for --to gptq)."""
+    args = ["quantize", tiny_llama, "--method", method, "--calib", calib.text, "--samples", "8", "--seqlen", "32",
+            "--group-size", "32", "--to", to]
+    one = _lowbit(*args, "-o", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = _lowbit(*args, "-o", tmp_path / "two", "--workers", "2")
+    assert two.returncode == 0, two.stderr
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+
+
+def test_refusals_are_one_line(tiny_llama, calib, tmp_path):
+    r = _lowbit("quantize", tiny_llama, "--method", "rtn", "--group-size", "32", "-o", tmp_path / "a", "--workers", "2")
+    assert r.returncode == 2 and "reads none" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = _lowbit("quantize", tiny_llama, "--method", "gptq", "--calib", calib.text, "--samples", "1", "--seqlen", "32",
+                "--group-size", "32", "-o", tmp_path / "b", "--workers", "2")
+    assert r.returncode == 2 and "cannot be split over 2 ranks" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
+
+
+def test_ranks_that_disagree_on_the_data_are_refused(tiny_llama, calib, tmp_path):
+    """Two ranks started by hand (as torchrun would) with different calibration files."""
+    other = tmp_path / "other.txt"
+    other.write_text(open(calib.text).read()[::-1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank, text in enumerate([calib.text, other]):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "lowbit", "--quiet", "quantize", str(tiny_llama), "--method",
+                                       "gptq", "--calib", str(text), "--samples", "4", "--seqlen", "32", "--group-size",
+                                       "32", "-o", str(tmp_path / "out")], env=env, stderr=subprocess.PIPE, text=True))
+    errs = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    for e in errs:
+        assert "ranks disagree on the model, the recipe or the calibration data" in e and len(e.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,199 @@
+"""Layer-streamed quantization (lowbit.streaming): a safetensors source is read one decoder layer
+at a time, the output equals the resident run's byte for byte, and a killed run resumes to the
+same bytes. The streamed writer is checked against the safetensors library."""
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lowbit.export.safetensors_io import stored_tensors, write_safetensors
+
+CALIB_ARGS = ["--samples", "4", "--seqlen", "32", "--group-size", "32"]
+
+
+@pytest.fixture(scope="module")
+def bf16_sharded(tmp_path_factory, tiny_llama):
+    """The tiny LLaMA with 4 layers, stored in bf16 over several shards with an index."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    folder = tmp_path_factory.mktemp("bf16-sharded")
+    config = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=160, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="100KB")
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").exists()
+    return folder
+
+
+def _run(*argv, check=True):
+    r = subprocess.run([sys.executable, "-m", "lowbit", "--quiet", *map(str, argv)], capture_output=True, text=True)
+    if check and r.returncode != 0:
+        raise AssertionError(r.stderr)
+    return r
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_writer_matches_the_safetensors_library(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randint(0, 255, (7,), dtype=torch.uint8, generator=g), "a": torch.randn(3, 5, generator=g),
+               "scalar": torch.tensor(2.5), "half": torch.randn(4, 2, generator=g).bfloat16(),
+               "fp8": torch.randn(6, generator=g).to(torch.float8_e4m3fn), "mask": torch.tensor([True, False])}
+    write_safetensors(tmp_path / "a.safetensors", tensors, {"format": "x"})
+    back = load_file(str(tmp_path / "a.safetensors"))
+    assert sorted(back) == sorted(tensors)
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k].reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8))
+    stored, meta = stored_tensors(tmp_path / "a.safetensors")
+    assert meta == {"format": "x"}
+    # byte ranges of another file, one converted bf16 -> F32 on the way, give the same file again
+    write_safetensors(tmp_path / "b.safetensors", {**stored, "half32": stored["half"].converted("F32")}, {"format": "x"})
+    again = load_file(str(tmp_path / "b.safetensors"))
+    assert torch.equal(again["half32"], tensors["half"].float())
+    assert torch.equal(again["a"], tensors["a"])
+
+
+@pytest.mark.parametrize("method,extra", [("rtn", []), ("gptq", []), ("awq", []),
+                                          ("hqq", ["--zero-point", "float"])])
+def test_streamed_output_equals_the_resident_one(bf16_sharded, calib, tmp_path, method, extra):
+    """The same plan run resident (whole model in fp32) and streamed: identical folders."""
+    from lowbit.api import execute, make_recipe
+    from lowbit.export.native import save
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+    from lowbit.streaming import quantize_streamed
+
+    scheme = WeightScheme(bits=4, group_size=32, symmetric=False, zero_point="float" if extra else "int")
+    recipe = make_recipe(scheme, method=method, calibration=calib)
+    loaded = load_source(bf16_sharded)
+    save(execute(loaded, build_plan(loaded, recipe, "native", False), progress=False), tmp_path / "resident")
+    lazy = load_lazy(bf16_sharded)
+    assert lazy is not None and all(p.is_meta for p in lazy.model.parameters())
+    result = quantize_streamed(lazy, build_plan(lazy, recipe, "native", False), tmp_path / "streamed", progress=False)
+    assert result.weights_quantized == 4 * 7
+    assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_one_layer_in_memory_at_a_time(bf16_sharded, calib, tmp_path, monkeypatch):
+    """When a layer is read, no other decoder layer holds real weights."""
+    import lowbit.streaming as streaming
+    from lowbit.api import make_recipe
+    from lowbit.model.load import load_lazy
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+
+    lazy = load_lazy(bf16_sharded)
+    layers = lazy.model.model.layers
+    resident_layers = []
+    real = streaming.materialize
+
+    def watch(model, prefix, weights):
+        resident_layers.append(sum(any(not p.is_meta for p in layer.parameters()) for layer in layers))
+        real(model, prefix, weights)
+
+    monkeypatch.setattr(streaming, "materialize", watch)
+    recipe = make_recipe(WeightScheme(bits=3, group_size=32), method="gptq", calibration=calib)
+    streaming.quantize_streamed(lazy, build_plan(lazy, recipe, "native", False), tmp_path / "out", progress=False)
+    assert resident_layers == [0, 0, 0, 0]
+    assert all(p.is_meta for p in layers.parameters())
+
+
+_KILLER = """
+import os, random, signal, sys
+import lowbit.streaming as s
+from lowbit.cli import main
+at, mid = int(sys.argv[1]), sys.argv[2] == "mid"
+real = s._atomic_safetensors
+count = [0]
+def write(path, tensors, metadata):
+    if path.name.startswith("layer-"):
+        count[0] += 1
+        if count[0] == at and mid:   # the part's temporary file written, not yet renamed
+            s.write_safetensors(path.with_name(path.name + ".tmp"), tensors, metadata)
+            os.kill(os.getpid(), signal.SIGKILL)
+    real(path, tensors, metadata)
+    if path.name.startswith("layer-") and count[0] == at:
+        os.kill(os.getpid(), signal.SIGKILL)
+s._atomic_safetensors = write
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("method,seed,mid", [("gptq", 0, False), ("gptq", 1, True), ("rtn", 2, True)])
+def test_killed_run_resumes_to_the_same_bytes(bf16_sharded, calib, tmp_path, method, seed, mid):
+    """SIGKILL after a random layer's part (or in the middle of writing one), then --resume: the
+    bytes of an uninterrupted run, and no output until the end."""
+    data = ["--calib", calib.text, *CALIB_ARGS] if method == "gptq" else ["--group-size", "32"]
+    args = ["quantize", bf16_sharded, "--method", method, *data, "--bits", "3"]
+    _run(*args, "-o", tmp_path / "whole")
+    at = random.Random(seed).randint(1, 3)
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, "-c", _KILLER, str(at), "mid" if mid else "after", "--quiet", *map(str, args), "-o", str(out)]
+    killed = subprocess.run(cmd, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    partial = tmp_path / f".{out.name}.partial"
+    assert len(list((partial / "parts").glob("layer-*.safetensors"))) == (at - 1 if mid else at)
+    r = _run(*args, "-o", out, "--resume", "--json")
+    # a layer written but killed before its outputs were saved (GPTQ's next inputs) is redone
+    redo = mid or method == "gptq"
+    assert json.loads(r.stdout)["resumed_at_layer"] == (at - 1 if redo else at)
+    assert _files(out) == _files(tmp_path / "whole")
+    assert not partial.exists()
+
+
+def test_resume_refuses_a_different_run(bf16_sharded, calib, tmp_path):
+    args = ["quantize", bf16_sharded, "--method", "rtn", *["--group-size", "32"]]
+    killed = subprocess.run([sys.executable, "-c", _KILLER, "2", "after", "--quiet", *map(str, args), "--bits", "4",
+                             "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert killed.returncode == -9
+    r = _run(*args, "--bits", "3", "-o", tmp_path / "out", "--resume", check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "different run" in r.stderr and "recipe" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_resume_of_a_resident_run_is_refused(tmp_path):
+    r = _run("quantize", "--method", "rtn", "-o", tmp_path / "out", "--resume", check=False)
+    assert r.returncode == 2 and "holds the whole model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bad_shards_are_one_line(bf16_sharded, tmp_path):
+    import shutil
+
+    index = json.loads((bf16_sharded / "model.safetensors.index.json").read_text())
+    missing = tmp_path / "missing"
+    shutil.copytree(bf16_sharded, missing)
+    (missing / sorted(set(index["weight_map"].values()))[1]).unlink()
+    r = _run("quantize", missing, "-o", tmp_path / "o1", check=False)
+    assert r.returncode == 2 and "is missing" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    wrong = tmp_path / "wrong"
+    shutil.copytree(bf16_sharded, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    config["intermediate_size"] = 192
+    (wrong / "config.json").write_text(json.dumps(config))
+    r = _run("quantize", wrong, "-o", tmp_path / "o2", check=False)
+    assert r.returncode == 2 and "different models" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    moved = tmp_path / "moved"
+    shutil.copytree(bf16_sharded, moved)
+    name = next(iter(index["weight_map"]))
+    other = next(f for f in set(index["weight_map"].values()) if f != index["weight_map"][name])
+    index["weight_map"][name] = other
+    (moved / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = _run("quantize", moved, "-o", tmp_path / "o3", check=False)
+    assert r.returncode == 2 and "disagree" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not any(p.name.startswith(("o1", "o2", "o3", ".o")) for p in tmp_path.iterdir())
