@@ -2,7 +2,8 @@
 synthetic checkpoints with 7B-class layer shapes (hidden 4096, intermediate 11008, 32 heads,
 8 KV heads; bf16; random weights, made here on the fly, sharded with an index).
 
-Each run is its own subprocess; its peak RSS comes from os.wait4 (that child only). The
+Each run is its own subprocess; its peak RSS is its own VmHWM (/proc/self/status, which exec
+resets: a fork's inherited high-water mark, as in os.wait4's ru_maxrss, would count ours). The
 resident run is lowbit's in-memory path (the whole model in fp32, then saved); the streamed one
 is what `lowbit quantize` does with a safetensors folder. Both write the same bytes (checked).
 
@@ -47,7 +48,9 @@ if mode == "streamed":
 else:
     loaded = load_source(src)
     save(execute(loaded, build_plan(loaded, recipe, "native", False), progress=False), out)
-print(json.dumps({"seconds": time.perf_counter() - t0}))
+seconds = time.perf_counter() - t0
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+print(json.dumps({"seconds": seconds, "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024}))
 """
 
 
@@ -76,27 +79,31 @@ def make_checkpoint(folder: Path, layers: int, hidden: int = 4096, intermediate:
     def rand(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards: list[dict] = []
-    for i in range(layers):
+    def layer(i):
         p = f"model.layers.{i}."
-        shards.append({p + "self_attn.q_proj.weight": rand(hidden, hidden),
-                       p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
-                       p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
-                       p + "self_attn.o_proj.weight": rand(hidden, hidden),
-                       p + "mlp.gate_proj.weight": rand(intermediate, hidden),
-                       p + "mlp.up_proj.weight": rand(intermediate, hidden),
-                       p + "mlp.down_proj.weight": rand(hidden, intermediate),
-                       p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
-                       p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
-    rest = {"model.embed_tokens.weight": rand(len(tokenizer), hidden), "lm_head.weight": rand(len(tokenizer), hidden),
-            "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+        return {p + "self_attn.q_proj.weight": rand(hidden, hidden),
+                p + "self_attn.k_proj.weight": rand(kv_heads * head_dim, hidden),
+                p + "self_attn.v_proj.weight": rand(kv_heads * head_dim, hidden),
+                p + "self_attn.o_proj.weight": rand(hidden, hidden),
+                p + "mlp.gate_proj.weight": rand(intermediate, hidden),
+                p + "mlp.up_proj.weight": rand(intermediate, hidden),
+                p + "mlp.down_proj.weight": rand(hidden, intermediate),
+                p + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                p + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+
+    def rest():
+        return {"model.embed_tokens.weight": rand(len(tokenizer), hidden), "lm_head.weight": rand(len(tokenizer), hidden),
+                "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)}
+
     weight_map, total = {}, 0
     n = layers + 1
-    for k, part in enumerate([rest, *shards]):
+    for k in range(n):   # one shard in memory at a time
+        part = rest() if k == 0 else layer(k - 1)
         name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         save_file(part, str(tmp / name), metadata={"format": "pt"})
         weight_map.update({t: name for t in part})
         total += sum(v.numel() * 2 for v in part.values())
+        del part
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}, indent=1))
     config.save_pretrained(tmp)
@@ -111,12 +118,11 @@ def run_child(mode: str, src: Path, out: Path, method: str, calib: str, samples:
     proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(out), method, calib, str(samples), str(seqlen)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0 = time.perf_counter()
-    _, status, usage = os.wait4(proc.pid, 0)
+    stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()
-    if status != 0:
+    if proc.returncode != 0:
         raise RuntimeError(f"{mode} {method} on {src.name} failed:\n{stderr[-3000:]}")
-    return {"peak_rss_bytes": usage.ru_maxrss * 1024, "wall_seconds": wall, **json.loads(stdout.strip().splitlines()[-1])}
+    return {"wall_seconds": wall, **json.loads(stdout.strip().splitlines()[-1])}
 
 
 def digest(folder: Path) -> str:
@@ -136,17 +142,21 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="GPTQ calibration windows (default 8)")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--row", action="append", default=[],
+                    help='an extra row as JSON [method, layers, hidden, intermediate, [modes]], e.g. '
+                         '\'["gptq", 32, 4096, 11008, ["streamed"]]\' (a 7B-sized checkpoint: 13.5 GB of disk)')
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     calib = str(WIKI / "valid.txt")
     # (method, layers, hidden, intermediate, modes)
-    rows = [("rtn", 2, 4096, 11008, ("streamed", "resident")), ("rtn", 4, 4096, 11008, ("streamed", "resident")),
-            ("rtn", 8, 4096, 11008, ("streamed", "resident")),
-            ("gptq", 2, 4096, 11008, ("streamed", "resident")), ("gptq", 4, 4096, 11008, ("streamed", "resident"))]
+    both = ("streamed", "resident")
+    rows = [("rtn", 2, 4096, 11008, both), ("rtn", 4, 4096, 11008, both), ("rtn", 8, 4096, 11008, both),
+            ("gptq", 2, 4096, 11008, both), ("gptq", 4, 4096, 11008, both)]
     if not args.quick:
         rows += [("gptq", 8, 4096, 11008, ("streamed",)),
-                 ("rtn", 4, 1024, 2816, ("streamed", "resident")), ("rtn", 4, 2048, 5504, ("streamed", "resident"))]
+                 ("rtn", 4, 1024, 2816, both), ("rtn", 4, 2048, 5504, both), ("gptq", 4, 2048, 5504, both)]
+    rows += [tuple(json.loads(r)) for r in args.row]
     results = []
     for method, layers, hidden, inter, modes in rows:
         ckpt = work / f"llama-{layers}x{hidden}"
@@ -180,7 +190,7 @@ def write_results(results: list[dict], args) -> None:
              f"`python bench/streaming.py{' --quick' if args.quick else ''}`. Synthetic LLaMA checkpoints, bf16, "
              "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "
              f"the width says otherwise. {meta['scheme']}; {meta['calibration']}. {meta['cores']} cores, shared with "
-             "other work (seconds are indicative; RSS is not affected). Peak RSS: os.wait4 of the run's own process, "
+             "other work (seconds are indicative; RSS is not affected). Peak RSS: the run process's own VmHWM, "
              "which includes ~0.4-0.5 GB of Python, torch and transformers.", "",
              "| method | layers | hidden | checkpoint GB | mode | peak RSS GB | RSS / checkpoint | seconds | same bytes |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -86,6 +86,35 @@ def test_streamed_output_equals_the_resident_one(bf16_sharded, calib, tmp_path, 
     assert not list(tmp_path.glob(".*partial"))
 
 
+@pytest.mark.parametrize("scheme", [
+    dict(format="int", bits=3, group_size=32, symmetric=False), dict(format="int", bits=8, group_size=-1),
+    dict(format="int", bits=4, group_size=0),                  # per-tensor scale: quantized whole
+    dict(format="fp8_e4m3", bits=None, group_size=-1), dict(format="mxfp4", bits=None, group_size=32),
+    dict(format="nvfp4", bits=None, group_size=16),           # global scale: quantized whole
+    dict(format="nf4", bits=None, group_size=32, double_quant=True),   # rows coupled: quantized whole
+    dict(format="gguf_q4_1", bits=None, group_size=32, symmetric=False),
+    dict(format="int", bits=4, group_size=32, symmetric=False, zero_point="float", method="hqq")])
+def test_weights_read_a_block_of_rows_at_a_time_quantize_the_same(bf16_sharded, tmp_path, monkeypatch, scheme):
+    """Data-free methods read a big matrix a block of rows at a time (here 5 rows of 96): the
+    output is the resident run's, also where a format needs the whole matrix (then read whole)."""
+    import lowbit.streaming as streaming
+    from lowbit.api import execute, make_recipe
+    from lowbit.export.native import save
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+
+    scheme = dict(scheme)
+    method = scheme.pop("method", "rtn")
+    monkeypatch.setattr(streaming, "ROW_BLOCK_ELEMENTS", 5 * 96)
+    recipe = make_recipe(WeightScheme(**scheme), method=method, include=[r"layers\.[01]\..*(q_proj|down_proj)"])
+    loaded = load_source(bf16_sharded)
+    save(execute(loaded, build_plan(loaded, recipe, "native", False), progress=False), tmp_path / "resident")
+    lazy = load_lazy(bf16_sharded)
+    streaming.quantize_streamed(lazy, build_plan(lazy, recipe, "native", False), tmp_path / "streamed", progress=False)
+    assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
+
+
 def test_one_layer_in_memory_at_a_time(bf16_sharded, calib, tmp_path, monkeypatch):
     """When a layer is read, no other decoder layer holds real weights."""
     import lowbit.streaming as streaming

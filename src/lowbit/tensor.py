@@ -142,8 +142,17 @@ class QuantizedTensor:
         return self.format.load_params(self.params)
 
     def dequantize_matrix(self) -> torch.Tensor:
-        """The decoded (rows, cols) float32 matrix."""
-        return self.format.decode(self.codes, expand_groups(self.float_params(), self.codes.shape[1], self.group_size))
+        """The decoded (rows, cols) float32 matrix, a block of rows at a time (per-column copies of
+        a large matrix's parameters would be several times the matrix)."""
+        p, (rows, cols) = self.float_params(), self.codes.shape
+        step = max(1, _ENCODE_ELEMENTS // max(1, cols))
+        if rows <= step:
+            return self.format.decode(self.codes, expand_groups(p, cols, self.group_size))
+        out = torch.empty(rows, cols, dtype=torch.float32)
+        for r in range(0, rows, step):
+            block = {k: (v[r: r + step] if v.ndim == 2 else v) for k, v in p.items()}
+            out[r: r + step] = self.format.decode(self.codes[r: r + step], expand_groups(block, cols, self.group_size))
+        return out
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The decoded weight in its original shape and layout."""
@@ -181,9 +190,20 @@ class QuantizedTensor:
                    meta.get("input_quant"))
 
 
+_ENCODE_ELEMENTS = 1 << 22   # weights encoded per step: per-column parameters of a whole 7B
+                              # matrix would be several times the weight itself
+
+
 def encode_matrix(fmt: Format, W: torch.Tensor, p: Params, group_size: int) -> torch.Tensor:
-    """Codes (rows, cols) for W with fitted float parameters p."""
-    return fmt.encode(W.float(), expand_params(p, group_index(W.shape[1], group_size)))
+    """Codes (rows, cols) for W with fitted float parameters p, a block of rows at a time
+    (rows are independent given their parameters; tensor-level ones apply to every block)."""
+    gidx = group_index(W.shape[1], group_size)
+    step = max(1, _ENCODE_ELEMENTS // max(1, W.shape[1]))
+    if W.shape[0] <= step:
+        return fmt.encode(W.float(), expand_params(p, gidx))
+    return torch.cat([fmt.encode(W[r: r + step].float(),
+                                 expand_params({k: (v[r: r + step] if v.ndim == 2 else v) for k, v in p.items()}, gidx))
+                      for r in range(0, W.shape[0], step)])
 
 
 def quantize_tensor(w: torch.Tensor, scheme, transposed: bool = False) -> QuantizedTensor:

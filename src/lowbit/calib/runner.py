@@ -325,6 +325,7 @@ def run_layers(model: torch.nn.Module, windows: torch.Tensor, targets: list[Weig
         else:
             outputs = _two_pass_layer(model, i, layer, layer_targets, batches, quantize_layer, request, sequential, tick)
         hooks.after_layer(i, outputs)
+        del layer   # a streamed run has released this layer: nothing here may keep it alive
         batches = [(out, kwargs) for out, (_, kwargs) in zip(outputs, batches)]
     return outside
 

@@ -22,7 +22,7 @@ import torch
 
 from lowbit.model.files import check_safetensors
 
-_CHUNK = 64 << 20
+_CHUNK = 16 << 20   # bytes copied per step (a multiple of every element size)
 
 
 def _dtypes() -> dict[str, torch.dtype]:
@@ -54,24 +54,46 @@ class StoredTensor:
             return self.end - self.begin
         return (self.end - self.begin) // _dtypes()[self.dtype].itemsize * _dtypes()[self.as_dtype].itemsize
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> torch.Tensor:
+        """The tensor, read into fresh memory."""
+        return self.read_rows(0, self.numel // self.shape[-1] if self.shape and self.shape[-1] else 1).reshape(self.shape)
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of the tensor viewed as (numel / last dim, last dim), read into fresh memory."""
+        dtype = _dtypes()[self.dtype]
+        cols = self.shape[-1] if self.shape else 1
+        out = torch.empty((r1 - r0, cols), dtype=dtype)
+        want = out.numel() * dtype.itemsize
+        with open(self.file, "rb") as f:
+            f.seek(self.begin + r0 * cols * dtype.itemsize)
+            if want and f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != want:
+                raise OSError(f"{self.file} ended early")
+        return out
+
     def converted(self, dtype: str) -> "StoredTensor":
         return dataclasses.replace(self, as_dtype=None if dtype == self.dtype else dtype)
 
     def write_to(self, out) -> None:
         src = _dtypes()[self.dtype]
         dst = None if self.as_dtype is None else _dtypes()[self.as_dtype]
-        step = _CHUNK - _CHUNK % 8   # whole elements of every dtype
+        buf = bytearray(min(_CHUNK, self.end - self.begin))
         with open(self.file, "rb") as f:
             f.seek(self.begin)
             left = self.end - self.begin
             while left:
-                chunk = f.read(min(left, step))
-                if not chunk:
+                view = memoryview(buf)[: min(left, len(buf))]
+                got = f.readinto(view)
+                if not got:
                     raise OSError(f"{self.file} ended early")
-                left -= len(chunk)
-                if dst is not None:
-                    chunk = torch.frombuffer(bytearray(chunk), dtype=src).to(dst).view(torch.uint8).numpy().tobytes()
-                out.write(chunk)
+                left -= got
+                if dst is None:
+                    out.write(view[:got])
+                else:
+                    out.write(torch.frombuffer(view[:got], dtype=src).to(dst).view(torch.uint8).numpy().data)
 
 
 def stored_tensors(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[str, str]]:
@@ -100,8 +122,9 @@ def _write_tensor(out, t) -> None:
         t.write_to(out)
         return
     flat = t.detach().reshape(-1).contiguous().cpu()
-    for i in range(0, flat.numel(), _CHUNK // max(1, flat.element_size())):
-        out.write(flat[i: i + _CHUNK // max(1, flat.element_size())].view(torch.uint8).numpy().tobytes())
+    step = _CHUNK // max(1, flat.element_size())
+    for i in range(0, flat.numel(), step):
+        out.write(flat[i: i + step].view(torch.uint8).numpy().data)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tensor | StoredTensor"],

@@ -39,6 +39,14 @@ class Format:
     # Formats whose block size is fixed by a spec (MX: 32, NVFP4: 16) set this.
     fixed_group_size: ClassVar[int | None] = None
 
+    @property
+    def rows_independent(self) -> bool:
+        """Whether a block of rows quantizes to the same codes and (per-row) parameters as it does
+        inside the whole matrix, so a weight may be quantized a block of rows at a time. False
+        where storage couples rows (NF4's double quantization, shared codebooks); tensor-level
+        parameters (a per-tensor scale) are detected by the caller."""
+        return True
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):

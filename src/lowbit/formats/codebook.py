@@ -109,6 +109,10 @@ class _Additive(Format):
     def entries(self) -> int:
         return 1 << self.codebook_bits
 
+    @property
+    def rows_independent(self) -> bool:
+        return False   # the codebooks are learnt from every row
+
     # --- words <-> per-weight codes ----------------------------------------------------------
     def spread(self, vec_codes: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """(rows·cols/8, M) codebook codes -> (rows, cols) per-weight codes."""

@@ -64,6 +64,10 @@ class NF4Format(Format):
     double_quant: bool = False
 
     @property
+    def rows_independent(self) -> bool:
+        return not self.double_quant   # the absmax values of all rows are quantized together
+
+    @property
     def code_bits(self) -> int:
         return 4
 

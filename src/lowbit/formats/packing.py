@@ -10,19 +10,31 @@ def packed_nbytes(n_codes: int, bits: int) -> int:
     return (n_codes * bits + 7) // 8
 
 
+_PACK_CHUNK = 1 << 22   # codes per step (a multiple of 8): temporaries stay small for any tensor
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned codes (any shape, values < 2**bits) into a 1-D uint8 tensor."""
     flat = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return flat.clone()
+    if flat.numel() <= _PACK_CHUNK:
+        return _pack_flat(flat, bits)
+    # every chunk but the last holds a multiple of 8 codes, so its bits end on a byte boundary
+    return torch.cat([_pack_flat(flat[i: i + _PACK_CHUNK], bits) for i in range(0, flat.numel(), _PACK_CHUNK)])
+
+
+def _pack_flat(flat: torch.Tensor, bits: int) -> torch.Tensor:
     if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, no bit stream needed
         per_byte = 8 // bits
         pad = (-flat.numel()) % per_byte
         if pad:
             flat = torch.cat([flat, flat.new_zeros(pad)])
-        groups = flat.view(-1, per_byte).to(torch.int32)
-        shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-        return (groups << shifts).sum(dim=1).to(torch.uint8)
+        groups = flat.view(-1, per_byte)
+        out = groups[:, 0].clone()
+        for i in range(1, per_byte):
+            out |= groups[:, i] << (i * bits)
+        return out
     # 3, 5, 6, 7 bits: go through a bit stream
     shifts = torch.arange(bits, dtype=torch.uint8)
     bit_stream = ((flat.unsqueeze(1) >> shifts) & 1).reshape(-1)

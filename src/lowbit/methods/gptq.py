@@ -43,20 +43,24 @@ def fit_span(fmt: Format, group_size: int) -> int:
     return group_size * per_super if isinstance(per_super, int) else group_size
 
 
-def prepare_hessian_inverse(H: torch.Tensor, damp: float) -> torch.Tensor:
+def prepare_hessian_inverse(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian (float32, like the reference; float64
-    only when float32 is not positive definite enough)."""
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    only when float32 is not positive definite enough), of H or of H permuted by `perm`. One
+    working copy, factored and inverted in place: for a 11008-wide input each copy is 485 MB."""
     for dtype in (torch.float32, torch.float64):
-        L, info = torch.linalg.cholesky_ex(H.to(dtype))
+        A = H.clone() if perm is None else H[perm[:, None], perm]   # a fresh copy either way
+        dead = torch.diag(A) == 0
+        A[dead, dead] = 1.0
+        A.diagonal().add_(damp * torch.mean(torch.diag(A)))
+        A = A.to(dtype)
+        info = torch.empty((), dtype=torch.int32)
+        torch.linalg.cholesky_ex(A, out=(A, info))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            torch.cholesky_inverse(A, out=A)
+            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
             if info == 0:
-                return U.float()
+                return A.float()
+        del A
     raise SchemeError("the calibration Hessian is not positive definite even after dampening; raise --damp (e.g. 0.05) or use more calibration samples")
 
 
@@ -66,7 +70,7 @@ def _params_at(p: Params, g: int) -> Params:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int, observer: str = "minmax",
                   percentile: float = 99.9, options: GPTQOptions = GPTQOptions(),
-                  prune: Pattern | None = None) -> tuple[torch.Tensor, Params]:
+                  prune: Pattern | None = None, own: bool = False) -> tuple[torch.Tensor, Params]:
     """Codes (rows, cols) and float group parameters for W (rows, cols) given H = X^T X (cols, cols).
 
     Group parameters are fitted on the error-updated weights when the solver reaches a group
@@ -77,13 +81,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     those with the least w² / [H⁻¹]ᵢᵢ² (the OBS saliency) of each N:M group or, unstructured, of
     each lazy block's row; a dropped weight gets the code that decodes to 0 and its whole value
     becomes the error the later columns compensate. Columns stay in their order (no act_order):
-    N:M groups are consecutive input columns."""
+    N:M groups are consecutive input columns. own: W is a float32 copy this call may modify."""
     if prune is not None and options.act_order:
         raise SchemeError("pruning keeps the columns in order: N:M groups are consecutive input columns; "
                           "turn act_order off")
     if getattr(fmt, "codebooks", None):
         raise SchemeError(f"{fmt.name} encodes 8 weights at a time, not one column: use --method aqlm (or rtn)")
-    W = W.float().clone()
+    W = W if own and W.dtype == torch.float32 else W.float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
     W[:, dead] = 0
@@ -94,14 +98,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     importance = torch.diag(H).float() if options.importance else None
     static = (fit_groups(fmt, W, group_size, observer, percentile, tensor_params, importance)
               if (options.act_order or group_size == 0) else None)
+    # work on W^T so each column is a contiguous row: the per-column steps touch contiguous memory
     if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
-        W, H, col_group = W[:, perm], H[perm][:, perm], gidx[perm]
+        Wt, col_group = W.T[perm].contiguous(), gidx[perm]   # (cols, rows), permuted columns
+        Hinv = prepare_hessian_inverse(H, options.damp, perm)
     else:
         perm, col_group = None, gidx
-    Hinv = prepare_hessian_inverse(H, options.damp)
-    # work on W^T so each column is a contiguous row: the per-column steps touch contiguous memory
-    Wt = W.T.contiguous()                                   # (cols, rows)
+        Wt = W.T.contiguous()
+        Hinv = prepare_hessian_inverse(H, options.damp)
+    del W
     codes_t = torch.zeros(cols, rows, dtype=torch.uint8)
     fitted: dict[str, list[torch.Tensor]] = {}
     params: Params | None = static
@@ -167,7 +173,7 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
         # a per-tensor scale (NVFP4) must stay per weight: solve them one by one
         return [_solve(w, H, fmt, scheme, options, prune) for w in weights]
     W = torch.cat([w.float() for w in weights], dim=0)
-    codes, params, g = _solve(W, H, fmt, scheme, options, prune)
+    codes, params, g = _solve(W, H, fmt, scheme, options, prune, own=True)
     out, r0 = [], 0
     for w in weights:
         r1 = r0 + w.shape[0]
@@ -176,9 +182,9 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
     return out
 
 
-def _solve(W, H, fmt, scheme, options, prune=None):
+def _solve(W, H, fmt, scheme, options, prune=None, own=False):
     g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
-    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune)
+    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune, own)
     return codes, params, g
 
 

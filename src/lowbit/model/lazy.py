@@ -56,12 +56,9 @@ class CheckpointWeights:
         return name in self.tensors
 
     def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One tensor, converted to dtype (a copy: nothing keeps the file's pages mapped)."""
-        from safetensors import safe_open
-
-        t = self.tensors[name]
-        with safe_open(str(t.file), framework="pt") as f:
-            return f.get_tensor(name).to(dtype)
+        """One tensor, converted to dtype. Read with plain file reads, not a memory map: mapped
+        pages would count against the process until the map closes."""
+        return self.tensors[name].read().to(dtype)
 
 
 @contextlib.contextmanager

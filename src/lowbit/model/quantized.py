@@ -59,15 +59,20 @@ def install_quantized(model: torch.nn.Module, target: WeightTarget, qt: Quantize
     whose input is quantized at run time); other layouts get their decoded values written in
     place (same module, same forward)."""
     module = model.get_submodule(target.module_name)
+    decoded = None
     if isinstance(getattr(module, "weight", None), torch.nn.Parameter) and target.param_name == "weight":
         # staged calibration parks a batch *inside* this module's call: the replaced module still
         # finishes that forward, so it must compute with the quantized values too
+        decoded = qt.dequantize()
         with torch.no_grad():
-            module.weight.copy_(qt.dequantize(module.weight.dtype))
+            module.weight.copy_(decoded)
     if target.kind == "linear" or (target.kind == "conv1d" and qt.input_quant is not None):
         parent_name, _, child = target.module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear(qt, module.bias))
+        ql = QuantLinear(qt, module.bias)
+        if decoded is not None and target.kind == "linear":   # decoded once: the matrix QuantLinear would make
+            ql._decoded = decoded
+        setattr(parent, child, ql)
     else:
         p = getattr(module, target.param_name)
         with torch.no_grad():
