@@ -234,10 +234,14 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
                                           layer_targets, sizes, getattr(impl, "SOLVES_EACH_WEIGHT", False))
         for t in layer_targets:
             install_quantized(model, t, out[t.name])
+            report = getattr(stats.get(t.name), "report", {}).get(t.param_name)
+            if report is not None:   # routed experts: tokens per expert, all-token fallbacks
+                recipe.setdefault("experts", {})[t.name] = report
         tensors.update(out)
         fallbacks.extend(fb)
 
-    request = dataclasses.replace(impl.STATS, hessian_precision=check_hessian_precision(calibration.hessian_precision))
+    request = dataclasses.replace(impl.STATS, hessian_precision=check_hessian_precision(calibration.hessian_precision),
+                                  expert_min_tokens=calibration.expert_min_tokens)
     recipe["calibration"]["hessian_precision"] = request.hessian_precision
     recipe["calibration"]["hessian_precision_path"] = bf16_gram_path(_compute_device(model)) if request.hessian_precision == "bf16" else "fp32"
     outside = run_layers(model, windows, targets, quantize_layer, request,

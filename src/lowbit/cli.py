@@ -80,7 +80,8 @@ _RECIPE_FLAGS = (("scheme", "--scheme"), ("format", "--format"), ("bits", "--bit
                  ("hessian_precision", "--hessian-precision"), ("damp", "--damp"), ("act_order", "--act-order"),
                  ("opt", "--opt"), ("act", "--act"), ("act_observer", "--act-observer"), ("target_bpw", "--target-bpw"),
                  ("max_size", "--max-size"), ("candidates", "--candidates"), ("fisher_windows", "--fisher-windows"),
-                 ("fallback", "--fallback"), ("rotate", "--rotate"), ("rotate_seed", "--rotate-seed"))
+                 ("fallback", "--fallback"), ("rotate", "--rotate"), ("rotate_seed", "--rotate-seed"),
+                 ("expert_min_tokens", "--expert-min-tokens"))
 
 
 def _recipe_from_args(args, parser_defaults: dict):
@@ -116,8 +117,10 @@ def _recipe_from_args(args, parser_defaults: dict):
     if gguf_type == "AUTO" and budget is None:
         raise SchemeError("--type auto needs --max-size SIZE (e.g. 91.7MB) or --target-bpw B: the size to fit")
     mix = gguf_type if gguf_type not in ("", "AUTO", "F32", "F16", "BF16") else None
+    if args.expert_min_tokens < 0:
+        raise SchemeError(f"--expert-min-tokens {args.expert_min_tokens}: give 0 or more")
     calibration = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed, sequential=not args.no_sequential,
-                                    hessian_precision=args.hessian_precision)
+                                    hessian_precision=args.hessian_precision, expert_min_tokens=args.expert_min_tokens)
     return make_recipe(scheme if name is None else name, args.method, args.include, args.exclude, calibration,
                        _method_options(args), budget=budget, gguf_mix=mix, gguf_fallback=args.fallback,
                        rotate=args.rotate, rotate_seed=args.rotate_seed)
@@ -941,6 +944,9 @@ def _add_plan_flags(q):
                    help="X^T X products: fp32 (default) or bf16 inputs with fp32 accumulation (same numbers on "
                         "every CPU); faster only where a probe finds oneDNN bf16 kernels (recipe: "
                         "hessian_precision_path); on AVX512-BF16 without AMX it is fp32-emulated, no faster")
+    q.add_argument("--expert-min-tokens", type=int, default=128,
+                   help="GPTQ on MoE experts: each expert is solved from the tokens routed to it; one reached by "
+                        "fewer tokens is calibrated on every calibration token instead (default 128; recorded)")
     q.add_argument("--damp", type=float, help="GPTQ: dampening as a fraction of the mean Hessian diagonal (0.01)")
     q.add_argument("--act-order", dest="act_order", action="store_true", default=None, help="GPTQ: act-order (default on)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false")

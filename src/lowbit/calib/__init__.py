@@ -18,6 +18,7 @@ class CalibrationConfig:
     batch_size: int = 8
     sequential: bool = True       # feed quantized layers' outputs to the next layer
     hessian_precision: str = "fp32"  # X^T X products: fp32 | bf16 (see calib.runner.accumulate_gram)
+    expert_min_tokens: int = 128     # a routed expert reached by fewer tokens is calibrated on all (calib.moe)
 
     def windows(self, tokenizer) -> torch.Tensor:
         """(samples, seqlen) token windows at seeded positions of the calibration text."""

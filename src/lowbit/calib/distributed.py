@@ -58,6 +58,14 @@ def agree_min(value: int) -> int:
     return int(t)
 
 
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the ranks, in place (t itself in one process)."""
+    d = _dist()
+    if d is not None:
+        d.all_reduce(t)
+    return t
+
+
 def init_from_environment() -> bool:
     """Join the process group torchrun (or spawn_workers) describes in the environment; False
     when there is none. gloo, so CPU tensors reduce (the calibration here runs on the CPU)."""
@@ -110,10 +118,12 @@ def reduce_stats(stats: dict, names: list[str], sample_rows: int) -> None:
     d = _dist()
     if d is None:
         return
+    from lowbit.calib.runner import InputStats
+
     seen = []
     for name in sorted(names):
-        st = stats.get(name)
-        if st is not None and all(st is not s for s in seen):
+        st = stats.get(name)   # routed experts' inputs reduce their own statistics (calib.moe)
+        if isinstance(st, InputStats) and all(st is not s for s in seen):
             seen.append(st)
     _check_same(len(seen), "which weights saw calibration inputs")
     for st in seen:

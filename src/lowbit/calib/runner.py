@@ -190,6 +190,8 @@ class StatsRequest:
     staged: bool = False
     channel_stats: bool = True         # per-channel max |X| and mean |X| (AWQ, SmoothQuant)
     hessian_precision: str = "fp32"    # see accumulate_gram; set from CalibrationConfig
+    experts: bool = False              # routed experts calibrated from their own tokens (calib.moe; staged)
+    expert_min_tokens: int = 128       # below: that expert is calibrated on every token
 
 
 class _StopForward(Exception):
@@ -377,19 +379,34 @@ def _two_pass_layer(model, i, layer, layer_targets, batches, quantize_layer, req
     return outputs
 
 
-def _discover_stages(model, layer, layer_targets, hidden, kwargs) -> list[list[WeightTarget]]:
-    """Groups of target modules sharing one input, in execution order, from one probe window."""
-    order: list[tuple[WeightTarget, torch.Tensor]] = []
-    hooks = []
+def _discover_stages(model, layer, layer_targets, hidden, kwargs, request: StatsRequest) -> list[list[WeightTarget]]:
+    """Groups of target modules sharing one input, in execution order, from one probe window.
+    A routed-experts module is a stage of its own (first projection, then down_proj)."""
+    from lowbit.calib.moe import first_projection, is_routed_experts
+
+    order: list[tuple[WeightTarget, torch.Tensor | None]] = []
+    hooks, seen_modules = [], set()
     for t in layer_targets:
+        module = model.get_submodule(t.module_name)
         if t.kind == "experts":
+            if not (request.experts and is_routed_experts(module)) or t.module_name in seen_modules:
+                continue
+            seen_modules.add(t.module_name)
+            mine = sorted((x for x in layer_targets if x.module_name == t.module_name),
+                          key=lambda x: x.param_name != first_projection(module))
+
+            def experts_hook(_m, args, mine=mine):
+                if all(mine[0] is not seen for seen, _ in order):
+                    order.extend((x, None) for x in mine)
+
+            hooks.append(module.register_forward_pre_hook(experts_hook))
             continue
 
         def hook(_m, args, t=t):
             if all(t is not seen for seen, _ in order):
                 order.append((t, args[0]))
 
-        hooks.append(model.get_submodule(t.module_name).register_forward_pre_hook(hook))
+        hooks.append(module.register_forward_pre_hook(hook))
     try:
         probe_kwargs = {k: (v[:1] if isinstance(v, torch.Tensor) and v.shape[:1] == hidden.shape[:1] else v)
                         for k, v in kwargs.items()}
@@ -400,7 +417,12 @@ def _discover_stages(model, layer, layer_targets, hidden, kwargs) -> list[list[W
     stages: list[list[WeightTarget]] = []
     prev = None
     for t, x in order:
-        if prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
+        if x is None:   # routed experts: never merged with a neighbour fed the same hidden states
+            if stages and stages[-1][0].module_name == t.module_name:
+                stages[-1].append(t)
+            else:
+                stages.append([t])
+        elif prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
             stages[-1].append(t)
         else:
             stages.append([t])
@@ -459,17 +481,34 @@ def _staged_layer(model, i, layer, layer_targets, batches, quantize_layer, reque
     """Run the layer once per batch, quantizing each stage when all batches have reached it."""
     import time
 
+    from lowbit.calib.moe import ExpertInputs
+
     t0 = time.perf_counter()
-    experts = [t for t in layer_targets if t.kind == "experts"]
+    stages = _discover_stages(model, layer, layer_targets, *batches[0], request)
+    stage_of = {t.name: k for k, st in enumerate(stages) for t in st}
+    experts = [t for t in layer_targets if t.kind == "experts" and t.name not in stage_of]
     if experts:  # no observable input: quantized before the layer runs
         quantize_layer(i, experts, {})
-    stages = _discover_stages(model, layer, layer_targets, *batches[0])
-    stage_of = {t.name: k for k, st in enumerate(stages) for t in st}
     stats: dict[str, InputStats] = {}
     done: set[int] = set()
     hooks = []
     for k, stage in enumerate(stages):
         first = stage[0]
+        if first.kind == "experts":   # park at the experts module with what it was given
+
+            def experts_hook(module, args, kwargs, k=k, stage=stage):
+                batch = _StagedBatch.current()
+                if batch is None or k in done:
+                    return
+                inputs = stats.setdefault(stage[0].name, ExpertInputs(module, request.expert_min_tokens,
+                                                                      request.hessian_precision))
+                for t in stage:
+                    stats[t.name] = inputs
+                inputs.add(args[0] if args else kwargs["hidden_states"], args[1] if len(args) > 1 else kwargs["top_k_index"])
+                batch.park(k)
+
+            hooks.append(model.get_submodule(first.module_name).register_forward_pre_hook(experts_hook, with_kwargs=True))
+            continue
 
         def hook(_m, args, k=k, stage=stage):
             batch = _StagedBatch.current()
@@ -497,7 +536,11 @@ def _staged_layer(model, i, layer, layer_targets, batches, quantize_layer, reque
                                    "data-dependent control flow cannot be staged")
             k = parked.pop()
             ts = time.perf_counter()
-            quantize_layer(i, stages[k], stats)
+            if stages[k][0].kind == "experts":   # down_proj's inputs come from the quantized first projection
+                for t in stages[k]:
+                    quantize_layer(i, [t], stats)
+            else:
+                quantize_layer(i, stages[k], stats)
             solve += time.perf_counter() - ts
             done.add(k)
     finally:
@@ -505,7 +548,8 @@ def _staged_layer(model, i, layer, layer_targets, batches, quantize_layer, reque
             r.abandon()
         for h in hooks:
             h.remove()
-    never = [t for t in layer_targets if t.kind != "experts" and stage_of.get(t.name) not in done]
+    early = {t.name for t in experts}
+    never = [t for t in layer_targets if t.name not in early and stage_of.get(t.name) not in done]
     if never:  # modules the layer did not call: quantized without data
         quantize_layer(i, never, {})
     total = time.perf_counter() - t0

@@ -32,7 +32,7 @@ class Options:
 
 
 GPTQOptions = Options
-STATS = StatsRequest(hessian=True, staged=True, channel_stats=False)
+STATS = StatsRequest(hessian=True, staged=True, channel_stats=False, experts=True)
 # each weight is solved from the shared statistics alone: ranks can split the solving
 SOLVES_EACH_WEIGHT = True
 
@@ -188,6 +188,27 @@ def _solve(W, H, fmt, scheme, options, prune=None, own=False):
     return codes, params, g
 
 
+def quantize_experts(w: torch.Tensor, inputs, target, scheme: WeightScheme, options: GPTQOptions,
+                     prune: Pattern | None = None) -> QuantizedTensor:
+    """GPTQ of stacked experts (E, out, in) — or (E, in, out) transposed — one expert at a time,
+    each with the Hessian of the tokens its router sent it (calib.moe.expert_hessians). The codes
+    stack in to_matrix's row order (expert by expert), so the result is one QuantizedTensor."""
+    from lowbit.calib.moe import expert_hessians
+
+    fmt = scheme.make_format()
+    codes, params, g = [], [], 0
+    for e, H in expert_hessians(inputs, target.param_name):
+        W = w[e].transpose(0, 1) if target.transposed else w[e]
+        c, p, g = _solve(W, H, fmt, scheme, options, prune)
+        codes.append(c)
+        params.append(p)
+    if any(v.ndim != 2 for v in params[0].values()):
+        raise SchemeError(f"{target.name}: {fmt.name} keeps one scale for the whole tensor, which experts solved one "
+                          "by one cannot share; use a per-group format for experts, or --method rtn")
+    return to_quantized_tensor(torch.cat(codes), {k: torch.cat([p[k] for p in params]) for k in params[0]}, g,
+                               scheme, tuple(w.shape), target.transposed)
+
+
 def to_quantized_tensor(codes, params, g, scheme: WeightScheme, shape, transposed) -> QuantizedTensor:
     fmt = scheme.make_format()
     # params were fitted through storage, so storing them again is exact for every format but
@@ -204,11 +225,16 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
     from lowbit.scheme import scheme_of
     from lowbit.tensor import to_matrix
 
+    from lowbit.calib.moe import ExpertInputs
+
     out, fallback = {}, []
     groups: dict[tuple, list] = {}
     for t in layer_targets:
         st = stats.get(t.name)
         ws = scheme_of(scheme, t.name)
+        if isinstance(st, ExpertInputs):   # routed experts: each solved from its own tokens
+            out[t.name] = quantize_experts(t.parameter(model).data, st, t, ws, options, prune)
+            continue
         if st is None or st.hessian is None:
             if prune is not None:
                 raise SchemeError(f"{t.name} saw no calibration inputs (a stacked expert?), so it cannot be "
