@@ -94,19 +94,27 @@ def _mutations(data: bytes, rng: random.Random, n: int):
         yield bytes(b)
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "json", "gguf"])
+@pytest.mark.parametrize("kind", ["safetensors", "json", "gguf", "recipe"])
 def test_fuzzed_files_pass_or_are_a_source_error(tiny_llama, tiny_gguf, tmp_path, kind):
-    """A small seeded sample (the benchmark-sized run is the same loop with more cases)."""
-    src = {"safetensors": tiny_llama / "model.safetensors", "json": tiny_llama / "config.json", "gguf": tiny_gguf}[kind]
-    check = {"safetensors": check_safetensors, "json": check_json, "gguf": check_gguf}[kind]
+    """A small seeded sample (bench/fuzz_readers.py runs 10^5 cases the same way)."""
+    from lowbit.errors import LowbitError
+    from lowbit.plan import load_recipe
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: gptq\nscheme: {format: int, bits: 4, group_size: 128}\ncalibration: {samples: 16}\n"
+                      "groups:\n  - targets: ['down_proj']\n    scheme: {bits: 8, group_size: -1}\n")
+    src = {"safetensors": tiny_llama / "model.safetensors", "json": tiny_llama / "config.json", "gguf": tiny_gguf,
+           "recipe": recipe}[kind]
+    check = {"safetensors": check_safetensors, "json": check_json, "gguf": check_gguf, "recipe": load_recipe}[kind]
+    error = LowbitError if kind == "recipe" else SourceError
     rng = random.Random(0)
-    path = tmp_path / src.name
+    path = tmp_path / f"fuzzed-{src.name}"
     outcomes = {"ok": 0, "refused": 0}
     for data in _mutations(src.read_bytes(), rng, 60):
         path.write_bytes(data)
         try:
             check(path)
             outcomes["ok"] += 1
-        except SourceError:
+        except error:
             outcomes["refused"] += 1
     assert outcomes["refused"] > 0

@@ -119,6 +119,9 @@ def _recipe_from_args(args, parser_defaults: dict):
     mix = gguf_type if gguf_type not in ("", "AUTO", "F32", "F16", "BF16") else None
     if args.expert_min_tokens < 0:
         raise SchemeError(f"--expert-min-tokens {args.expert_min_tokens}: give 0 or more")
+    for flag, value in (("--samples", args.samples), ("--seqlen", args.seqlen)):
+        if value < 1:
+            raise SchemeError(f"{flag} {value}: calibration needs at least 1 (default --samples 128 --seqlen 512)")
     calibration = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed, sequential=not args.no_sequential,
                                     hessian_precision=args.hessian_precision, expert_min_tokens=args.expert_min_tokens)
     return make_recipe(scheme if name is None else name, args.method, args.include, args.exclude, calibration,
@@ -218,7 +221,24 @@ def _plan_from_args(args, loaded=None, stream: bool = False):
     loaded = loaded or load_source(args.source)
     t_load = time.perf_counter() - t0
     transform(loaded, recipe)
-    return loaded, build_plan(loaded, recipe, _container(args), progress=args.progress), t_load
+    plan = build_plan(loaded, recipe, _container(args), progress=args.progress)
+    if getattr(args, "expert_min_tokens", None) not in (None, args.parser_defaults.get("expert_min_tokens")) and not args.recipe:
+        _check_experts_are_calibrated(plan, loaded.model)
+    return loaded, plan, t_load
+
+
+def _check_experts_are_calibrated(plan, model) -> None:
+    """--expert-min-tokens with no routed experts calibrated would be silently ignored: refuse it."""
+    from lowbit.errors import SchemeError
+    from lowbit.methods import get_method, is_calibrated
+
+    experts = [n for n in plan.tensors if n.endswith(("gate_up_proj", "up_proj", "down_proj"))
+               and model.get_parameter(n).ndim == 3]
+    if not experts:
+        raise SchemeError("--expert-min-tokens: this model has no routed experts among the planned weights; drop it")
+    if not (is_calibrated(plan.recipe.method) and getattr(get_method(plan.recipe.method).STATS, "experts", False)):
+        raise SchemeError(f"--expert-min-tokens: --method {plan.recipe.method} does not calibrate experts from their "
+                          "routed tokens (gptq and sparsegpt do); drop it")
 
 
 def cmd_quantize(args):
@@ -983,8 +1003,15 @@ def _add_training_flags(p, ctx: int, lr: float, lr_note: str = "") -> None:
     p.add_argument("--warmup", type=int, help="linear warm-up steps (default 5%% of --steps)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported as one line (not the whole usage) and exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
+    ap = _Parser(prog="lowbit", description="Quantize LLMs and measure what it cost.")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     ap.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes, only the results")
     sub = ap.add_subparsers(dest="command", required=True)

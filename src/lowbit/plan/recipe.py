@@ -253,6 +253,8 @@ def load_recipe(path: str | Path) -> Recipe:
         raise SchemeError(f"recipe {p} does not exist; pass a YAML file to --recipe")
     try:
         data = yaml.safe_load(p.read_text())
+    except UnicodeDecodeError:
+        raise SchemeError(f"recipe {p} is not text (UTF-8); pass a YAML file to --recipe") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
