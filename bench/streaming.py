@@ -142,6 +142,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8, help="GPTQ calibration windows (default 8)")
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    ap.add_argument("--only", choices=["rtn", "gptq"], help="one method's rows -> streaming_<method>.{json,md}")
     ap.add_argument("--row", action="append", default=[],
                     help='an extra row as JSON [method, layers, hidden, intermediate, [modes]], e.g. '
                          '\'["gptq", 32, 4096, 11008, ["streamed"]]\' (a 7B-sized checkpoint: 13.5 GB of disk)')
@@ -157,6 +158,8 @@ def main() -> None:
         rows += [("gptq", 8, 4096, 11008, ("streamed",)),
                  ("rtn", 4, 1024, 2816, both), ("rtn", 4, 2048, 5504, both), ("gptq", 4, 2048, 5504, both)]
     rows += [tuple(json.loads(r)) for r in args.row]
+    if args.only:
+        rows = [r for r in rows if r[0] == args.only]
     results = []
     for method, layers, hidden, inter, modes in rows:
         ckpt = work / f"llama-{layers}x{hidden}"
@@ -185,9 +188,10 @@ def write_results(results: list[dict], args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "calibration": f"GPTQ: {args.samples} x {args.seqlen} WikiText-2 validation tokens", "scheme": "int4 g128 sym"}
-    (out / "streaming.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+    name = "streaming" + (f"_{args.only}" if args.only else "")
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     lines = ["# Layer-streamed vs resident quantization: peak RSS", "",
-             f"`python bench/streaming.py{' --quick' if args.quick else ''}`. Synthetic LLaMA checkpoints, bf16, "
+             f"`python bench/streaming.py{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}`. Synthetic LLaMA checkpoints, bf16, "
              "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "
              f"the width says otherwise. {meta['scheme']}; {meta['calibration']}. {meta['cores']} cores, shared with "
              "other work (seconds are indicative; RSS is not affected). Peak RSS: the run process's own VmHWM, "
@@ -199,7 +203,7 @@ def write_results(results: list[dict], args) -> None:
         lines.append(f"| {r['method']} | {r['layers']} | {r['hidden']} | {r['checkpoint_bytes'] / 1e9:.2f} | {r['mode']} | "
                      f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_over_checkpoint']:.0%} | {r['wall_seconds']:.0f} | "
                      f"{'-' if same is None else ('yes' if same else 'NO')} |")
-    (out / "streaming.md").write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -201,10 +201,12 @@ def _compute_device(model: torch.nn.Module) -> torch.device:
 
 def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration: CalibrationConfig,
                          recipe: dict, progress: bool, forward_loop=None, activations: dict | None = None,
-                         hooks=None, tensors: dict | None = None, fallbacks: list | None = None) -> dict:
+                         hooks=None, tensors: dict | None = None, fallbacks: list | None = None,
+                         cache_decoded: bool = True) -> dict:
     """Run a calibrated method layer by layer; returns the quantized tensors (installed).
     hooks (calib.runner.LayerHooks), tensors (the dict filled as layers are quantized) and
-    fallbacks (names quantized without data so far) are how a streamed run takes part."""
+    fallbacks (names quantized without data so far) are how a streamed run takes part;
+    cache_decoded=False: quantized Linears decode per call (install_quantized)."""
     from lowbit.calib import distributed
     from lowbit.calib.runner import bf16_gram_path, check_hessian_precision, run_layers
     from lowbit.methods import rtn
@@ -233,7 +235,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
         out, fb = distributed.solve_split(lambda ts: impl.quantize_layer(model, ts, stats, ws, opts, **extra),
                                           layer_targets, sizes, getattr(impl, "SOLVES_EACH_WEIGHT", False))
         for t in layer_targets:
-            install_quantized(model, t, out[t.name])
+            install_quantized(model, t, out[t.name], cache=cache_decoded)
             report = getattr(stats.get(t.name), "report", {}).get(t.param_name)
             if report is not None:   # routed experts: tokens per expert, all-token fallbacks
                 recipe.setdefault("experts", {})[t.name] = report

@@ -279,13 +279,10 @@ class _StreamedRun:
         step = max(1, ROW_BLOCK_ELEMENTS // max(1, cols))
         if t.transposed or rows <= step or not fmt.rows_independent:
             return quantize(self.weights.read(t.name), t.transposed)
-        blocks = []
-        for r in range(0, rows, step):
-            blocks.append(quantize(stored.read_rows(r, min(rows, r + step)).float(), False))
-            b = blocks[0]
-            if b.group_size == 0 or any(v.ndim != 2 or v.shape[0] != b.codes.shape[0] for v in b.params.values()):
-                return quantize(self.weights.read(t.name), t.transposed)   # a per-tensor scale: the whole matrix
-        first = blocks[0]
+        first = quantize(stored.read_rows(0, step).float(), False)
+        if first.group_size == 0 or any(v.ndim != 2 or v.shape[0] != step for v in first.params.values()):
+            return quantize(self.weights.read(t.name), t.transposed)   # a per-tensor scale: the whole matrix
+        blocks = [first] + [quantize(stored.read_rows(r, min(rows, r + step)).float(), False) for r in range(step, rows, step)]
         return QuantizedTensor(torch.cat([b.codes for b in blocks]),
                                {k: torch.cat([b.params[k] for b in blocks]) for k in first.params},
                                first.format, first.group_size, tuple(stored.shape), False)
@@ -329,7 +326,7 @@ class _StreamedRun:
                            before_layer=before_layer, after_layer=after_layer, first_layer=first, hidden=hidden)
         _quantize_calibrated(self.model, self.loaded.tokenizer, inner, ws, impl, opts, self.plan.recipe.calibration,
                              record, progress, activations={n: t.activations for n, t in self.plan.tensors.items()},
-                             hooks=hooks, tensors=tensors, fallbacks=fallbacks)
+                             hooks=hooks, tensors=tensors, fallbacks=fallbacks, cache_decoded=False)
         return first if self.resumed else None
 
     def _outside(self, outer, ws, impl, extra, record) -> None:

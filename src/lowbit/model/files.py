@@ -63,9 +63,11 @@ def check_safetensors(path: Path) -> None:
         if name == "__metadata__":
             continue
         try:
-            begin, end = (int(x) for x in t["data_offsets"])
-            want = math.prod(int(s) for s in t["shape"]) * _DTYPE_BYTES.get(t["dtype"], 0)
-        except (KeyError, TypeError, ValueError):
+            begin, end = t["data_offsets"]
+            if not all(type(x) is int and x >= 0 for x in (begin, end, *t["shape"])):
+                raise ValueError   # sizes must be whole numbers (json reads 1e9, -1 and Infinity too)
+            want = math.prod(t["shape"]) * _DTYPE_BYTES.get(t["dtype"], 0)
+        except (KeyError, TypeError, ValueError, OverflowError):   # OverflowError: an offset of Infinity
             raise SourceError(f"{path}: tensor {name!r} has a malformed entry in the header; {fix}") from None
         if not 0 <= begin <= end <= data:
             raise SourceError(f"{path} is truncated: tensor {name!r} ends at byte {end} of the data, the file holds "

@@ -54,10 +54,11 @@ def recorded_recipe(recipe: dict) -> dict:
     return {k: v for k, v in recipe.items() if k != "seconds" and v not in (None, [], {})}
 
 
-def install_quantized(model: torch.nn.Module, target: WeightTarget, qt: QuantizedTensor) -> None:
+def install_quantized(model: torch.nn.Module, target: WeightTarget, qt: QuantizedTensor, cache: bool = True) -> None:
     """Put a quantized weight into the model: nn.Linear becomes QuantLinear (so does a Conv1D
     whose input is quantized at run time); other layouts get their decoded values written in
-    place (same module, same forward)."""
+    place (same module, same forward). cache=False: a QuantLinear decodes on every call instead
+    of keeping its float32 matrix (a streamed run keeps only what the next layers need)."""
     module = model.get_submodule(target.module_name)
     decoded = None
     if isinstance(getattr(module, "weight", None), torch.nn.Parameter) and target.param_name == "weight":
@@ -69,8 +70,8 @@ def install_quantized(model: torch.nn.Module, target: WeightTarget, qt: Quantize
     if target.kind == "linear" or (target.kind == "conv1d" and qt.input_quant is not None):
         parent_name, _, child = target.module_name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        ql = QuantLinear(qt, module.bias)
-        if decoded is not None and target.kind == "linear":   # decoded once: the matrix QuantLinear would make
+        ql = QuantLinear(qt, module.bias, cache=cache)
+        if cache and decoded is not None and target.kind == "linear":   # decoded once: the matrix QuantLinear would make
             ql._decoded = decoded
         setattr(parent, child, ql)
     else:
