@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from lowbit.errors import SchemeError, SourceError
 from lowbit.export.native import _full_precision_state, staged_output_dir
+from lowbit.export.safetensors_io import write_safetensors
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.packing import pack, unpack
 from lowbit.model.quantized import QuantizedModel, install_quantized
@@ -159,8 +159,9 @@ def write_checkpoint(qm: QuantizedModel, output, tensors: dict[str, torch.Tensor
             raise SchemeError(f"tensor names clash in the checkpoint: {sorted(clash)[:3]}")
         all_tensors = dict(sorted({**state, **tensors}.items()))
         all_tensors = {k: v.contiguous() for k, v in all_tensors.items()}
-        save_file(all_tensors, str(tmp / WEIGHTS_FILE),
-                  metadata={"format": "pt", LOWBIT_META_KEY: json.dumps(meta, sort_keys=True)})
+        # lowbit's writer: the safetensors library orders metadata keys arbitrarily (not the same bytes twice)
+        write_safetensors(tmp / WEIGHTS_FILE, all_tensors,
+                          {"format": "pt", LOWBIT_META_KEY: json.dumps(meta, sort_keys=True)})
         qm.model.config.save_pretrained(tmp)
         cfg_file = tmp / "config.json"
         cfg = json.loads(cfg_file.read_text())

@@ -2,8 +2,8 @@
 needs to write a file larger than memory.
 
 Layout (valid for every safetensors reader): the 8-byte little-endian header length, the JSON
-header (keys sorted, "__metadata__" first, padded with spaces to a multiple of 8), then each
-tensor's bytes in the order of its name. A tensor comes from memory or from a byte range of
+header ("__metadata__" first, its keys sorted; padded with spaces to a multiple of 8), then each
+tensor's bytes, wider elements first and then by name. A tensor comes from memory or from a byte range of
 another safetensors file (a part written earlier), copied in bounded chunks. The same tensors
 give the same bytes whichever way they arrive, so a streamed output equals a resident one.
 """
@@ -132,7 +132,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tens
     """Write `tensors` (in memory or StoredTensor ranges) as one safetensors file at path."""
     dtypes = _dtypes()
     names = {v: k for k, v in dtypes.items()}
-    order = sorted(tensors)
+    # wider elements first, then by name: every tensor starts at a multiple of its element size
+    # (as the safetensors library lays files out), so readers can map them without copying
+    order = sorted(tensors, key=lambda n: (-dtypes[_entry(tensors[n], names)[0]].itemsize, n))
     header: dict = {"__metadata__": dict(sorted((metadata or {}).items()))} if metadata else {}
     offset = 0
     for name in order:
