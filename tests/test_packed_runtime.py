@@ -211,10 +211,11 @@ def test_bench_infer_measures_the_candidate_against_its_source(tiny_llama, tmp_p
     data = tmp_path / "prompt.txt"
     data.write_text("the quick brown fox jumps over the lazy dog " * 4)
     assert main(["bench-infer", str(out), "--data", str(data), "--prompt-tokens", "16", "--decode-tokens", "3",
-                 "--threads", "1", "--json"]) == 0
+                 "--threads", "1", "--kv", "int8", "--kv-sink", "2", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     source, cand = rows
     assert "error" not in source and "error" not in cand, rows
     assert cand["kernels"] == {"int4pack": 14} and source["model_rss_ratio"] == 1.0
     assert cand["rss_after_run"] >= cand["rss_before_load"] and len(cand["generated"]) == 3
+    assert cand["label"] == "candidate (packed, KV int8 per-token sink2)"
     assert main(["bench-infer", str(tiny_llama)]) == 2   # not a lowbit output: one line, exit 2

@@ -21,6 +21,30 @@ from lowbit.errors import LowbitError
 # --kv spellings: the quantized KV caches of lowbit.runtime.kv_cache
 _KV_CHOICES = ("int8", "fp8", "int4", "kivi2", "kivi4")
 
+
+def _add_kv_flags(parser, help_kv: str) -> None:
+    """--kv and the cache's settings, the same on eval, generate and bench-infer."""
+    parser.add_argument("--kv", choices=_KV_CHOICES, help=help_kv)
+    parser.add_argument("--kv-residual", type=int, help="most recent tokens kept in full precision "
+                                                        "(default 128 for kivi2/kivi4, 0 otherwise)")
+    parser.add_argument("--kv-sink", type=int, help="first tokens kept in full precision, the attention sink (default 1)")
+    parser.add_argument("--kv-clip", choices=("minmax", "mse"), help="int4/kivi ranges: min-max, or the clipped range "
+                                                                     "of least squared error (default: mse for kivi2)")
+
+
+def _kv_spec(args):
+    """The KVCacheSpec the --kv flags name, or None without --kv."""
+    if args.kv is None:
+        for flag in ("kv_residual", "kv_sink", "kv_clip"):
+            if getattr(args, flag, None) is not None:
+                from lowbit.errors import SchemeError
+
+                raise SchemeError(f"--{flag.replace('_', '-')} sets a quantized KV cache: add --kv int8|fp8|int4|kivi2|kivi4")
+        return None
+    from lowbit.runtime.kv_cache import KVCacheSpec
+
+    return KVCacheSpec(args.kv, residual=args.kv_residual, sink=args.kv_sink, clip=args.kv_clip)
+
 # --act spellings -> activation schemes (static ones take --act-observer)
 _ACT_CHOICES = ("none", "int8", "int8-static", "int4", "fp8", "fp8-static", "nvfp4", "nvfp4-dynamic", "mxfp8", "mxfp4")
 
@@ -649,10 +673,11 @@ def cmd_eval(args):
     elif args.data:
         data = args.data[0]
     protocol = None
-    if args.kv is not None:
+    kv_spec = _kv_spec(args)
+    if kv_spec is not None:
         if args.domains:
             raise DataError("--domains with --kv is not supported; evaluate the KV cache and the domains in two runs")
-        protocol = CacheProtocol.for_window(KVCacheSpec(args.kv, residual=args.kv_residual), args.ctx, args.kv_chunk)
+        protocol = CacheProtocol.for_window(kv_spec, args.ctx, args.kv_chunk)
     if args.candidate is None:
         if protocol is None:
             raise SourceError("name a CANDIDATE to evaluate, or pass --kv K to evaluate the source's own weights "
@@ -802,9 +827,9 @@ def cmd_generate(args):
     from lowbit.errors import SourceError
     from lowbit.eval.report import generate_text, load_candidate, resolve_reference
     from lowbit.model.load import load_source
-    from lowbit.runtime.kv_cache import KVCacheSpec, QuantizedKVCache
+    from lowbit.runtime.kv_cache import QuantizedKVCache
 
-    spec = None if args.kv is None else KVCacheSpec(args.kv, residual=args.kv_residual)
+    spec = _kv_spec(args)
     if args.candidate is None:
         if spec is None:
             raise SourceError("name a CANDIDATE, or pass --kv K to generate with the source's own weights and a "
@@ -865,12 +890,14 @@ def cmd_size(args):
         raise SchemeError("--kv sizes a KV cache: add --context TOKENS (and --batch REQUESTS)")
     kv = args.kv[0] if args.kv else None
     fmts = args.format or ["fp32", "fp16", "int8", "int4"]
+    if not args.kv and (args.kv_residual is not None or args.kv_sink is not None):
+        raise SchemeError("--kv-residual/--kv-sink size a quantized KV cache: add --kv KIND")
     rows = [estimate(params, f, args.group_size, args.asym, args.context, args.batch, args.kv_bits, arch, kv,
-                     args.kv_residual) for f in fmts]
+                     args.kv_residual, args.kv_sink) for f in fmts]
     kv_rows = []
     if args.kv:
         geometry = arch or nearest_arch(params)
-        kv_rows = [kv_estimate(k, geometry, args.context, args.batch, args.kv_residual)
+        kv_rows = [kv_estimate(k, geometry, args.context, args.batch, args.kv_residual, sink=args.kv_sink)
                    for k in dict.fromkeys(["fp16", *args.kv])]
     if args.json:
         weights = [r.as_dict() for r in rows]
@@ -906,6 +933,7 @@ def cmd_bench_infer(args):
     from transformers import AutoTokenizer
 
     recipe = read_recipe(path)
+    kv = _kv_spec(args)
     reference = args.reference if args.reference is not None else recipe.get("source")
     if args.gguf is not None and not Path(args.gguf).is_file():
         raise SourceError(f"--gguf {args.gguf} does not exist; pass a .gguf file (e.g. from `lowbit export --to gguf`)")
@@ -915,8 +943,8 @@ def cmd_bench_infer(args):
     base = {"prompt": prompt, "decode_tokens": args.decode_tokens, "threads": args.threads,
             "warm_config": str(path), "repeats": args.repeats}
     specs = [{**base, "label": "source (fp32)", "runtime": "source", "path": None if reference in (None, "default") else reference},
-             {**base, "label": f"candidate ({args.runtime})", "runtime": args.runtime, "path": str(path),
-              **({"kv": args.kv, "kv_residual": args.kv_residual} if args.kv else {})}]
+             {**base, "label": f"candidate ({args.runtime}{'' if kv is None else ', KV ' + kv.label()})",
+              "runtime": args.runtime, "path": str(path), **({"kv": kv.as_dict()} if kv else {})}]
     if args.compile:
         specs.append({**specs[1], "label": f"candidate ({args.runtime}, torch.compile)", "compile": True})
     if args.gguf:
@@ -1164,10 +1192,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ctx", type=int, default=512, help="tokens per window, at most the model's max_position_embeddings")
     e.add_argument("--windows", type=int, default=16)
     e.add_argument("--layers", action="store_true", help="print every layer's weight/output error (default: the ten worst)")
-    e.add_argument("--kv", choices=_KV_CHOICES, help="quantized KV cache: int8 / fp8 (E4M3; scale per token per head), "
-                                                     "int4 (asymmetric g32 along head_dim), kivi2 (KIVI 2-bit: keys per channel, "
-                                                     "values per token, a full-precision window), kivi4 (KIVI at 4 bits)")
-    e.add_argument("--kv-residual", type=int, default=128, help="kivi2/kivi4: most recent tokens kept in full precision (128)")
+    _add_kv_flags(e, "quantized KV cache: int8 / fp8 (E4M3; scale per token per head), int4 (asymmetric g32 along "
+                     "head_dim), kivi2 (KIVI 2-bit: keys per channel, values per token, a full-precision window), "
+                     "kivi4 (KIVI at 4 bits)")
     e.add_argument("--domains", action="store_true", help="also score each domain (prose, code, arithmetic, math, "
                    "chat) on --windows windows each, with generations side by side")
     e.add_argument("--seed", type=int, default=0, help="--domains: seed of the generated arithmetic, math and chat sets")
@@ -1227,9 +1254,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("candidate", nargs="?", help="lowbit folder, HF folder or .gguf (optional with --kv)")
     g.add_argument("--reference")
     g.add_argument("--prompt", required=True)
-    g.add_argument("--kv", choices=_KV_CHOICES, help="generate the candidate's text with a quantized KV cache "
-                                                     "(without CANDIDATE: the source's weights)")
-    g.add_argument("--kv-residual", type=int, default=128, help="kivi2/kivi4: most recent tokens kept in full precision (128)")
+    _add_kv_flags(g, "generate the candidate's text with a quantized KV cache (without CANDIDATE: the source's weights)")
     g.add_argument("--max-new-tokens", type=int, default=48)
     g.add_argument("--json", action="store_true")
     g.set_defaults(func=cmd_generate)
@@ -1244,8 +1269,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gguf", help="also run this .gguf with llama.cpp (llama-cpp-python) on the same prompt")
     b.add_argument("--runtime", default="packed", choices=["packed", "decoded"],
                    help="packed (low-bit at rest, torch's int4/int8 kernels; default) or decoded (fp32 copy)")
-    b.add_argument("--kv", choices=_KV_CHOICES, help="the candidate decodes with this quantized KV cache")
-    b.add_argument("--kv-residual", type=int, default=128)
+    _add_kv_flags(b, "the candidate decodes with this quantized KV cache")
     b.add_argument("--compile", action="store_true", help="add a row with torch.compile on the candidate's forward")
     b.add_argument("--data", help="prompt text file (default: Python reference manual, evaluation part)")
     b.add_argument("--prompt-tokens", type=int, default=128)
@@ -1287,7 +1311,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-bits", type=int, default=16)
     s.add_argument("--kv", action="append", choices=("fp16",) + _KV_CHOICES,
                    help="KV cache as lowbit's quantized cache stores it (repeatable; a table compares each with fp16)")
-    s.add_argument("--kv-residual", type=int, default=128, help="kivi2: full-precision window in tokens (128)")
+    s.add_argument("--kv-residual", type=int, help="full-precision window in tokens (default 128 for kivi2/kivi4, 0 otherwise)")
+    s.add_argument("--kv-sink", type=int, help="first tokens kept in full precision (default 1)")
     s.add_argument("--arch", type=int, nargs=3, metavar=("LAYERS", "KV_HEADS", "HEAD_DIM"))
     s.add_argument("--config", help="model geometry from a config.json or a model folder (instead of --arch)")
     s.add_argument("--json", action="store_true")

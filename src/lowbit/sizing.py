@@ -73,14 +73,16 @@ class KVEstimate:
         return dataclasses.asdict(self)
 
 
-def kv_estimate(kind: str, arch: tuple[int, int, int], context: int, batch: int = 1, residual: int = 128,
-                group_size: int = 32) -> KVEstimate:
+def kv_estimate(kind: str, arch: tuple[int, int, int], context: int, batch: int = 1, residual: int | None = None,
+                group_size: int = 32, sink: int | None = None) -> KVEstimate:
     """Bytes of a KV cache of `kind` (fp16 | int8 | fp8 | int4 | kivi2 | kivi4): layers x KV heads x head_dim x 2
     (keys, values) x bits/8 per token plus fp16 scales (and KIVI's fp16 window), x context x batch.
     The per-head count is the one the cache's measured bytes are tested against."""
     from lowbit.runtime.kv_cache import KVCacheSpec
 
-    spec = KVCacheSpec(kind, residual=residual, group_size=group_size)
+    if KVCacheSpec(kind).kind == "none":   # the fp16 reference row: no window, no sink
+        residual = sink = None
+    spec = KVCacheSpec(kind, residual=residual, group_size=group_size, sink=sink)
     spec.check_head_dim(arch[2])
     layers, kv_heads, head_dim = arch
     total = spec.bytes_per_head(context, head_dim, full_bytes=2) * layers * kv_heads * batch
@@ -135,7 +137,7 @@ def _safetensors_count(path: Path) -> int:
 def estimate(params: float, fmt: str = "int4", group_size: int = 128, asymmetric: bool = False,
              context: int = 0, batch: int = 1, kv_bits: int = 16,
              arch: tuple[int, int, int] | None = None, kv: str | None = None,
-             kv_residual: int = 128) -> SizeEstimate:
+             kv_residual: int | None = None, kv_sink: int | None = None) -> SizeEstimate:
     """Bytes needed to hold a model of `params` weights in `fmt`, plus KV cache if asked: at
     `kv_bits` per element, or, with `kv`, as that quantized cache stores it (see kv_estimate)."""
     if fmt not in FORMAT_BITS:
@@ -151,7 +153,7 @@ def estimate(params: float, fmt: str = "int4", group_size: int = 128, asymmetric
         arch = arch or nearest_arch(params)
         layers, kv_heads, head_dim = arch
         if kv is not None:
-            kv_bytes = float(kv_estimate(kv, arch, context, batch, kv_residual).total_bytes)
+            kv_bytes = float(kv_estimate(kv, arch, context, batch, kv_residual, sink=kv_sink).total_bytes)
         else:
             kv_bytes = 2 * layers * kv_heads * head_dim * context * batch * kv_bits / 8
     else:

@@ -74,7 +74,7 @@ def measure_model(model, prompt: list[int], spec: dict) -> dict:
     if spec.get("kv"):
         from lowbit.runtime.kv_cache import KVCacheSpec, make_cache
 
-        kv_spec = KVCacheSpec(spec["kv"], residual=spec.get("kv_residual", 128))
+        kv_spec = KVCacheSpec(**spec["kv"]) if isinstance(spec["kv"], dict) else KVCacheSpec(spec["kv"])
     forward = torch.compile(model.forward, dynamic=True) if spec.get("compile") else model.forward
     ids = torch.tensor([prompt])
     n_new = spec["decode_tokens"]

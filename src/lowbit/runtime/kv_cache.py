@@ -20,10 +20,20 @@ run on it. Kinds (`KVCacheSpec.kind`):
 - ``kivi4``: the KIVI layout at 4 bits (keys per channel, values per token), for comparison with
   ``int4``, whose keys are grouped along head_dim (keys have outlier channels, KIVI section 3).
 
-Write, then read: each `update` stores the new states first and returns the states decoded from
-storage, so attention (prefill included) always reads what the cache holds. Reads decode the
-whole history; the stored tensors stay compressed between steps. `nbytes()` is measured from the
-stored tensors (element_size * numel).
+Around the codes, every quantized kind keeps in full precision (``residual_dtype``, fp16):
+- the first ``sink`` tokens (default 1): the attention sink, which takes much of every query's
+  attention and whose key differs from the rest (KVQuant, IntactKV); quantizing it costs KIVI-2 a
+  third of its KLD on the embedded default;
+- a window of the ``residual`` most recent tokens (default 128 for KIVI, 0 otherwise), leaving it
+  in whole blocks of ``block`` tokens for KIVI (keys are grouped over tokens) and one by one
+  otherwise.
+
+Reads: with ``new_tokens="exact"`` (default) the tokens of one `update` attend to each other as
+computed and to everything cached before as stored, which is what KIVI, transformers'
+QuantizedCache and a serving engine's prefill do (the states exist before they are written);
+``new_tokens="stored"`` returns every state decoded from storage (a stricter write-then-read).
+Reads decode the whole history; the stored tensors stay compressed between steps. `nbytes()` is
+measured from the stored tensors (element_size * numel).
 """
 
 from __future__ import annotations
@@ -45,20 +55,31 @@ _RESIDUAL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "same"
 
 @dataclasses.dataclass(frozen=True)
 class KVCacheSpec:
-    """How a KV cache stores keys and values; validated on construction."""
+    """How a KV cache stores keys and values; validated on construction. `None` fields take the
+    kind's default: residual 128 for KIVI, else 0; sink 1 for quantized kinds; clip "mse" at 2 bits."""
 
     kind: str = "none"
     granularity: str = "token"      # int8/fp8: "token" (per token per head) or "head"
     group_size: int = 32            # int4 and KIVI values: channels per group along head_dim
     block: int = 32                 # KIVI: tokens per key block (G), the unit that leaves the window
-    residual: int = 128             # KIVI: most recent tokens kept in full precision (R)
-    residual_dtype: str = "float16"  # KIVI window: float16 | bfloat16 | same (the model's dtype, exact)
+    residual: int | None = None     # most recent tokens kept in full precision (R)
+    residual_dtype: str = "float16"  # sink and window: float16 | bfloat16 | same (the model's dtype, exact)
+    sink: int | None = None         # first tokens kept in full precision
+    clip: str | None = None         # int4/KIVI ranges: "minmax" | "mse" (see kv_quant)
+    new_tokens: str = "exact"       # "exact" | "stored": how an update's own tokens are read
 
     def __post_init__(self):
         kind = _ALIASES.get(self.kind, self.kind)
         object.__setattr__(self, "kind", kind)
         if kind not in KV_KINDS:
             raise SchemeError(f"unknown KV cache kind {self.kind!r}; choose one of: {', '.join(KV_KINDS)}")
+        kivi = kind in ("kivi2", "kivi4")
+        if self.residual is None:
+            object.__setattr__(self, "residual", 128 if kivi else 0)
+        if self.sink is None:
+            object.__setattr__(self, "sink", 0 if kind == "none" else 1)
+        if self.clip is None:
+            object.__setattr__(self, "clip", "mse" if kind == "kivi2" else "minmax")
         if self.granularity not in ("token", "head"):
             raise SchemeError(f"KV granularity must be 'token' or 'head', got {self.granularity!r}")
         if self.granularity == "head" and kind not in ("int8", "fp8"):
@@ -68,9 +89,19 @@ class KVCacheSpec:
         if self.block < 1:
             raise SchemeError(f"KIVI block (tokens per key group) must be at least 1, got {self.block}")
         if self.residual < 0:
-            raise SchemeError(f"KIVI residual window must be 0 or more tokens, got {self.residual}; pass --kv-residual R")
+            raise SchemeError(f"KV residual window must be 0 or more tokens, got {self.residual}; pass --kv-residual R")
+        if self.sink < 0:
+            raise SchemeError(f"KV sink must be 0 or more tokens, got {self.sink}; pass --kv-sink N")
+        if kind == "none" and (self.residual or self.sink):
+            raise SchemeError("a full-precision KV cache has no sink or residual window; drop --kv-sink/--kv-residual")
         if self.residual_dtype not in _RESIDUAL_DTYPES:
-            raise SchemeError(f"KIVI residual dtype must be one of {', '.join(_RESIDUAL_DTYPES)}, got {self.residual_dtype!r}")
+            raise SchemeError(f"KV residual dtype must be one of {', '.join(_RESIDUAL_DTYPES)}, got {self.residual_dtype!r}")
+        if self.clip not in Q.CLIPS:
+            raise SchemeError(f"KV range clip must be one of {', '.join(Q.CLIPS)}, got {self.clip!r}")
+        if self.clip == "mse" and kind in ("int8", "fp8"):
+            raise SchemeError(f"--kv-clip mse searches asymmetric ranges (int4, kivi2, kivi4); {kind} uses absmax scales")
+        if self.new_tokens not in ("exact", "stored"):
+            raise SchemeError(f"KV new_tokens must be 'exact' or 'stored', got {self.new_tokens!r}")
 
     def check_head_dim(self, head_dim: int) -> None:
         """Refuse a head_dim the groups do not divide (no silent fallback)."""
@@ -82,17 +113,28 @@ class KVCacheSpec:
         if self.kind == "none":
             return "full precision"
         if self.kind in ("int8", "fp8"):
-            return f"{self.kind} per-{self.granularity}"
-        if self.kind == "int4":
-            return f"int4 g{self.group_size} asym"
-        return f"{self.kind} G{self.block} g{self.group_size} R{self.residual}"
+            parts = [f"{self.kind} per-{self.granularity}"]
+        elif self.kind == "int4":
+            parts = [f"int4 g{self.group_size} asym"]
+        else:
+            parts = [f"{self.kind} G{self.block} g{self.group_size}"]
+        if self.residual:
+            parts.append(f"R{self.residual}")
+        if self.sink:
+            parts.append(f"sink{self.sink}")
+        if self.clip == "mse":
+            parts.append("mse")
+        if self.new_tokens == "stored":
+            parts.append("read-back")
+        return " ".join(parts)
 
     def bytes_per_head(self, tokens: int, head_dim: int, full_bytes: int = 2) -> int:
         """Bytes one layer's KV head holds for `tokens` tokens of one sequence."""
         rd = _RESIDUAL_DTYPES[self.residual_dtype]
         return Q.kv_bytes_per_head(self.kind, tokens, head_dim, granularity=self.granularity,
                                    group_size=self.group_size, block=self.block, residual=self.residual,
-                                   full_bytes=full_bytes, residual_bytes=full_bytes if rd is None else rd.itemsize)
+                                   sink=self.sink, full_bytes=full_bytes,
+                                   residual_bytes=full_bytes if rd is None else rd.itemsize)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -130,9 +172,14 @@ class KVLayer(DynamicLayer):
         """Store the new states, then return every cached state decoded (write, then read)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.cumulative_length += key_states.shape[-2]
+        n = key_states.shape[-2]
+        self.cumulative_length += n
         self._append(key_states, value_states)
-        return self._read()
+        keys, values = self._read()
+        if self.spec.new_tokens == "exact" and n and self.kind != "none":
+            keys = torch.cat([keys[..., :-n, :], key_states], dim=-2)
+            values = torch.cat([values[..., :-n, :], value_states], dim=-2)
+        return keys, values
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         raise NotImplementedError
@@ -195,27 +242,79 @@ class FullPrecisionLayer(KVLayer):
         return self.stored["keys"], self.stored["values"]
 
 
-class AbsmaxLayer(KVLayer):
+class QuantizedLayer(KVLayer):
+    """The parts every quantized kind shares: the sink, the full-precision window and the order
+    of reading (sink, decoded codes, window). Subclasses store and decode a run of tokens."""
+
+    kind = ""
+    flush_unit: ClassVar[bool] = False   # True: tokens leave the window in whole `block`s (KIVI)
+
+    def _append(self, key_states, value_states):
+        rd = _RESIDUAL_DTYPES[self.spec.residual_dtype] or key_states.dtype
+        # the window's older tokens (already rounded to rd) followed by the new ones as given: a
+        # token that goes straight to codes is quantized from the states the model computed
+        k, v = key_states, value_states
+        if "k_window" in self.stored:
+            k = torch.cat([self.stored["k_window"].to(k.dtype), k], dim=-2)
+            v = torch.cat([self.stored["v_window"].to(v.dtype), v], dim=-2)
+        if "k_sink" not in self.stored:
+            n_sink = self.spec.sink
+            if k.shape[-2] < n_sink:      # the sink is not complete yet: everything waits in the window
+                self.stored["k_window"], self.stored["v_window"] = k.to(rd).contiguous(), v.to(rd).contiguous()
+                return
+            self.stored["k_sink"], self.stored["v_sink"] = k[..., :n_sink, :].to(rd).contiguous(), v[..., :n_sink, :].to(rd).contiguous()
+            k, v = k[..., n_sink:, :], v[..., n_sink:, :]
+        n_flush, _ = Q.kivi_split(k.shape[-2], self.spec.residual, self.spec.block if self.flush_unit else 1)
+        if n_flush:
+            self._store(k[..., :n_flush, :], v[..., :n_flush, :])
+        self.stored["k_window"] = k[..., n_flush:, :].to(rd).contiguous()
+        self.stored["v_window"] = v[..., n_flush:, :].to(rd).contiguous()
+
+    def _store(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize a run of tokens and append its codes and scales."""
+        raise NotImplementedError
+
+    def _decode(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every quantized token decoded, (B, H, Tq, D) in the model's dtype; None if none yet."""
+        raise NotImplementedError
+
+    def quantized_length(self) -> int:
+        """Tokens held as codes (the rest are the sink and the full-precision window)."""
+        codes = self.stored.get("k_codes")
+        return 0 if codes is None else codes.shape[-2]
+
+    def _read(self):
+        s = self.stored
+        decoded = self._decode() if "k_codes" in s else None
+        parts_k = [s["k_sink"].to(self.dtype)] if "k_sink" in s else []
+        parts_v = [s["v_sink"].to(self.dtype)] if "v_sink" in s else []
+        if decoded is not None:
+            parts_k.append(decoded[0])
+            parts_v.append(decoded[1])
+        parts_k.append(s["k_window"].to(self.dtype))
+        parts_v.append(s["v_window"].to(self.dtype))
+        return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+
+
+class AbsmaxLayer(QuantizedLayer):
     """int8 or fp8 codes with fp16 absmax scales per token per head (or per head)."""
 
     kind = ""
     _codec: ClassVar[tuple] = ()   # (qmax, quantize, dequantize)
 
-    def _append(self, key_states, value_states):
+    def _store(self, key_states, value_states):
         qmax, quantize, _ = self._codec
         for name, x in (("k", key_states), ("v", value_states)):
-            if x.shape[-2] == 0:
-                continue
             if self.spec.granularity == "token":
                 scale = Q.absmax_scale(x, qmax, dims=(-1,))             # (B, H, T, 1)
                 self._cat(name + "_scale", scale)
-            else:  # per head: fitted on the first (prefill) states, then frozen
+            else:  # per head: fitted on the first states stored (the prefill's), then frozen
                 if name + "_scale" not in self.stored:
                     self.stored[name + "_scale"] = Q.absmax_scale(x, qmax, dims=(-2, -1))  # (B, H, 1, 1)
                 scale = self.stored[name + "_scale"]
             self._cat(name + "_codes", quantize(x, scale))               # (B, H, T, D)
 
-    def _read(self):
+    def _decode(self):
         _, _, dequantize = self._codec
         return tuple(dequantize(self.stored[n + "_codes"], self.stored[n + "_scale"], self.dtype) for n in ("k", "v"))
 
@@ -230,63 +329,47 @@ class Fp8Layer(AbsmaxLayer):
     _codec = (Q.FP8_MAX, Q.quantize_fp8, Q.dequantize_fp8)
 
 
-class Int4Layer(KVLayer):
+class Int4Layer(QuantizedLayer):
     """4-bit asymmetric groups along head_dim, codes packed two per byte."""
 
     kind = "int4"
     bits = 4
 
-    def _append(self, key_states, value_states):
+    def _store(self, key_states, value_states):
         for name, x in (("k", key_states), ("v", value_states)):
-            codes, scale, minimum = Q.quantize_token_groups(x, self.bits, self.spec.group_size)
+            codes, scale, minimum = Q.quantize_token_groups(x, self.bits, self.spec.group_size, self.spec.clip)
             self._cat(name + "_codes", codes)      # (B, H, T, D/2) uint8
             self._cat(name + "_scale", scale)      # (B, H, T, D/group) fp16
             self._cat(name + "_min", minimum)      # (B, H, T, D/group) fp16
 
-    def _read(self):
+    def _decode(self):
         return tuple(Q.dequantize_token_groups(self.stored[n + "_codes"], self.stored[n + "_scale"],
                                                self.stored[n + "_min"], self.bits, self.dtype) for n in ("k", "v"))
 
 
-class KiviLayer(KVLayer):
+class KiviLayer(QuantizedLayer):
     """KIVI-2: keys per channel over blocks of G tokens, values per token in groups, a window of
     the R most recent tokens in full precision; whole blocks move from the window to storage."""
 
     kind = "kivi2"
     bits = 2
+    flush_unit = True
 
-    def _append(self, key_states, value_states):
-        rd = _RESIDUAL_DTYPES[self.spec.residual_dtype] or key_states.dtype
-        self._cat("k_window", key_states.to(rd))
-        self._cat("v_window", value_states.to(rd))
-        n_window = self.stored["k_window"].shape[-2]
-        n_flush, _ = Q.kivi_split(n_window, self.spec.residual, self.spec.block)
-        if n_flush == 0:
-            return
-        kw, vw = self.stored["k_window"], self.stored["v_window"]
-        k_codes, k_scale, k_min = Q.quantize_channel_blocks(kw[..., :n_flush, :], self.bits, self.spec.block)
-        v_codes, v_scale, v_min = Q.quantize_token_groups(vw[..., :n_flush, :], self.bits, self.spec.group_size)
+    def _store(self, keys, values):
+        k_codes, k_scale, k_min = Q.quantize_channel_blocks(keys, self.bits, self.spec.block, self.spec.clip)
+        v_codes, v_scale, v_min = Q.quantize_token_groups(values, self.bits, self.spec.group_size, self.spec.clip)
         self._cat("k_codes", k_codes)   # (B, H, Tq, D*bits/8) uint8
         self._cat("k_scale", k_scale)   # (B, H, Tq/G, D) fp16: one per channel per block
         self._cat("k_min", k_min)
         self._cat("v_codes", v_codes)   # (B, H, Tq, D*bits/8) uint8
         self._cat("v_scale", v_scale)   # (B, H, Tq, D/group) fp16: per token per group
         self._cat("v_min", v_min)
-        self.stored["k_window"] = kw[..., n_flush:, :].contiguous()
-        self.stored["v_window"] = vw[..., n_flush:, :].contiguous()
 
-    def quantized_length(self) -> int:
-        """Tokens held as 2-bit codes (the rest are in the full-precision window)."""
-        return self.stored["k_codes"].shape[-2] if "k_codes" in self.stored else 0
-
-    def _read(self):
-        kw, vw = self.stored["k_window"].to(self.dtype), self.stored["v_window"].to(self.dtype)
-        if "k_codes" not in self.stored:
-            return kw, vw
+    def _decode(self):
         s = self.stored
         k = Q.dequantize_channel_blocks(s["k_codes"], s["k_scale"], s["k_min"], self.bits, self.dtype)
         v = Q.dequantize_token_groups(s["v_codes"], s["v_scale"], s["v_min"], self.bits, self.dtype)
-        return torch.cat([k, kw], dim=-2), torch.cat([v, vw], dim=-2)
+        return k, v
 
 
 class Kivi4Layer(KiviLayer):

@@ -9,6 +9,11 @@ token axis at -2, so codes and scales of new tokens are appended with one `torch
   `group` channels of one token; codes packed along head_dim (two per byte at 4 bits, four at 2);
 - channel blocks (KIVI keys): asymmetric, one fp16 scale and minimum per channel over a block of
   `block` tokens (keys have outlier channels, so they are grouped per channel, KIVI section 3).
+
+Asymmetric ranges are min-max, or with ``clip="mse"`` the pair (min + a·range, max - b·range),
+a, b in {0, 0.05, ..., 0.25}, of least squared error after fp16 rounding of scale and minimum: at
+2 bits clipping the tails beats covering them; at 4 bits it clips outlier channels that attention
+needs (measured in bench/results/kv_cache.md), so min-max is the 4-bit default.
 """
 
 from __future__ import annotations
@@ -32,12 +37,37 @@ def absmax_scale(x: torch.Tensor, qmax: float, dims: tuple[int, ...] = (-1,)) ->
     return (amax / qmax).clamp_min(_SCALE_MIN).to(SCALE_DTYPE)
 
 
-def minmax_params(x: torch.Tensor, bits: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, minimum) in fp16 over `dim` (kept): scale = (max - min) / (2^bits - 1)."""
-    lo = x.float().amin(dim=dim, keepdim=True)
-    hi = x.float().amax(dim=dim, keepdim=True)
-    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(_SCALE_MIN)
-    return scale.to(SCALE_DTYPE), lo.to(SCALE_DTYPE)
+CLIPS = ("minmax", "mse")
+_CLIP_STEPS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)   # fractions of the range cut from each end ("mse")
+
+
+def minmax_params(x: torch.Tensor, bits: int, dim: int, clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, minimum) in fp16 over `dim` (kept): scale = (hi - lo) / (2^bits - 1), with (lo, hi)
+    the min and max, or ("mse") the clipped pair of least squared error (ties keep min-max)."""
+    xf = x.float()
+    lo = xf.amin(dim=dim, keepdim=True)
+    hi = xf.amax(dim=dim, keepdim=True)
+    levels = (1 << bits) - 1
+    if clip == "minmax":
+        scale = ((hi - lo) / levels).clamp_min(_SCALE_MIN)
+        return scale.to(SCALE_DTYPE), lo.to(SCALE_DTYPE)
+    if clip != "mse":
+        raise ValueError(f"unknown KV range clip {clip!r}")
+    span = hi - lo
+    best = None
+    for a in _CLIP_STEPS:
+        for b in _CLIP_STEPS:
+            scale = ((span * (1 - a - b)) / levels).clamp_min(_SCALE_MIN).to(SCALE_DTYPE)
+            minimum = (lo + a * span).to(SCALE_DTYPE)
+            s, m = scale.float(), minimum.float()
+            err = (torch.round((xf - m) / s).clamp(0, levels) * s + m - xf).square().sum(dim=dim, keepdim=True)
+            if best is None:
+                best = [err, scale, minimum]
+                continue
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, minimum, best[2])]
+    return best[1], best[2]
 
 
 # ---- symmetric absmax: int8 and fp8 ---------------------------------------------------------------
@@ -96,12 +126,13 @@ def dequantize_minmax(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.T
     return (codes.float() * scale.float() + minimum.float()).to(dtype)
 
 
-def quantize_token_groups(x: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_token_groups(x: torch.Tensor, bits: int, group: int,
+                          clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed codes (..., T, D*bits/8), scale (..., T, D/group), minimum (..., T, D/group)):
     each token's head_dim cut into groups of `group` channels, each with its own range."""
     *lead, d = x.shape
     xg = x.reshape(*lead, d // group, group)                 # (..., T, groups, group)
-    scale, minimum = minmax_params(xg, bits, dim=-1)         # (..., T, groups, 1)
+    scale, minimum = minmax_params(xg, bits, dim=-1, clip=clip)   # (..., T, groups, 1)
     codes = quantize_minmax(xg, scale, minimum, bits).reshape(*lead, d)
     return pack_last(codes, bits), scale.squeeze(-1), minimum.squeeze(-1)
 
@@ -118,12 +149,13 @@ def dequantize_token_groups(packed: torch.Tensor, scale: torch.Tensor, minimum: 
 
 # ---- asymmetric minmax: per channel over blocks of tokens (KIVI keys) -----------------------------
 
-def quantize_channel_blocks(x: torch.Tensor, bits: int, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_channel_blocks(x: torch.Tensor, bits: int, block: int,
+                            clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(packed codes (B, H, T, D*bits/8), scale (B, H, T/block, D), minimum (B, H, T/block, D)) of
     x (B, H, T, D) with T a multiple of `block`: each channel of each block of tokens has its range."""
     b, h, t, d = x.shape
     xb = x.reshape(b, h, t // block, block, d)               # (B, H, blocks, block, D)
-    scale, minimum = minmax_params(xb, bits, dim=-2)         # (B, H, blocks, 1, D)
+    scale, minimum = minmax_params(xb, bits, dim=-2, clip=clip)   # (B, H, blocks, 1, D)
     codes = quantize_minmax(xb, scale, minimum, bits).reshape(b, h, t, d)
     return pack_last(codes, bits), scale.squeeze(-2), minimum.squeeze(-2)
 
@@ -148,24 +180,30 @@ def kivi_split(tokens: int, residual: int, block: int) -> tuple[int, int]:
 
 
 def kv_bytes_per_head(kind: str, tokens: int, head_dim: int, *, granularity: str = "token", group_size: int = 32,
-                      block: int = 32, residual: int = 128, full_bytes: int = 2, residual_bytes: int = 2) -> int:
+                      block: int = 32, residual: int = 128, sink: int = 0, full_bytes: int = 2,
+                      residual_bytes: int = 2) -> int:
     """Bytes one KV head of one layer holds for `tokens` tokens of one sequence, keys and values,
     codes and fp16 scales: the single source of truth the cache's measured bytes are checked against.
-    `full_bytes`: element size of an unquantized cache; `residual_bytes`: of KIVI's window."""
+    The first `sink` tokens and the full-precision window (`residual` most recent tokens, leaving
+    it in whole `block`s for KIVI, one token at a time otherwise) take `residual_bytes` per element;
+    `full_bytes`: element size of an unquantized cache."""
     s = torch.finfo(SCALE_DTYPE).bits // 8
-    t, d = tokens, head_dim
+    d = head_dim
     if kind == "none":
-        per = t * d * full_bytes
-    elif kind in ("int8", "fp8"):
-        per = t * d + (t * s if granularity == "token" else (s if t else 0))
+        return 2 * tokens * d * full_bytes
+    kivi = kind in ("kivi2", "kivi4")
+    n_sink = min(sink, tokens)
+    q, r = kivi_split(tokens - n_sink, residual, block if kivi else 1)
+    kept = 2 * (n_sink + r) * d * residual_bytes
+    if kind in ("int8", "fp8"):
+        per = q * d + (q * s if granularity == "token" else (s if q else 0))
     elif kind == "int4":
-        per = t * d // 2 + t * (d // group_size) * 2 * s
-    elif kind in ("kivi2", "kivi4"):
+        per = q * d // 2 + q * (d // group_size) * 2 * s
+    elif kivi:
         bits = int(kind[-1])
-        q, r = kivi_split(t, residual, block)
         keys = q * d * bits // 8 + (q // block) * d * 2 * s
         values = q * d * bits // 8 + q * (d // group_size) * 2 * s
-        return keys + values + 2 * r * d * residual_bytes
+        return keys + values + kept
     else:
         raise ValueError(f"unknown KV kind {kind!r}")
-    return 2 * per
+    return 2 * per + kept
