@@ -38,6 +38,12 @@ CANDIDATES = [
       "targets": ["self_attn", "mlp", "embed_tokens"], "ignore": ["norm"]}, "Q8_0"),
     ("W8A8 int8 per-token dynamic (int_mm)", {"scheme": "W8A8"}, None),
     ("NF4 g64 (decode per call)", {"scheme": "NF4"}, None),
+    # the decoder as row 0, the tied embedding/head in int8 per row: gathered from int8 rows, the head
+    # through the int8pack kernel; in GGUF exactly Q4_0 blocks and Q8_0 blocks sharing each row's scale
+    ("W4 g32 sym, embeddings int8 per row (int4pack + int8pack)",
+     {"scheme": {"weights": {"format": "int", "bits": 4, "group_size": 32, "symmetric": True}},
+      "targets": ["self_attn", "mlp", "embed_tokens"], "ignore": ["norm"],
+      "groups": [{"name": "embeddings", "targets": ["embed_tokens"], "scheme": "W8A16"}]}, "Q4_0-Q8_0"),
 ]
 
 
@@ -86,6 +92,17 @@ def torchao_worker(spec: dict) -> dict:
     r.update(label=spec["label"], runtime="torchao", path=None, rss_before_load=before,
              model_rss=r["rss_after_run"] - before)
     return r
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (llama.cpp's and torch's kernels differ between AMX, AVX-512 and AVX2)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f", {os.cpu_count()} cores"
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores"
 
 
 def kld_rows(cands, windows) -> dict[str, dict]:
@@ -172,7 +189,7 @@ def main() -> None:
             r["kld"] = klds[r["label"]]
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "threads": args.threads, "prompt_tokens": n_prompt,
             "decode_tokens": n_decode, "kld_windows": f"WikiText-2 test, {n_kld} x 512 tokens", "torch": torch.__version__,
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "cpu": _cpu_name(), "command": "python bench/infer.py " + " ".join(sys.argv[1:])}
     out_dir = ROOT / "bench" / "results"
     name = args.name or ("infer_quick" if args.quick else "infer")
     (out_dir / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
@@ -198,6 +215,10 @@ def main() -> None:
                      f"{r['same_tokens_as_reference']} | {fmt(kld.get('decoded'))} | {fmt(kld.get('packed'))} | "
                      f"{', '.join(f'{k} {v}' for k, v in r.get('kernels', {}).items()) or '–'} | "
                      f"{'–'.join(f'{x:.1f}' for x in r['loadavg_1m'])} |")
+    notes = [f"- {r['label']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", *notes]
+    lines += ["", f"Machine: {meta['cpu']}, torch {meta['torch']}. Command: `{meta['command']}`."]
     (out_dir / f"{name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -77,13 +77,20 @@ def _absmax_reference(x, kind, scale):
 
 
 @pytest.mark.parametrize("kind", ["int8", "fp8"])
-@pytest.mark.parametrize("granularity", ["token", "head"])
+@pytest.mark.parametrize("granularity", ["token", "head", "group"])
 def test_absmax_layers_match_formula(kind, granularity):
     x = _states(outlier_channel=5)
-    layer = _LAYERS[kind](KVCacheSpec(kind, granularity=granularity, sink=0, new_tokens="stored"))
+    layer = _LAYERS[kind](KVCacheSpec(kind, granularity=granularity, group_size=16, sink=0, new_tokens="stored"))
     qmax = 127 if kind == "int8" else 448
     layer.update(x[..., :7, :], -x[..., :7, :])          # a prefill...
     k, v = layer.update(x[..., 7:, :], -x[..., 7:, :])   # ...then more tokens
+    if granularity == "group":  # one scale per token per 16 channels
+        xg = x.reshape(2, 3, 11, 4, 16)
+        scale = (xg.abs().amax(-1, keepdim=True) / qmax).clamp_min(F16_TINY).half()
+        assert torch.equal(k, _absmax_reference(xg, kind, scale).reshape(x.shape))
+        assert torch.equal(v, _absmax_reference(-xg, kind, scale).reshape(x.shape))
+        assert layer.stored["k_scale"].shape == (2, 3, 11, 4) and layer.stored["k_codes"].shape == x.shape
+        return
     if granularity == "token":  # one scale per token per head, over head_dim
         scale = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(F16_TINY).half()
     else:  # one per head, from the prefill's tokens; later tokens saturate to it
@@ -169,10 +176,11 @@ def test_kivi_window_zero_keeps_only_the_partial_block():
 
 # ---- measured bytes -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["none", "int8", "fp8", "int4", "kivi2", "kivi4"])
+@pytest.mark.parametrize("kind", ["none", "int8", "fp8", "int4", "kivi2", "kivi4", "int8-g32"])
 def test_measured_bytes_equal_expected_count(model, kind):
     ids = _ids(batch=2, n=40)
-    spec = KVCacheSpec(kind, residual=8, block=8) if kind != "none" else KVCacheSpec(kind)
+    spec = (KVCacheSpec(kind) if kind == "none" else KVCacheSpec("int8", residual=8, granularity="group")
+            if kind == "int8-g32" else KVCacheSpec(kind, residual=8, block=8))
     cache = QuantizedKVCache(spec, model.config)
     _prefill_then_decode(model, ids, cache, prefill=21)
     L, H, D, B, T = 2, 2, 64, 2, 40
@@ -183,6 +191,7 @@ def test_measured_bytes_equal_expected_count(model, kind):
     per_head = {
         "none": 2 * T * D * 4,                                          # what the fp32 model computes
         "int8": 2 * (q * D + q * 2) + fp16_kept, "fp8": 2 * (q * D + q * 2) + fp16_kept,
+        "int8-g32": 2 * (q * D + q * 2 * 2) + fp16_kept,
         "int4": 2 * (q * D // 2 + q * (D // 32) * 2 * 2) + fp16_kept,
         # 39 tokens after the sink: 24 quantized (3 blocks of 8), 15 in the window (8 <= window < 16)
         "kivi2": (24 * D // 4 + 3 * D * 2 * 2) + (24 * D // 4 + 24 * 2 * 2 * 2) + 2 * (1 + 15) * D * 2,

@@ -113,8 +113,18 @@ def _timed(run, rss_after: int, n_prompt: int, n_new: int, repeats: int) -> dict
 
 
 def _measure_llama_cpp(spec: dict, prompt: list[int]) -> dict:
+    import llama_cpp
     import numpy as np
     from llama_cpp import Llama
+
+    if spec.get("llama_cpp_extra_bufts") is False:   # llama-cpp-python has no argument for it
+        default_params = llama_cpp.llama_model_default_params
+
+        def without_repacking():
+            params = default_params()
+            params.use_extra_bufts = False
+            return params
+        llama_cpp.llama_model_default_params = without_repacking
 
     llm = Llama(model_path=spec["path"], n_ctx=len(prompt) + spec["decode_tokens"] + 8, n_threads=spec["threads"],
                 n_batch=len(prompt), logits_all=False, verbose=False, seed=0)
@@ -186,8 +196,15 @@ def measure(spec: dict, worker_cmd: list[str] | None = None) -> dict:
     proc = subprocess.run([*cmd, json.dumps(spec)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if line is None and proc.returncode < 0 and spec["runtime"] == "llama.cpp" and "llama_cpp_extra_bufts" not in spec:
+        # llama.cpp's repacked CPU weight buffers (AMX on Intel Xeons) have crashed on some type mixes
+        # (Q4_0 layers + a tied Q8_0 embedding, llama-cpp-python 0.3.36): measure it without them, said in the row
+        row = measure({**spec, "llama_cpp_extra_bufts": False}, worker_cmd)
+        row["note"] = (f"llama.cpp died with signal {-proc.returncode} using its repacked (AMX/AVX) weight buffers; "
+                       "measured with them off")
+        return row
     if line is None:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        err = (proc.stderr.strip().splitlines() or [f"no output (exit status {proc.returncode})"])[-1]
         return {"label": spec["label"], "runtime": spec["runtime"], "path": spec["path"], "error": err}
     return json.loads(line[len("RESULT "):])
 

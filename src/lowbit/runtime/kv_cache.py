@@ -10,7 +10,8 @@ run on it. Kinds (`KVCacheSpec.kind`):
 
 - ``none`` (alias ``fp16``): stores exactly what DynamicCache stores (the model's dtype);
 - ``int8`` / ``fp8``: symmetric, a scale per token per head (absmax over head_dim), or with
-  ``granularity="head"`` one scale per head, fitted on the first update (the prefill) and frozen;
+  ``granularity="group"`` one per token per ``group_size`` channels, or ``granularity="head"`` one
+  scale per head, fitted on the first states stored (the prefill) and frozen;
 - ``int4``: asymmetric groups of ``group_size`` (32) channels along head_dim, two codes per byte;
 - ``kivi2``: KIVI-2 (Liu et al. 2024): 2-bit, keys per channel over blocks of ``block`` (G, 32)
   tokens, values per token in groups of ``group_size`` along head_dim, and a full-precision
@@ -59,7 +60,8 @@ class KVCacheSpec:
     kind's default: residual 128 for KIVI, else 0; sink 1 for quantized kinds; clip "mse" at 2 bits."""
 
     kind: str = "none"
-    granularity: str = "token"      # int8/fp8: "token" (per token per head) or "head"
+    granularity: str = "token"      # int8/fp8: "token" (per token per head), "group" (per token per
+                                    # group of group_size channels) or "head"
     group_size: int = 32            # int4 and KIVI values: channels per group along head_dim
     block: int = 32                 # KIVI: tokens per key block (G), the unit that leaves the window
     residual: int | None = None     # most recent tokens kept in full precision (R)
@@ -80,10 +82,10 @@ class KVCacheSpec:
             object.__setattr__(self, "sink", 0 if kind == "none" else 1)
         if self.clip is None:
             object.__setattr__(self, "clip", "mse" if kind == "kivi2" else "minmax")
-        if self.granularity not in ("token", "head"):
-            raise SchemeError(f"KV granularity must be 'token' or 'head', got {self.granularity!r}")
-        if self.granularity == "head" and kind not in ("int8", "fp8"):
-            raise SchemeError(f"granularity 'head' applies to int8/fp8 KV caches, not {kind}")
+        if self.granularity not in ("token", "group", "head"):
+            raise SchemeError(f"KV granularity must be 'token', 'group' or 'head', got {self.granularity!r}")
+        if self.granularity != "token" and kind not in ("int8", "fp8"):
+            raise SchemeError(f"granularity {self.granularity!r} applies to int8/fp8 KV caches, not {kind}")
         if self.group_size < 4 or self.group_size % 4:
             raise SchemeError(f"KV group size must be a positive multiple of 4, got {self.group_size}")
         if self.block < 1:
@@ -105,7 +107,8 @@ class KVCacheSpec:
 
     def check_head_dim(self, head_dim: int) -> None:
         """Refuse a head_dim the groups do not divide (no silent fallback)."""
-        if self.kind in ("int4", "kivi2", "kivi4") and head_dim % self.group_size:
+        grouped = self.kind in ("int4", "kivi2", "kivi4") or self.granularity == "group"
+        if grouped and head_dim % self.group_size:
             raise SchemeError(f"{self.kind} KV groups of {self.group_size} channels do not divide head_dim {head_dim}; "
                               f"use a group size that divides it, or --kv int8/fp8")
 
@@ -113,7 +116,7 @@ class KVCacheSpec:
         if self.kind == "none":
             return "full precision"
         if self.kind in ("int8", "fp8"):
-            parts = [f"{self.kind} per-{self.granularity}"]
+            parts = [f"{self.kind} g{self.group_size}" if self.granularity == "group" else f"{self.kind} per-{self.granularity}"]
         elif self.kind == "int4":
             parts = [f"int4 g{self.group_size} asym"]
         else:
@@ -297,7 +300,8 @@ class QuantizedLayer(KVLayer):
 
 
 class AbsmaxLayer(QuantizedLayer):
-    """int8 or fp8 codes with fp16 absmax scales per token per head (or per head)."""
+    """int8 or fp8 codes with fp16 absmax scales per token per head, per token per group of
+    channels, or per head."""
 
     kind = ""
     _codec: ClassVar[tuple] = ()   # (qmax, quantize, dequantize)
@@ -308,6 +312,13 @@ class AbsmaxLayer(QuantizedLayer):
             if self.spec.granularity == "token":
                 scale = Q.absmax_scale(x, qmax, dims=(-1,))             # (B, H, T, 1)
                 self._cat(name + "_scale", scale)
+            elif self.spec.granularity == "group":
+                *lead, d = x.shape
+                xg = x.reshape(*lead, d // self.spec.group_size, self.spec.group_size)
+                scale = Q.absmax_scale(xg, qmax, dims=(-1,))            # (B, H, T, D/g, 1)
+                self._cat(name + "_scale", scale.squeeze(-1))
+                self._cat(name + "_codes", quantize(xg, scale).reshape(x.shape))
+                continue
             else:  # per head: fitted on the first states stored (the prefill's), then frozen
                 if name + "_scale" not in self.stored:
                     self.stored[name + "_scale"] = Q.absmax_scale(x, qmax, dims=(-2, -1))  # (B, H, 1, 1)
@@ -316,7 +327,16 @@ class AbsmaxLayer(QuantizedLayer):
 
     def _decode(self):
         _, _, dequantize = self._codec
-        return tuple(dequantize(self.stored[n + "_codes"], self.stored[n + "_scale"], self.dtype) for n in ("k", "v"))
+        out = []
+        for n in ("k", "v"):
+            codes, scale = self.stored[n + "_codes"], self.stored[n + "_scale"]
+            if self.spec.granularity == "group":
+                *lead, d = codes.shape
+                grouped = codes.reshape(*lead, scale.shape[-1], d // scale.shape[-1])
+                out.append(dequantize(grouped, scale.unsqueeze(-1), self.dtype).reshape(codes.shape))
+            else:
+                out.append(dequantize(codes, scale, self.dtype))
+        return tuple(out)
 
 
 class Int8Layer(AbsmaxLayer):
