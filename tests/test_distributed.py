@@ -32,8 +32,11 @@ def test_owners_balance_the_work():
 @pytest.mark.parametrize("method,to", [("gptq", "native"), ("awq", "native"), ("gptq", "gptq")])
 def test_two_ranks_give_the_bytes_of_one_process(tiny_llama, calib, tmp_path, method, to):
     """Windows split over 2 gloo ranks, statistics all-reduced, GPTQ's weights solved by their
-    owner rank and broadcast: identical output files (streamed for native, resident for --to gptq)."""
-    args = ["quantize", tiny_llama, "--method", method, "--calib", calib.text, "--samples", "8", "--seqlen", "32",
+    owner rank and broadcast: identical output files (streamed for native, resident for --to gptq).
+    16 windows: each rank's 8 are one calibration batch, the single process's two batches are the
+    same windows, so X^T X is the same two float32 products added once either way (with 8 windows,
+    one product of 8 against two of 4 round differently: a code flipped on an Intel Xeon)."""
+    args = ["quantize", tiny_llama, "--method", method, "--calib", calib.text, "--samples", "16", "--seqlen", "32",
             "--group-size", "32", "--to", to]
     one = _lowbit(*args, "-o", tmp_path / "one")
     assert one.returncode == 0, one.stderr

@@ -47,9 +47,11 @@ def make_recipe(scheme=None, method: str | None = None, include: list[str] | Non
                   ignore=tuple(exclude) if exclude is not None else None, **extra)
 
 
-def _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options, rotate=None) -> Recipe:
+def _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options, rotate=None,
+                    imatrix=None) -> Recipe:
     given = [k for k, v in (("scheme", scheme), ("method", method), ("include", include), ("exclude", exclude),
-                            ("calibration", calibration), ("options", options), ("rotate", rotate)) if v is not None]
+                            ("calibration", calibration), ("options", options), ("rotate", rotate),
+                            ("imatrix", imatrix)) if v is not None]
     if plan is not None or recipe is not None:
         if given:
             raise SchemeError(f"pass either a recipe/plan or {', '.join(given)}, not both: the recipe says everything")
@@ -57,7 +59,8 @@ def _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration,
             raise SchemeError("pass a plan or a recipe, not both (a plan already holds its recipe)")
         return plan.recipe if plan is not None else as_recipe(recipe)
     return make_recipe(scheme, method, include, exclude, calibration, options,
-                       **({"rotate": rotate} if rotate is not None else {}))
+                       **({"rotate": rotate} if rotate is not None else {}),
+                       **({"imatrix": str(imatrix)} if imatrix is not None else {}))
 
 
 def _as_loaded(source, tokenizer=None) -> LoadedModel:
@@ -88,7 +91,8 @@ def transform(loaded: LoadedModel, recipe: Recipe) -> dict | None:
 
 def quantize(source, scheme=None, method: str | None = None, include: list[str] | None = None,
              exclude: list[str] | None = None, calibration: CalibrationConfig | None = None,
-             options: dict | None = None, *, rotate: str | None = None, recipe=None, plan: Plan | None = None,
+             options: dict | None = None, *, rotate: str | None = None, imatrix: str | None = None, recipe=None,
+             plan: Plan | None = None,
              container: str = "native", forward_loop=None, tokenizer=None, progress: bool = True) -> QuantizedModel:
     """Quantize a model: a path, None (the embedded default), a LoadedModel, or an in-memory
     transformers model (modified in place).
@@ -98,8 +102,9 @@ def quantize(source, scheme=None, method: str | None = None, include: list[str] 
     dict or YAML path), or with a `plan` from plan_model(). `container` is the output the plan
     is sized for. Calibrated methods and static activation scales read `calibration` windows, or
     call `forward_loop()` (a function running the model on the user's data) instead. `rotate`
-    ("hadamard") rotates the model first (methods.rotation); the model is modified in place."""
-    recipe = _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options, rotate)
+    ("hadamard") rotates the model first (methods.rotation); the model is modified in place.
+    `imatrix`: a llama.cpp importance matrix file weighting RTN's fits (calib.imatrix)."""
+    recipe = _resolve_recipe(recipe, plan, scheme, method, include, exclude, calibration, options, rotate, imatrix)
     loaded = _as_loaded(source, tokenizer)
     transform(loaded, recipe)
     if plan is None:
@@ -133,8 +138,13 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
     else:
         tensors = {}
         extra = dataclasses.asdict(opts) if opts is not None else {}
+        importance = _imatrix_importance(model, targets, recipe.imatrix, record) if recipe.imatrix else {}
         with torch.no_grad():
             for t in tqdm(targets, desc=f"{recipe.method}", disable=not progress, unit="w"):
+                if t.name in importance:
+                    extra["importance"] = importance[t.name]
+                else:
+                    extra.pop("importance", None)
                 qt = impl.quantize_weight(t.parameter(model).data, ws[t.name], t.transposed, **extra)
                 install_quantized(model, t, qt)
                 tensors[t.name] = qt
@@ -145,6 +155,19 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
     finish_record(record, plan)
     return QuantizedModel(model, loaded.tokenizer, plan.common_scheme(), tensors, {t.name: t for t in targets},
                           loaded.source, recipe.method, record, plan)
+
+
+def _imatrix_importance(model, targets, path: str, record: dict) -> dict:
+    """{weight name: per-column importance} from a llama.cpp imatrix file; what was read and which
+    targets it has no entry for (they are fitted unweighted, as llama-quantize does) are recorded."""
+    from lowbit.calib import imatrix
+
+    imat = imatrix.read(path)
+    found, missing = imatrix.importance_for(model, targets, imat)
+    record["imatrix"] = {"file": str(path), "sha256": imatrix.file_digest(path), "format": "dat" if imat.legacy else "gguf",
+                         "datasets": imat.datasets, "chunk_count": imat.chunk_count, "chunk_size": imat.chunk_size,
+                         "weighted": len(found), "no_entry": missing}
+    return found
 
 
 def new_record(plan: Plan, opts) -> dict:

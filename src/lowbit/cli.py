@@ -105,7 +105,7 @@ _RECIPE_FLAGS = (("scheme", "--scheme"), ("format", "--format"), ("bits", "--bit
                  ("opt", "--opt"), ("act", "--act"), ("act_observer", "--act-observer"), ("target_bpw", "--target-bpw"),
                  ("max_size", "--max-size"), ("candidates", "--candidates"), ("fisher_windows", "--fisher-windows"),
                  ("fallback", "--fallback"), ("rotate", "--rotate"), ("rotate_seed", "--rotate-seed"),
-                 ("expert_min_tokens", "--expert-min-tokens"))
+                 ("expert_min_tokens", "--expert-min-tokens"), ("imatrix", "--imatrix"))
 
 
 def _recipe_from_args(args, parser_defaults: dict):
@@ -150,7 +150,7 @@ def _recipe_from_args(args, parser_defaults: dict):
                                     hessian_precision=args.hessian_precision, expert_min_tokens=args.expert_min_tokens)
     return make_recipe(scheme if name is None else name, args.method, args.include, args.exclude, calibration,
                        _method_options(args), budget=budget, gguf_mix=mix, gguf_fallback=args.fallback,
-                       rotate=args.rotate, rotate_seed=args.rotate_seed)
+                       rotate=args.rotate, rotate_seed=args.rotate_seed, imatrix=args.imatrix)
 
 
 def _container(args) -> str:
@@ -424,6 +424,34 @@ def cmd_rotate(args):
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
     summary = {"output": str(out), **info}
+    _print(summary, args.json, [[k, v] for k, v in summary.items()], ("", ""))
+
+
+def cmd_imatrix(args):
+    """Collect an importance matrix on calibration text and write it as llama.cpp's file."""
+    from lowbit.calib import CalibrationConfig, imatrix
+    from lowbit.errors import SchemeError
+    from lowbit.model.load import load_source
+    from lowbit.model.targets import select_targets
+
+    out = Path(args.output)
+    _refuse_existing(out, force=args.force)
+    if out.suffix not in (".gguf", ".dat"):
+        raise SchemeError(f"-o {out}: name the file .gguf (llama.cpp's format) or .dat (its legacy format)")
+    for flag, value in (("--samples", args.samples), ("--seqlen", args.seqlen)):
+        if value < 1:
+            raise SchemeError(f"{flag} {value}: give at least 1")
+    loaded = load_source(args.source)
+    names = imatrix.gguf_names(loaded.model)
+    targets = [t for t in select_targets(loaded.model, args.include, args.exclude) if t.kind in ("linear", "conv1d")]
+    cal = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed)
+    windows = cal.windows(loaded.tokenizer)
+    stats = imatrix.collect(loaded.model, targets, windows, progress=args.progress)
+    dataset = args.calib if args.calib else "lowbit default calibration text"
+    path = imatrix.write(out, stats, names, windows.shape[0], args.seqlen, dataset)
+    summary = {"output": str(path), "format": "dat" if path.suffix == ".dat" else "gguf", "entries": len(stats),
+               "chunks": int(windows.shape[0]), "chunk_size": args.seqlen, "tokens": int(windows.numel()),
+               "dataset": dataset}
     _print(summary, args.json, [[k, v] for k, v in summary.items()], ("", ""))
 
 
@@ -1003,6 +1031,8 @@ def _add_plan_flags(q):
                    help="rotate the model before the method (QuaRot R1+R2: norms folded, randomized Hadamard on the "
                         "residual stream and per head); same function, a plain checkpoint, outliers spread out")
     q.add_argument("--rotate-seed", type=int, default=0, help="--rotate: seed of the Hadamard's random signs (default 0)")
+    q.add_argument("--imatrix", help="llama.cpp importance matrix (.gguf or .dat, from llama-imatrix or `lowbit "
+                                     "imatrix`): weights each column's error in RTN's fits, as llama-quantize does")
     q.add_argument("--to", default="native", choices=["native", "gguf", "compressed-tensors", "gptq", "awq"])
     q.add_argument("--type", help="--to gguf: a llama.cpp mix (Q4_K_M, Q8_0, ...), F32/F16, or auto (with a budget)")
     q.add_argument("--max-size", help="largest weights file (e.g. 91.7MB, 87MiB): lowbit chooses each tensor's scheme "
@@ -1290,6 +1320,22 @@ def build_parser() -> argparse.ArgumentParser:
     ro.add_argument("--force", action="store_true")
     ro.add_argument("--json", action="store_true")
     ro.set_defaults(func=cmd_rotate)
+
+    im = sub.add_parser("imatrix", help="an importance matrix for llama-quantize --imatrix (and lowbit quantize --imatrix)",
+                        description="Runs the unquantized model on calibration windows and writes, for every Linear, "
+                                    "the sum of each input column's squared activation and the token count, in "
+                                    "llama.cpp's GGUF imatrix format (or its legacy .dat), keyed by GGUF tensor names.")
+    im.add_argument("source", nargs="?", help="HF folder, .gguf file; default: embedded SmolLM2-135M-Instruct")
+    im.add_argument("--calib", help="calibration text file (default: the Python reference manual's calibration part)")
+    im.add_argument("--samples", type=int, default=128)
+    im.add_argument("--seqlen", type=int, default=512)
+    im.add_argument("--seed", type=int, default=0)
+    im.add_argument("--include", action="append", help="regex of weights to include (default: every Linear)")
+    im.add_argument("--exclude", action="append", help="regex of weights to leave out (default: head, embeddings, norms)")
+    im.add_argument("--output", "-o", required=True, help="FILE.gguf or FILE.dat")
+    im.add_argument("--force", action="store_true")
+    im.add_argument("--json", action="store_true")
+    im.set_defaults(func=cmd_imatrix)
 
     i = sub.add_parser("info", help="what a lowbit folder, HF folder or GGUF file holds")
     i.add_argument("path")

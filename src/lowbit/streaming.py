@@ -48,6 +48,8 @@ def resident_reason(recipe: Recipe, container: str) -> str | None:
         return "a rotation changes every layer at once"
     if recipe.budget is not None:
         return "a size budget measures every weight's sensitivity first"
+    if recipe.imatrix is not None:
+        return "--imatrix is matched to the whole model's GGUF tensor names"
     if any(s.activations is not None and s.activations.needs_calibration for s in (recipe.scheme, *(g.scheme for g in recipe.groups))):
         return "static activation scales are calibrated on the whole quantized model"
     return None

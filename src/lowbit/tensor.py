@@ -206,12 +206,16 @@ def encode_matrix(fmt: Format, W: torch.Tensor, p: Params, group_size: int) -> t
                       for r in range(0, W.shape[0], step)])
 
 
-def quantize_tensor(w: torch.Tensor, scheme, transposed: bool = False) -> QuantizedTensor:
-    """Round-to-nearest quantization of one weight under a WeightScheme (or QuantScheme)."""
+def quantize_tensor(w: torch.Tensor, scheme, transposed: bool = False,
+                    importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """Round-to-nearest quantization of one weight under a WeightScheme (or QuantScheme);
+    `importance` (columns,) weights each input column's error in the fits that search."""
     ws = getattr(scheme, "weights", scheme)
     fmt = ws.make_format()
     W = to_matrix(w.detach(), transposed).float()
     g = resolve_group_size(ws.effective_group_size(), W.shape[1])
-    p = fit_groups(fmt, W, g, ws.observer, ws.percentile)
+    if importance is not None and importance.shape != (W.shape[1],):
+        raise SchemeError(f"importance has shape {tuple(importance.shape)}, the weight has {W.shape[1]} input columns")
+    p = fit_groups(fmt, W, g, ws.observer, ws.percentile, importance=importance)
     codes = encode_matrix(fmt, W, p, g)
     return QuantizedTensor(codes, fmt.store_params(p), fmt, g, tuple(w.shape), transposed)

@@ -259,6 +259,22 @@ def _gguf_name(name_map, hf_name: str) -> str | None:
     return None
 
 
+def tensor_names(model: torch.nn.Module) -> dict[str, str]:
+    """{parameter name: GGUF tensor name} of a model of a supported architecture (what importance
+    matrices are keyed by)."""
+    import gguf
+
+    config = model.config
+    spec = _arch(config)
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config.num_hidden_layers))
+    out = {}
+    for hf_name, _ in model.named_parameters(remove_duplicate=False):
+        g = _gguf_name(name_map, hf_name)
+        if g is not None:
+            out[hf_name] = g
+    return out
+
+
 def _float_array(t: torch.Tensor, type_name: str):
     """(numpy array, raw GGML type or None) of a float tensor in F32/F16/BF16."""
     from gguf import GGMLQuantizationType

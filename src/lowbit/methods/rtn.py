@@ -8,6 +8,8 @@ from lowbit.scheme import WeightScheme
 from lowbit.tensor import QuantizedTensor, quantize_tensor
 
 
-def quantize_weight(w: torch.Tensor, scheme: WeightScheme, transposed: bool = False) -> QuantizedTensor:
-    """RTN of one weight in its own layout."""
-    return quantize_tensor(w, scheme, transposed)
+def quantize_weight(w: torch.Tensor, scheme: WeightScheme, transposed: bool = False,
+                    importance: torch.Tensor | None = None) -> QuantizedTensor:
+    """RTN of one weight in its own layout; `importance` (n_in,), e.g. an imatrix's mean squared
+    input per column, weights each column's error where the format or observer searches."""
+    return quantize_tensor(w, scheme, transposed, importance)

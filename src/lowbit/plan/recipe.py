@@ -75,6 +75,7 @@ class Recipe:
     gguf_fallback: str = "measured"
     rotate: str | None = None           # "hadamard": rotate the model (methods.rotation) first
     rotate_seed: int = 0
+    imatrix: str | None = None          # llama.cpp importance matrix file weighting RTN's fits
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -102,6 +103,9 @@ class Recipe:
             from lowbit.methods.rotation import check_kind
 
             check_kind(self.rotate)
+        if self.imatrix is not None and self.method != "rtn":
+            raise SchemeError(f"--imatrix weights round-to-nearest's fits, as llama-quantize does; --method {self.method} "
+                              "measures its own statistics from --calib: drop --imatrix or use --method rtn")
         if self.gguf_fallback not in ("measured", "llama.cpp"):
             raise SchemeError(f"unknown GGUF fallback policy {self.gguf_fallback!r}; use 'measured' or 'llama.cpp'")
         if self.gguf_mix is not None:
@@ -139,6 +143,8 @@ class Recipe:
             out["gguf"] = {"mix": self.gguf_mix, "fallback": self.gguf_fallback}
         if self.rotate is not None:
             out["rotate"] = {"kind": self.rotate, "seed": self.rotate_seed}
+        if self.imatrix is not None:
+            out["imatrix"] = self.imatrix
         return out
 
 
@@ -190,7 +196,7 @@ def recipe_from_dict(data: dict) -> Recipe:
     from lowbit.plan.budget import parse_size
 
     _keys(data, {"version", "method", "options", "calibration", "scheme", "targets", "ignore", "groups", "budget",
-                 "gguf", "rotate"}, "the recipe")
+                 "gguf", "rotate", "imatrix"}, "the recipe")
     version = data.get("version", RECIPE_VERSION)
     if not isinstance(version, int) or version > RECIPE_VERSION:
         raise SchemeError(f"recipe version {version!r} is not one this lowbit reads (up to {RECIPE_VERSION}); upgrade lowbit")
@@ -238,6 +244,10 @@ def recipe_from_dict(data: dict) -> Recipe:
         if not isinstance(r.get("seed", 0), int):
             raise SchemeError(f"rotate.seed must be an integer, got {r['seed']!r}")
         kw["rotate_seed"] = r.get("seed", 0)
+    if data.get("imatrix") is not None:
+        if not isinstance(data["imatrix"], str):
+            raise SchemeError(f"imatrix must be a file path, got {data['imatrix']!r}")
+        kw["imatrix"] = data["imatrix"]
     try:
         return Recipe(**kw)
     except TypeError as e:
