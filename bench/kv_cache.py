@@ -221,7 +221,8 @@ def main() -> None:
             "command": "python bench/kv_cache.py" + (" --quick" if args.quick else "")
                        + (f" --windows {args.windows}" if args.windows else "")
                        + (f" --threads {args.threads}" if args.threads else "")
-                       + (f" --ctx {args.ctx}" if args.ctx != 2048 else "") + (f" --chunk {args.chunk}" if args.chunk != 32 else "")}
+                       + (f" --ctx {args.ctx}" if args.ctx != 2048 else "") + (f" --chunk {args.chunk}" if args.chunk != 32 else "")
+                       + (" --rows " + " ".join(f"'{r}'" for r in args.rows) if args.rows else "")}
     name = "kv_cache_quick" if args.quick else "kv_cache"
     if args.rows or args.ctx != 2048 or args.chunk != 32:
         name += "_subset"   # never overwrites the table of the documented settings
