@@ -44,6 +44,10 @@ CANDIDATES = [
      {"scheme": {"weights": {"format": "int", "bits": 4, "group_size": 32, "symmetric": True}},
       "targets": ["self_attn", "mlp", "embed_tokens"], "ignore": ["norm"],
       "groups": [{"name": "embeddings", "targets": ["embed_tokens"], "scheme": "W8A16"}]}, "Q4_0-Q8_0"),
+    # W8A8 on the decoder, the tied embedding/head int8 per row (weight-only: the head's inputs stay fp32)
+    ("W8A8 int8 per-token dynamic, embeddings int8 per row (int_mm + int8pack)",
+     {"scheme": "W8A8", "targets": ["self_attn", "mlp", "embed_tokens"], "ignore": ["norm"],
+      "groups": [{"name": "embeddings", "targets": ["embed_tokens"], "scheme": "W8A16"}]}, None),
 ]
 
 
@@ -132,7 +136,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--only", type=int, nargs="*", help="candidate indices (default all)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--compile", action="store_true", help="add a torch.compile row for the first W4 candidate")
+    ap.add_argument("--compile", type=int, nargs="*", metavar="INDEX",
+                    help="add a torch.compile row for these candidates (no index: the first int4pack one)")
     ap.add_argument("--torchao-path", help="a folder holding torchao 0.14.1 (see the module docstring)")
     ap.add_argument("--name", help="results file name (bench/results/NAME.{json,md})")
     ap.add_argument("--torchao-worker", help=argparse.SUPPRESS)
@@ -167,10 +172,12 @@ def main() -> None:
         if gguf is not None:
             specs.append(({**base, "label": f"{gguf.stem} GGUF of the row above (llama.cpp)", "runtime": "llama.cpp",
                            "path": str(gguf)}, None))
-    if args.compile:
-        w4 = next(c for c in cands if "int4pack" in c[0])
-        specs.append(({**base, "label": w4[0] + " + torch.compile", "runtime": "packed", "path": str(w4[1]),
-                       "compile": True}, None))
+    if args.compile is not None:
+        chosen = ([c for c in cands if c[1].name in {f"c{i}" for i in args.compile}] if args.compile
+                  else [next(c for c in cands if "int4pack" in c[0])])
+        for label, folder, _ in chosen:
+            specs.append(({**base, "label": label + " + torch.compile", "runtime": "packed", "path": str(folder),
+                           "compile": True}, None))
     specs.append(({**base, "label": "torchao int4 weight-only g32 (bf16 model, opaque CPU layout)", "runtime": "torchao",
                    "path": None, "group_size": 32, "torchao_path": args.torchao_path}, [sys.executable, __file__, "--torchao-worker"]))
     rows = []

@@ -82,6 +82,27 @@ def test_quantized_input_kernels_equal_fake_quant_reference(ws, act, absmax, row
     assert err < tol, (m.kernel, err)
 
 
+@pytest.mark.parametrize("n_tokens", [1, 40])
+def test_shared_input_codes_are_reused_only_for_the_same_unchanged_tensor(n_tokens):
+    """q/k/v (and gate/up) get one input tensor: its int8 codes are made once; a copy, another
+    shape or an in-place change is quantized afresh, and every output equals a fresh call's."""
+    ws, act = WeightScheme("int", 8, -1, True), ActivationScheme("int", 8, "token", True)
+    a, b = PackedLinear(_qt(ws, 96, 160, act, seed=1), None), PackedLinear(_qt(ws, 64, 160, act, seed=2), None)
+    x = torch.randn(n_tokens, 160)
+    ya, yb = a(x), b(x)
+    cached = packed_mod._SHARED_INPUT[0]
+    assert cached is not None and cached[0] is x
+    assert torch.equal(ya, a(x.clone())) and torch.equal(yb, b(x.clone()))
+    a(x)
+    codes = packed_mod._SHARED_INPUT[0][2]
+    assert torch.equal(b(x), yb) and packed_mod._SHARED_INPUT[0][2] is codes   # reused, same output
+    x.mul_(3)                                           # in place: the codes are made again
+    assert torch.equal(b(x), b(x.clone())) and not torch.equal(b(x), yb)
+    with torch.inference_mode():                        # no version counter: identity alone
+        xi = torch.randn(n_tokens, 160)
+        assert torch.equal(a(xi), a(xi.clone())) and torch.equal(b(xi), b(xi.clone()))
+
+
 def test_kernel_choice_follows_the_format():
     cases = {
         (WeightScheme("int", 4, 32, False), None): "int4pack",

@@ -103,6 +103,35 @@ def _centered(qt: QuantizedTensor, center: int) -> tuple[torch.Tensor, torch.Ten
     return scale, bias + center * scale
 
 
+def _round_int8(x: torch.Tensor, sx: torch.Tensor, qmax: float, as_bf16: bool) -> torch.Tensor:
+    """round(x / sx) clamped to +-qmax (half to even, as fake_quantize_input), as int8 codes, or
+    as bf16 for the int8-weight GEMV (integers up to 127 are exact in bf16)."""
+    q = torch.div(x, sx).round_().clamp_(-qmax, qmax)
+    return q.to(torch.bfloat16 if as_bf16 else torch.int8)
+
+
+# Linears that read one input (q/k/v, gate/up) get the same tensor object: its per-token int8
+# codes are made once. The entry holds the tensor itself, so its memory cannot be reused by
+# another tensor while cached, and `_version` catches in-place changes. Tensors made under
+# torch.inference_mode have no version counter: there the model is trusted not to change a
+# Linear's input in place before a sibling Linear reads it (no transformers model does).
+_SHARED_INPUT: list = [None]
+
+
+def _shared_dynamic_int8(x: torch.Tensor, qmax: float, as_bf16: bool,
+                         key: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, per-token scales) of x (2-D), reused when the previous call quantized the same
+    `key` (the caller's input tensor, of which x is the fp32 (tokens, features) view)."""
+    hit = _SHARED_INPUT[0]
+    tag = None if key is None else (-1 if key.is_inference() else key._version, tuple(key.shape), qmax, as_bf16)
+    if tag is not None and hit is not None and hit[0] is key and hit[1] == tag:
+        return hit[2], hit[3]
+    sx = (x.abs().amax(dim=-1, keepdim=True) / qmax).clamp_min_(1e-12)
+    xq = _round_int8(x, sx, qmax, as_bf16)
+    _SHARED_INPUT[0] = None if key is None else (key, tag, xq, sx)
+    return xq, sx
+
+
 class PackedLinear(torch.nn.Module):
     """y = x W^T + b with W held packed; see the module docstring for the kernels. The packed
     buffers are not part of the state dict: the lowbit folder (QuantizedTensor) is the saved form."""
@@ -166,7 +195,7 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("_w_scale_bf16", self.w_scale.to(torch.bfloat16), persistent=False)
         self.input_qmax = 127.0
 
-    def _mm_int_mm(self, x: torch.Tensor) -> torch.Tensor:
+    def _mm_int_mm(self, x: torch.Tensor, shared: torch.Tensor | None = None) -> torch.Tensor:
         spec = self.input_quant
         if spec.get("outlier_threshold") is not None:   # LLM.int8: outlier columns in float
             t = spec["outlier_threshold"]
@@ -177,18 +206,21 @@ class PackedLinear(torch.nn.Module):
             cols = outl.nonzero()[:, 0]
             w_out = self.w_int8[:, cols].float() * self.w_scale[:, None]
             return self._int8_matmul(x.index_fill(1, cols, 0.0), spec, sx) + x[:, cols] @ w_out.t()
-        return self._int8_matmul(x, spec)
+        return self._int8_matmul(x, spec, shared=shared)
 
-    def _int8_matmul(self, x: torch.Tensor, spec: dict, sx: torch.Tensor | None = None) -> torch.Tensor:
-        if sx is None:   # LLM.int8 passes the scales of its non-outlier values
-            sx = ((x.abs().amax(dim=-1, keepdim=True) / self.input_qmax).clamp_min(1e-12) if spec["dynamic"]
-                  else torch.tensor(spec["scale"], dtype=torch.float32))
-        # the same rounding as fake_quantize_input: round half to even, clamp to +-127
-        xq = torch.round(x / sx).clamp(-self.input_qmax, self.input_qmax).to(torch.int8)
-        if xq.shape[0] <= INT_MM_GEMV_ROWS and self.compute_dtype == torch.bfloat16:
+    def _int8_matmul(self, x: torch.Tensor, spec: dict, sx: torch.Tensor | None = None,
+                     shared: torch.Tensor | None = None) -> torch.Tensor:
+        gemv = x.shape[0] <= INT_MM_GEMV_ROWS and self.compute_dtype == torch.bfloat16
+        if sx is None and spec["dynamic"]:
+            xq, sx = _shared_dynamic_int8(x, self.input_qmax, gemv, shared)
+        else:
+            if sx is None:   # LLM.int8 passes the scales of its non-outlier values
+                sx = torch.tensor(spec["scale"], dtype=torch.float32)
+            xq = _round_int8(x, sx, self.input_qmax, gemv)
+        if gemv:
             # a few rows (decoding): int8 codes are exact in bf16, and the bf16 int8-weight GEMV
             # is several times faster than _int_mm here; its output is rounded to bf16
-            y = torch._weight_int8pack_mm(xq.to(torch.bfloat16), self.w_int8, self._w_scale_bf16)
+            y = torch._weight_int8pack_mm(xq, self.w_int8, self._w_scale_bf16)
             return y.float() * sx
         acc = torch._int_mm(xq, self.w_int8.t())
         return acc.float() * sx * self.w_scale
@@ -240,7 +272,8 @@ class PackedLinear(torch.nn.Module):
         x2 = x.reshape(-1, self.in_features).float()
         if self.input_quant is not None and self.kernel not in ("int_mm", "scaled_mm"):
             x2 = fake_quantize_input(x2, self.input_quant)
-        y = getattr(self, "_mm_" + self.kernel)(x2)
+        # int_mm: x itself (not its reshaped copy) identifies an input other Linears share
+        y = self._mm_int_mm(x2, x) if self.kernel == "int_mm" else getattr(self, "_mm_" + self.kernel)(x2)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features).to(dtype)
