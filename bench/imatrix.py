@@ -54,10 +54,11 @@ def main() -> None:
     from gguf_vs_llamacpp import llama_logits, score
 
     from lowbit.api import quantize
-    from lowbit.calib import imatrix
+    from lowbit.calib import CalibrationConfig, imatrix
     from lowbit.data import token_windows
     from lowbit.export.gguf import write_gguf
     from lowbit.model.load import load_source
+    from lowbit.model.targets import select_targets
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--llama-bin", required=True, help="folder with llama-quantize and llama-imatrix")
@@ -86,9 +87,6 @@ def main() -> None:
     t0 = time.perf_counter()
     lb_im = work / "lowbit.imatrix.gguf"
     lb_dat = work / "lowbit.imatrix.dat"
-    from lowbit.calib import CalibrationConfig
-    from lowbit.model.targets import select_targets
-
     targets = [t for t in select_targets(loaded.model) if t.kind in ("linear", "conv1d")]
     cal_windows = CalibrationConfig(str(calib), args.chunks, 512, 0).windows(loaded.tokenizer)
     stats = imatrix.collect(loaded.model, targets, cal_windows, progress=False)
@@ -100,7 +98,8 @@ def main() -> None:
     lb_means = imatrix.read(lb_im).mean_squares()
     common = sorted(set(ll_means) & set(lb_means))
     cos = {n: float(torch.nn.functional.cosine_similarity(ll_means[n].double(), lb_means[n].double(), dim=0)) for n in common}
-    rel = {n: float((ll_means[n].sum() / lb_means[n].sum()).log().abs().exp()) for n in common}
+    ratio = {n: float(ll_means[n].sum() / lb_means[n].sum()) for n in common}
+    rel = {n: max(r, 1 / r) for n, r in ratio.items()}   # the larger total over the smaller
     worst = min(cos, key=cos.get)
     stats_row = {"llama_entries": len(ll_means), "lowbit_entries": len(lb_means), "common": len(common),
                  "cosine_min": cos[worst], "cosine_min_tensor": worst, "cosine_median": float(np.median(list(cos.values()))),

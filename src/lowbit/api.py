@@ -141,11 +141,8 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
         importance = _imatrix_importance(model, targets, recipe.imatrix, record) if recipe.imatrix else {}
         with torch.no_grad():
             for t in tqdm(targets, desc=f"{recipe.method}", disable=not progress, unit="w"):
-                if t.name in importance:
-                    extra["importance"] = importance[t.name]
-                else:
-                    extra.pop("importance", None)
-                qt = impl.quantize_weight(t.parameter(model).data, ws[t.name], t.transposed, **extra)
+                weighted = {"importance": importance[t.name]} if t.name in importance else {}
+                qt = impl.quantize_weight(t.parameter(model).data, ws[t.name], t.transposed, **extra, **weighted)
                 install_quantized(model, t, qt)
                 tensors[t.name] = qt
     record["seconds"]["quantize"] = time.perf_counter() - t0
