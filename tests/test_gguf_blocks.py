@@ -38,15 +38,15 @@ def _assert_same_qt(a, b):
         assert torch.equal(a.params[k], b.params[k]), k
 
 
-def test_type_table_covers_fifteen_types():
-    assert len(GGUF_TYPES) == 15
+def test_type_table_covers_twenty_two_types():
+    assert len(GGUF_TYPES) == 22
     assert set(LEGACY) == {"gguf_q8_0", "gguf_q4_0", "gguf_q4_1", "gguf_q5_0", "gguf_q5_1", "gguf_iq4_nl", "gguf_mxfp4"}
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_group_size_is_the_fixed_sub_block(name):
     expected = {"gguf_q2_k": 16, "gguf_q3_k": 16, "gguf_q6_k": 16, "gguf_q4_k": 32, "gguf_q5_k": 32,
-                "gguf_tq2_0": 256, "gguf_tq1_0": 256}.get(name, 32)
+                "gguf_tq2_0": 256, "gguf_tq1_0": 256, "gguf_iq2_xs": 16, "gguf_iq2_s": 16, "gguf_iq1_m": 16}.get(name, 32)
     assert _scheme(name).effective_group_size() == expected
     assert lowbit.WeightScheme(format=name, bits=None, group_size=128).effective_group_size() == expected
 
@@ -69,7 +69,9 @@ def test_bytes_decode_exactly_like_gguf(name, scale):
         _assert_same_qt(from_gguf_bytes(data, name, shape), qt)
         # quality sanity: relative error well below the signal
         rel = ((qt.dequantize() - w).pow(2).mean() / w.pow(2).mean()).item()
-        assert rel < {"gguf_q2_k": 0.2, "gguf_q3_k": 0.05, "gguf_tq2_0": 0.7, "gguf_tq1_0": 0.7}.get(name, 0.02), (name, rel)
+        assert rel < {"gguf_q2_k": 0.2, "gguf_q3_k": 0.05, "gguf_tq2_0": 0.7, "gguf_tq1_0": 0.7,
+                          "gguf_iq1_s": 0.3, "gguf_iq1_m": 0.25, "gguf_iq2_xxs": 0.2, "gguf_iq2_xs": 0.1,
+                          "gguf_iq2_s": 0.08, "gguf_iq3_xxs": 0.05, "gguf_iq3_s": 0.03}.get(name, 0.02), (name, rel)
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -194,16 +194,23 @@ _ENCODE_ELEMENTS = 1 << 22   # weights encoded per step: per-column parameters o
                               # matrix would be several times the weight itself
 
 
-def encode_matrix(fmt: Format, W: torch.Tensor, p: Params, group_size: int) -> torch.Tensor:
+def encode_matrix(fmt: Format, W: torch.Tensor, p: Params, group_size: int,
+                  importance: torch.Tensor | None = None) -> torch.Tensor:
     """Codes (rows, cols) for W with fitted float parameters p, a block of rows at a time
-    (rows are independent given their parameters; tensor-level ones apply to every block)."""
+    (rows are independent given their parameters; tensor-level ones apply to every block).
+    importance (cols,) reaches formats whose encoding weighs errors (vector grids); for the
+    others nearest is nearest whatever the weights."""
     gidx = group_index(W.shape[1], group_size)
     step = max(1, _ENCODE_ELEMENTS // max(1, W.shape[1]))
+    kw = {"importance": importance} if importance is not None and getattr(fmt, "vector_dim", 0) else {}
+
+    def enc(rows: slice) -> torch.Tensor:
+        pp = p if rows is None else {k: (v[rows] if v.ndim == 2 else v) for k, v in p.items()}
+        return fmt.encode((W if rows is None else W[rows]).float(), expand_params(pp, gidx), **kw)
+
     if W.shape[0] <= step:
-        return fmt.encode(W.float(), expand_params(p, gidx))
-    return torch.cat([fmt.encode(W[r: r + step].float(),
-                                 expand_params({k: (v[r: r + step] if v.ndim == 2 else v) for k, v in p.items()}, gidx))
-                      for r in range(0, W.shape[0], step)])
+        return enc(None)
+    return torch.cat([enc(slice(r, r + step)) for r in range(0, W.shape[0], step)])
 
 
 def quantize_tensor(w: torch.Tensor, scheme, transposed: bool = False,
@@ -217,5 +224,5 @@ def quantize_tensor(w: torch.Tensor, scheme, transposed: bool = False,
     if importance is not None and importance.shape != (W.shape[1],):
         raise SchemeError(f"importance has shape {tuple(importance.shape)}, the weight has {W.shape[1]} input columns")
     p = fit_groups(fmt, W, g, ws.observer, ws.percentile, importance=importance)
-    codes = encode_matrix(fmt, W, p, g)
+    codes = encode_matrix(fmt, W, p, g, importance=importance)
     return QuantizedTensor(codes, fmt.store_params(p), fmt, g, tuple(w.shape), transposed)

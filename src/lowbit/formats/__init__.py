@@ -9,6 +9,7 @@ from lowbit.formats import mx  # noqa: F401  (registers "mxfp4", "mxfp8")
 from lowbit.formats import nvfp4  # noqa: F401  (registers "nvfp4")
 from lowbit.formats import ternary  # noqa: F401  (registers "ternary")
 from lowbit.formats import gguf_blocks  # noqa: F401  (registers "gguf_q8_0" ... "gguf_q6_k")
+from lowbit.formats import gguf_iq  # noqa: F401  (registers "gguf_iq3_s" ... "gguf_iq1_s")
 from lowbit.formats import codebook  # noqa: F401  (registers "aqlm_2x8", "aqlm_1x16")
 
 __all__ = ["FORMATS", "Format", "Params", "make_format"]

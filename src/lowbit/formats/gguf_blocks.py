@@ -56,6 +56,14 @@ GGUF_TYPES: dict[str, GGMLQuantizationType] = {
     "gguf_iq4_nl": GGMLQuantizationType.IQ4_NL,
     "gguf_iq4_xs": GGMLQuantizationType.IQ4_XS,
     "gguf_mxfp4": GGMLQuantizationType.MXFP4,
+    # lattice-grid i-quants (formats/gguf_iq.py)
+    "gguf_iq3_s": GGMLQuantizationType.IQ3_S,
+    "gguf_iq3_xxs": GGMLQuantizationType.IQ3_XXS,
+    "gguf_iq2_s": GGMLQuantizationType.IQ2_S,
+    "gguf_iq2_xs": GGMLQuantizationType.IQ2_XS,
+    "gguf_iq2_xxs": GGMLQuantizationType.IQ2_XXS,
+    "gguf_iq1_m": GGMLQuantizationType.IQ1_M,
+    "gguf_iq1_s": GGMLQuantizationType.IQ1_S,
 }
 
 
@@ -721,6 +729,10 @@ def _f16_from(data: np.ndarray) -> np.ndarray:
 
 def _encode_blocks(name: str, q: np.ndarray, p: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Byte fields, in order, of blocks: q (B, block) codes, p stored params, one row per block."""
+    if name.startswith(("gguf_iq1", "gguf_iq2", "gguf_iq3")):
+        from lowbit.formats.gguf_iq import encode_iq_blocks
+
+        return encode_iq_blocks(name, q, p)
     if name == "gguf_q8_0":
         return [_f16_bytes(p["scale"]), q ^ np.uint8(0x80)]
     if name in ("gguf_q4_0", "gguf_q4_1"):
@@ -757,6 +769,10 @@ def _encode_blocks(name: str, q: np.ndarray, p: dict[str, np.ndarray]) -> list[n
 
 def _decode_blocks(name: str, blocks: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Inverse of _encode_blocks: codes (B, block) and stored params (one row per block)."""
+    if name.startswith(("gguf_iq1", "gguf_iq2", "gguf_iq3")):
+        from lowbit.formats.gguf_iq import decode_iq_blocks
+
+        return decode_iq_blocks(name, blocks)
 
     def split(*sizes):
         return np.split(blocks, np.cumsum(sizes)[:-1], axis=1)

@@ -87,6 +87,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
                           "turn act_order off")
     if getattr(fmt, "codebooks", None):
         raise SchemeError(f"{fmt.name} encodes 8 weights at a time, not one column: use --method aqlm (or rtn)")
+    unit = getattr(fmt, "encode_unit", 0)     # vector grids: columns quantized together
+    if unit and prune is not None:
+        raise SchemeError(f"{fmt.name} encodes {unit} consecutive columns together; pruning drops single weights: "
+                          "quantize with --method gptq alone, or prune into another format")
     W = W if own and W.dtype == torch.float32 else W.float().clone()
     rows, cols = W.shape
     dead = torch.diag(H) == 0
@@ -100,7 +104,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
               if (options.act_order or group_size == 0) else None)
     # work on W^T so each column is a contiguous row: the per-column steps touch contiguous memory
     if options.act_order:
-        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        if unit:   # vector grids: whole units in order of their summed Hessian diagonal
+            order = torch.argsort(torch.diag(H).reshape(-1, unit).sum(1), descending=True, stable=True)
+            perm = (order[:, None] * unit + torch.arange(unit)).reshape(-1)
+        else:
+            perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         Wt, col_group = W.T[perm].contiguous(), gidx[perm]   # (cols, rows), permuted columns
         Hinv = prepare_hessian_inverse(H, options.damp, perm)
     else:
@@ -114,6 +122,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     per_group: dict[int, Params] = {}                       # group -> params as (rows,) vectors
     # a fitting span (k-quant super-block) must not straddle lazily-updated blocks
     block = options.block_size if static is not None else max(options.block_size, span)
+    if unit and block % unit:
+        raise SchemeError(f"GPTQ block size {block} is not a multiple of {fmt.name}'s {unit}-column unit")
+    hdiag = torch.diag(H).float() if perm is None else torch.diag(H).float()[perm]
     if prune is not None and prune.structured and block % prune.m:
         raise SchemeError(f"GPTQ block size {block} is not a multiple of the {prune.label()} group")
     zero_codes: dict[int, torch.Tensor] = {}                # group -> codes decoding to 0 (pruning)
@@ -142,6 +153,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
             p = per_group.get(g)
             if p is None:
                 p = per_group[g] = {k: (v[:, g].contiguous() if v.ndim == 2 else v) for k, v in params.items()}
+            if unit:
+                if i % unit == 0:
+                    _vector_step(fmt, W1, Hinv1, Err1, codes_t, p, hdiag[col: col + unit], i, col, unit)
+                continue
             w = W1[i]
             q_codes = fmt.encode(w, p)
             if prune is not None:
@@ -162,6 +177,21 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
     return codes.contiguous(), params
+
+
+def _vector_step(fmt, W1, Hinv1, Err1, codes_t, p, hdiag, i, col, unit) -> None:
+    """Quantize columns i..i+unit of the lazy block W1 (columns as rows) together, then feed their
+    joint error to the block's later columns: e = U_bb^-T (W_b - Q_b), W_later -= U_b,laterᵀ e
+    (QuIP#'s BlockLDLQ; with unit 1 it is GPTQ's step)."""
+    rows = W1.shape[1]
+    X = W1[i: i + unit]                                           # (unit, rows)
+    scale = p["scale"][:, None]
+    q = fmt.encode_weighted(X.T, scale.expand(rows, unit // fmt.vector_dim), hdiag[None, :].expand(rows, unit))
+    delta = X - fmt.decode(q, {"scale": scale}).T
+    e = torch.linalg.solve_triangular(Hinv1[i: i + unit, i: i + unit].T, delta, upper=False)
+    codes_t[col: col + unit] = q.T
+    W1[i + unit:].addmm_(Hinv1[i: i + unit, i + unit:].T, e, alpha=-1)
+    Err1[i: i + unit] = e
 
 
 def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor, scheme: WeightScheme,

@@ -192,7 +192,8 @@ def build_plan(loaded, recipe=None, container: str = "native", progress: bool = 
     if recipe.gguf_mix is not None:
         from lowbit.plan.gguf import mix_schemes
 
-        schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback)
+        schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback,
+                                   imatrix=recipe.imatrix is not None)
         by_name = {t.name: t for t in targets}
         plan = {}
         for hf, _gname, type_name, reason in rows:

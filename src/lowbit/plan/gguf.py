@@ -45,12 +45,13 @@ def measured_fallback(W: torch.Tensor, intended: str, llama_cpp_choice: str) -> 
 
 
 def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | None = None,
-                fallback_policy: str = "measured"):
+                fallback_policy: str = "measured", imatrix: bool = False):
     """The per-weight schemes of a llama.cpp mix (Q4_K_M, ...) for this model.
 
     fallback_policy: "llama.cpp" keeps llama.cpp's fixed fallback table for rows that do not
     fit 256-blocks; "measured" picks, per tensor, the most accurate block-32 type no larger
-    than llama.cpp's choice (see measured_fallback).
+    than llama.cpp's choice (see measured_fallback). imatrix: the weights will be fitted with an
+    importance matrix (llama.cpp's mixes choose some tensors differently then).
     Returns (schemes by HF parameter name, [(name, gguf name, type, fallback reason or None)]).
     token_embd is included: llama.cpp quantizes it (as the output too when embeddings are tied)."""
     from lowbit.model.targets import all_weights
@@ -69,7 +70,7 @@ def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | No
         m = re.match(r"blk\.(\d+)\.", gname)
         n_cols = to_matrix(t.parameter(model).data, t.transposed).shape[1]
         type_name, reason = tensor_type_for(mix, gname, int(m.group(1)) if m else None, n_layers, n_cols,
-                                            n_gqa=n_gqa, tied_embeddings=tied, fallbacks=fallbacks)
+                                            n_gqa=n_gqa, tied_embeddings=tied, fallbacks=fallbacks, imatrix=imatrix)
         if reason is not None and fallback_policy == "measured" and type_name != "F16":
             intended = reason.split("(")[1].split(")")[0]
             type_name, reason = measured_fallback(to_matrix(t.parameter(model).data, t.transposed).float(), intended, type_name)

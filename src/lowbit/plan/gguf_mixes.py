@@ -6,14 +6,15 @@ method runs); the GGUF exporter only serialises what it was given. This module i
 quantizer asks: ``tensor_type_for(mix, gguf_name, layer, n_layers, n_cols)``.
 
 The rules reproduce ``llama_tensor_get_type`` of llama.cpp's ``src/llama-quant.cpp`` (read at
-commit 007dbbf3, 2025) for dense models (no experts, not Falcon, not a 70B), for the mixes
-below. Tensor categories are matched by name as llama.cpp does (``attn_v.weight``,
+commit 007dbbf3, 2025, and again in the llama.cpp that llama-cpp-python 0.3.36 vendors, which
+added the i-quant and ternary mixes here) for dense models (no experts, not Falcon, not a 70B),
+for the mixes below. Tensor categories are matched by name as llama.cpp does (``attn_v.weight``,
 ``ffn_down``, ...). Types are GGML names ("Q4_K", "Q6_K", "F32"); ``lowbit_format(type)`` gives
 the lowbit format name ("gguf_q4_k").
 
 Fallback when a row length is not a multiple of the type's block (SmolLM2's 576 columns vs
 256-weight k-quant super-blocks): lowbit uses llama.cpp's own table (``LLAMA_CPP_FALLBACK``):
-Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL; F16 if even 32
+Q2_K/Q3_K/TQ* -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ1-IQ3 and IQ4_XS -> IQ4_NL; F16 if even 32
 does not divide the row. We considered "same bits" alternatives (Q4_K -> Q4_1 at 5.0 bpw instead
 of Q5_0 at 5.5; Q2_K -> Q4_0 is already among the cheapest 32-block types lowbit has):
 the fallback tensors are few and usually the most sensitive (attn/ffn rows of models with odd
@@ -47,6 +48,28 @@ MIXES: dict[str, tuple[str, int]] = {
     "Q6_K": ("Q6_K", 18),
     "IQ4_NL": ("IQ4_NL", 25),
     "IQ4_XS": ("IQ4_XS", 30),
+    # i-quant mixes (llama_ftype_get_default_type: IQ2_S's base is IQ2_XS, IQ2_M's IQ2_S, IQ3_*'s IQ3_S)
+    "IQ3_M": ("IQ3_S", 27),
+    "IQ3_S": ("IQ3_S", 26),
+    "IQ3_XS": ("IQ3_S", 22),
+    "IQ3_XXS": ("IQ3_XXS", 23),
+    "IQ2_M": ("IQ2_S", 29),
+    "IQ2_S": ("IQ2_XS", 28),
+    "IQ2_XS": ("IQ2_XS", 20),
+    "IQ2_XXS": ("IQ2_XXS", 19),
+    "IQ1_M": ("IQ1_M", 31),
+    "IQ1_S": ("IQ1_S", 24),
+    "TQ2_0": ("TQ2_0", 37),
+    "TQ1_0": ("TQ1_0", 36),
+}
+
+# The output (and a tied token_embd) when the row fits the base type's block: Q6_K, except these
+# (Q8_0 mixes keep Q8_0). An untied token_embd keeps the base type, except these.
+_OUTPUT_TYPE: dict[str, str] = {m: "Q5_K" for m in ("IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")}
+_TOKEN_EMBD_TYPE: dict[str, str] = {
+    **{m: "Q2_K" for m in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M")},
+    **{m: "IQ3_S" for m in ("IQ2_S", "IQ2_M", "IQ3_XXS")},
+    "TQ1_0": "Q4_K", "TQ2_0": "Q4_K",
 }
 
 # llama.cpp's tensor_type_fallback (block-256 type -> block-32 type)
@@ -57,6 +80,9 @@ LLAMA_CPP_FALLBACK: dict[str, str] = {
     "Q5_K": "Q5_1",
     "Q6_K": "Q8_0",
     "IQ4_XS": "IQ4_NL",
+    **{t: "IQ4_NL" for t in ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S")},
+    "TQ1_0": "Q4_0",
+    "TQ2_0": "Q4_0",
 }
 
 # Per-category overrides: mix -> category -> rule. A rule is a type name, or a tuple of
@@ -92,14 +118,46 @@ _RULES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
         "attn_v": (("more_bits", "Q6_K"),),
         "ffn_down": (("more_bits", "Q6_K"),),
     },
-    # llama.cpp's ffn_down rule for these applies without an imatrix (llama-quantize's default)
     "IQ4_NL": {
         "attn_v": (("gqa_ge_4", "Q5_K"),),
-        "ffn_down": (("first_eighth", "Q5_K"),),
+        "ffn_down": (("first_eighth_no_imatrix", "Q5_K"),),
     },
     "IQ4_XS": {
         "attn_v": (("gqa_ge_4", "Q5_K"),),
-        "ffn_down": (("first_eighth", "Q5_K"),),
+        "ffn_down": (("first_eighth_no_imatrix", "Q5_K"),),
+    },
+    # with an importance matrix llama.cpp guards the first ffn_down layers of Q4_0/Q5_0
+    "Q4_0": {"ffn_down": (("first_eighth_imatrix", "Q4_1"),)},
+    "Q5_0": {"ffn_down": (("first_eighth_imatrix", "Q5_1"),)},
+    **{m: {
+        "attn_v": (("gqa_ge_4", "Q4_K"), ("always", "Q2_K")),
+        "ffn_down": (("first_eighth", "Q2_K"),),
+        **({"attn_output": (("always", "IQ2_XXS"),)} if m.startswith("IQ1") else {}),
+    } for m in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M")},
+    **{m: {
+        "attn_v": (("gqa_ge_4", "Q4_K"), ("always", "IQ3_S")),
+        "ffn_down": (("first_eighth", "IQ3_S"),),
+        "attn_output": (("always", "IQ3_S"),),
+    } for m in ("IQ2_S", "IQ2_M")},
+    "IQ3_XXS": {
+        "attn_v": (("gqa_ge_4", "Q4_K"), ("no_imatrix", "IQ3_S")),
+        "attn_k": (("always", "IQ2_S"),),
+        "attn_q": (("always", "IQ2_S"),),
+        "ffn_down": (("first_eighth_no_imatrix", "Q4_K"), ("no_imatrix", "Q3_K")),
+        "attn_output": (("always", "IQ3_S"),),
+    },
+    "IQ3_XS": {
+        "attn_v": (("gqa_ge_4", "Q4_K"),),
+        "attn_k": (("always", "IQ3_XXS"),),
+        "attn_q": (("always", "IQ3_XXS"),),
+        "ffn_gate": (("middle", "IQ3_XXS"),),
+        "ffn_up": (("middle", "IQ3_XXS"),),
+    },
+    "IQ3_S": {"attn_v": (("gqa_ge_4", "Q4_K"),)},
+    "IQ3_M": {
+        "attn_v": (("always", "Q4_K"),),
+        "ffn_down": (("first_eighth", "Q4_K"),),
+        "attn_output": (("always", "Q4_K"),),
     },
 }
 
@@ -109,14 +167,19 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
 
 
+# condition name -> f(layer, n_layers, heads per KV head, whether an importance matrix is used)
 _CONDITIONS = {
-    "always": lambda i, n, gqa: True,
-    "more_bits": lambda i, n, gqa: use_more_bits(i, n),
-    "first_2": lambda i, n, gqa: i < 2,
-    "first_4": lambda i, n, gqa: i < 4,
-    "first_eighth": lambda i, n, gqa: i < n // 8,
-    "first_sixteenth": lambda i, n, gqa: i < n // 16,
-    "gqa_ge_4": lambda i, n, gqa: gqa >= 4,
+    "always": lambda i, n, gqa, im: True,
+    "more_bits": lambda i, n, gqa, im: use_more_bits(i, n),
+    "first_2": lambda i, n, gqa, im: i < 2,
+    "first_4": lambda i, n, gqa, im: i < 4,
+    "first_eighth": lambda i, n, gqa, im: i < n // 8,
+    "first_eighth_no_imatrix": lambda i, n, gqa, im: i < n // 8 and not im,
+    "first_eighth_imatrix": lambda i, n, gqa, im: i < n // 8 and im,
+    "no_imatrix": lambda i, n, gqa, im: not im,
+    "middle": lambda i, n, gqa, im: n // 8 <= i < 7 * n // 8,
+    "first_sixteenth": lambda i, n, gqa, im: i < n // 16,
+    "gqa_ge_4": lambda i, n, gqa, im: gqa >= 4,
 }
 
 
@@ -174,12 +237,13 @@ def fallback_type(type_name: str, n_cols: int, fallbacks: dict[str, str] | None 
 
 def tensor_type_for(mix_name: str, gguf_tensor_name: str, layer_index: int | None, n_layers: int, n_cols: int,
                     *, n_gqa: int = 1, tied_embeddings: bool = False,
-                    fallbacks: dict[str, str] | None = None) -> tuple[str, str | None]:
+                    fallbacks: dict[str, str] | None = None, imatrix: bool = False) -> tuple[str, str | None]:
     """GGML type (and fallback reason or None) llama.cpp's mix `mix_name` gives one tensor.
 
     gguf_tensor_name: e.g. "blk.3.attn_v.weight"; layer_index: its block (None for non-block
     tensors); n_cols: its row length; n_gqa: heads per KV head; tied_embeddings: the model has no
-    output.weight, so token_embd is treated as the output (llama.cpp's has_tied_embeddings).
+    output.weight, so token_embd is treated as the output (llama.cpp's has_tied_embeddings);
+    imatrix: the weights are fitted with an importance matrix (some mixes then choose otherwise).
     Norms and other 1-D tensors are F32 (llama.cpp never quantizes them)."""
     if mix_name not in MIXES:
         raise SchemeError(f"unknown GGUF mix {mix_name!r}; choose one of: {', '.join(MIXES)}")
@@ -192,16 +256,16 @@ def tensor_type_for(mix_name: str, gguf_tensor_name: str, layer_index: int | Non
         if n_cols % block_size(base):
             t = "Q8_0"
         elif base != "Q8_0":
-            t = "Q6_K"
+            t = _OUTPUT_TYPE.get(mix_name, "Q6_K")
         else:
             t = base
         return fallback_type(t, n_cols, fallbacks)
-    if cat == "token_embd":  # untied: the base type for these mixes
-        return fallback_type(base, n_cols, fallbacks)
+    if cat == "token_embd":  # untied
+        return fallback_type(_TOKEN_EMBD_TYPE.get(mix_name, base), n_cols, fallbacks)
     t = base
     i = layer_index if layer_index is not None else 0
     for cond, new in _RULES.get(mix_name, {}).get(cat, ()):
-        if _CONDITIONS[cond](i, n_layers, n_gqa):
+        if _CONDITIONS[cond](i, n_layers, n_gqa, imatrix):
             t = new
             break
     return fallback_type(t, n_cols, fallbacks)
