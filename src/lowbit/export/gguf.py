@@ -48,6 +48,9 @@ class ArchSpec:
     permute_qk: bool      # llama.cpp's llama rope wants interleaved q/k rows (HF: half split)
     norm_offset: float = 0.0   # added to norm weights: Gemma's x·(1 + w) is llama.cpp's x·w'
     family: str = "rope"       # which hyper-parameters the file carries: "rope" (LLaMA-like) | "gpt2"
+    # MoE: whether llama.cpp renormalises the chosen experts' router weights for this architecture
+    # (fixed in its model code); a config whose norm_topk_prob differs is refused
+    moe_norm: bool | None = None
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -58,6 +61,10 @@ ARCHS: dict[str, ArchSpec] = {
     "phi3": ArchSpec("phi3", False),        # fused qkv and gate/up projections, as llama.cpp keeps them
     "gemma": ArchSpec("gemma", False, 1.0),
     "gpt2": ArchSpec("gpt2", False, family="gpt2"),   # LayerNorm with biases, learned positions, Conv1D
+    # MoE: stacked experts (E, out, in) become ffn_{gate,up,down}_exps; gate_up_proj is split
+    "mixtral": ArchSpec("llama", True, moe_norm=True),
+    "qwen2_moe": ArchSpec("qwen2moe", False, moe_norm=False),   # + a shared expert and its gate
+    "qwen3_moe": ArchSpec("qwen3moe", False, moe_norm=True),    # + per-head q/k norms
 }
 
 # Pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer (data).
@@ -70,7 +77,9 @@ PRE_TOKENIZER_REGEXES: dict[str, str] = {_LLAMA3_REGEX: "llama-bpe", _QWEN2_REGE
 
 # file_type (LLAMA_FTYPE_MOSTLY_*) of a file whose weights are mostly one type
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10,
-               "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "BF16": 32}
+               "Q3_K": 12, "Q4_K": 15, "Q5_K": 17, "Q6_K": 18, "IQ2_XXS": 19, "IQ2_XS": 20, "IQ3_XXS": 23,
+               "IQ1_S": 24, "IQ4_NL": 25, "IQ3_S": 26, "IQ2_S": 28, "IQ4_XS": 30, "IQ1_M": 31, "BF16": 32,
+               "TQ1_0": 36, "TQ2_0": 37, "MXFP4": 38}
 
 
 # --- rows ----------------------------------------------------------------------------------------
@@ -167,6 +176,33 @@ def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
     if head_dim != config.hidden_size // n_head:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
+    n_expert = num_experts(config)
+    if n_expert:
+        _check_moe(config, spec)
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(int(config.num_experts_per_tok))
+        if getattr(config, "moe_intermediate_size", None):
+            w.add_expert_feed_forward_length(int(config.moe_intermediate_size))
+        if getattr(config, "shared_expert_intermediate_size", None):
+            w.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
+
+
+def num_experts(config) -> int:
+    """Routed experts per MoE layer (0 for a dense model)."""
+    return int(getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0)
+
+
+def _check_moe(config, spec: ArchSpec) -> None:
+    """What llama.cpp's MoE code for this architecture assumes, checked against the config."""
+    if spec.moe_norm is None:
+        raise SchemeError(f"lowbit's GGUF exporter does not write experts for {config.model_type}")
+    norm = bool(getattr(config, "norm_topk_prob", True))
+    if norm != spec.moe_norm:
+        raise SchemeError(f"this {config.model_type} config has norm_topk_prob={norm}, but llama.cpp's {spec.gguf_arch} "
+                          f"always uses {spec.moe_norm}: the GGUF file would route differently; use another --to target")
+    if getattr(config, "mlp_only_layers", None) or int(getattr(config, "decoder_sparse_step", 1) or 1) != 1:
+        raise SchemeError("a model with dense layers between its MoE layers (mlp_only_layers / decoder_sparse_step) "
+                          "is not one llama.cpp's qwen2moe/qwen3moe loads; use another --to target")
 
 
 # --- tokenizer -----------------------------------------------------------------------------------
@@ -251,12 +287,43 @@ def _write_hf_tokenizer(w, tokenizer, vocab_size: int) -> None:
 
 
 # --- tensors -------------------------------------------------------------------------------------
+_EXPERT_PART = {"gate_proj": "ffn_gate_exps", "up_proj": "ffn_up_exps", "down_proj": "ffn_down_exps",
+                "gate_up_proj": "ffn_gate_exps"}   # gate_up is split in two; its type is the gate's
+
+
 def _gguf_name(name_map, hf_name: str) -> str | None:
     for suffix in (".weight", ".bias"):
         if hf_name.endswith(suffix):
             base = name_map.get_name(hf_name[: -len(suffix)])
             return None if base is None else base + suffix
+    head, _, part = hf_name.rpartition(".")
+    if head.endswith(".experts") and part in _EXPERT_PART:   # stacked experts: a parameter, no suffix
+        base = name_map.get_name(head + ".down_proj")
+        return None if base is None else base.replace("ffn_down_exps", _EXPERT_PART[part]) + ".weight"
     return None
+
+
+def _split_gate_up(value):
+    """transformers' stacked gate_up (E, 2I, H) -> (gate, up), each (E, I, H): per expert the
+    first I rows are the gate (the model chunks its output in two). Quantized values split by
+    rows, codes and per-row parameters together (exact)."""
+    if not isinstance(value, QuantizedTensor):
+        g, u = value.detach().chunk(2, dim=1)
+        return g.contiguous(), u.contiguous()
+    if value.transposed or len(value.shape) != 3:
+        raise SchemeError(f"stacked experts of shape {value.shape} stored transposed are not written to GGUF yet")
+    E, two_i, H = value.shape
+    half = two_i // 2
+    rows = value.codes.shape[0]
+    bad = [k for k, v in value.params.items() if v.ndim == 2 and v.shape[0] != rows]
+    if bad:
+        raise SchemeError(f"parameters {bad} of a {value.format.name} expert tensor are not per row; cannot split gate_up")
+    out = []
+    for start in (0, half):
+        idx = (torch.arange(E)[:, None] * two_i + start + torch.arange(half)).reshape(-1)
+        params = {k: (v[idx] if v.ndim == 2 else v) for k, v in value.params.items()}
+        out.append(dataclasses.replace(value, codes=value.codes[idx], params=params, shape=(E, half, H)))
+    return tuple(out)
 
 
 def tensor_names(model: torch.nn.Module) -> dict[str, str]:
@@ -312,6 +379,13 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
     state = dict(m.model.named_parameters(remove_duplicate=False))
     persistent = set(m.model.state_dict())   # non-persistent buffers (Gemma's embed_scale) are recomputed
     state.update({k: v for k, v in m.model.named_buffers() if k not in state and k in persistent})
+    tensors = dict(m.tensors)
+    for fused in [n for n in list(state) if n.endswith(".experts.gate_up_proj")]:
+        head = fused[: -len("gate_up_proj")]
+        state[head + "gate_proj"], state[head + "up_proj"] = _split_gate_up(state.pop(fused))
+        if fused in tensors:
+            tensors[head + "gate_proj"], tensors[head + "up_proj"] = _split_gate_up(tensors.pop(fused))
+    m = dataclasses.replace(m, tensors=tensors)
     names = list(dict.fromkeys(list(state) + list(m.tensors)))
     for hf_name in names:
         if "rotary_emb" in hf_name or hf_name.endswith("inv_freq"):
@@ -466,6 +540,10 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
                 from lowbit.formats.gguf_blocks import to_gguf_bytes
 
                 data = to_gguf_bytes(value)
+                if len(value.shape) == 3:          # stacked experts: (E, rows, bytes per row)
+                    data = data.reshape(value.shape[0], value.shape[1], -1)
+                elif gname.endswith("ffn_gate_inp_shexp.weight"):   # llama.cpp wants a vector
+                    data = data.reshape(-1)
                 w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=value.format.ggml_type)
             else:
                 t = value.detach()
@@ -475,6 +553,8 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
                     t = t.float() + spec.norm_offset
                 if gname in conv1d:
                     t = t.T.contiguous()
+                if gname.endswith("ffn_gate_inp_shexp.weight"):   # (1, hidden) in HF, a vector here
+                    t = t.reshape(-1)
                 arr, raw = _float_array(t, type_name)
                 w.add_tensor(gname, arr, raw_dtype=raw)
 

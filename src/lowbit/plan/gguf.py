@@ -62,6 +62,9 @@ def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | No
     n_head = config.num_attention_heads
     n_gqa = n_head // (getattr(config, "num_key_value_heads", None) or n_head)
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    from lowbit.export.gguf import num_experts
+
+    n_expert = num_experts(config)
     schemes, plan = {}, []
     for t in all_weights(model):
         gname = _gguf_name(name_map, t.name)
@@ -70,7 +73,8 @@ def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | No
         m = re.match(r"blk\.(\d+)\.", gname)
         n_cols = to_matrix(t.parameter(model).data, t.transposed).shape[1]
         type_name, reason = tensor_type_for(mix, gname, int(m.group(1)) if m else None, n_layers, n_cols,
-                                            n_gqa=n_gqa, tied_embeddings=tied, fallbacks=fallbacks, imatrix=imatrix)
+                                            n_gqa=n_gqa, tied_embeddings=tied, fallbacks=fallbacks, imatrix=imatrix,
+                                            n_expert=n_expert)
         if reason is not None and fallback_policy == "measured" and type_name != "F16":
             intended = reason.split("(")[1].split(")")[0]
             type_name, reason = measured_fallback(to_matrix(t.parameter(model).data, t.transposed).float(), intended, type_name)

@@ -7,7 +7,7 @@ quantizer asks: ``tensor_type_for(mix, gguf_name, layer, n_layers, n_cols)``.
 
 The rules reproduce ``llama_tensor_get_type`` of llama.cpp's ``src/llama-quant.cpp`` (read at
 commit 007dbbf3, 2025, and again in the llama.cpp that llama-cpp-python 0.3.36 vendors, which
-added the i-quant and ternary mixes here) for dense models (no experts, not Falcon, not a 70B),
+added the i-quant and ternary mixes here) for dense and MoE models (not Falcon, not a 70B),
 for the mixes below. Tensor categories are matched by name as llama.cpp does (``attn_v.weight``,
 ``ffn_down``, ...). Types are GGML names ("Q4_K", "Q6_K", "F32"); ``lowbit_format(type)`` gives
 the lowbit format name ("gguf_q4_k").
@@ -162,6 +162,30 @@ _RULES: dict[str, dict[str, tuple[tuple[str, str], ...]]] = {
 }
 
 
+# MoE models (llama.cpp's n_expert rules): these mixes use IQ2-style attention rules, and with 8
+# experts these others give attn_output Q5_K
+_IQ2_FAMILY = ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M")
+_MOE8_ATTN_OUTPUT_Q5K = ("Q2_K", "IQ3_XS", "IQ3_XXS", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ3_S",
+                         "IQ3_M", "IQ4_XS")
+
+
+def _moe_rules(mix: str, cat: str, t: str, base: str, i: int, n: int, n_expert: int) -> str:
+    """llama.cpp's changes for MoE models, after the dense rules chose t."""
+    if cat == "attn_v" and mix in _IQ2_FAMILY and n_expert >= 4:
+        t = "Q4_K"
+    if n_expert != 8:
+        return t
+    if cat == "attn_v" and mix not in _IQ2_FAMILY:
+        return "Q8_0"
+    if cat == "attn_k":
+        return "Q4_K" if mix in _IQ2_FAMILY else "Q8_0"
+    if cat == "attn_output":   # replaces the dense rules
+        return "Q5_K" if mix in _IQ2_FAMILY or mix in _MOE8_ATTN_OUTPUT_Q5K else base
+    if cat == "ffn_down" and mix == "IQ3_M" and use_more_bits(i, n):
+        return "Q4_K"
+    return t
+
+
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
     """llama.cpp's layers that get more bits: the first and last eighth, and every third between."""
     return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
@@ -187,6 +211,8 @@ def _category(name: str) -> str:
     """llama.cpp's tensor category, matched on the GGUF tensor name."""
     if name == "output.weight":
         return "output"
+    if "ffn_gate_inp" in name:     # MoE routers (and a shared expert's gate): never quantized
+        return "router"
     if name == "token_embd.weight":
         return "token_embd"
     for key, cat in (("attn_qkv.weight", "attn_v"), ("attn_kv_b.weight", "attn_v"), ("attn_v.weight", "attn_v"),
@@ -237,19 +263,21 @@ def fallback_type(type_name: str, n_cols: int, fallbacks: dict[str, str] | None 
 
 def tensor_type_for(mix_name: str, gguf_tensor_name: str, layer_index: int | None, n_layers: int, n_cols: int,
                     *, n_gqa: int = 1, tied_embeddings: bool = False,
-                    fallbacks: dict[str, str] | None = None, imatrix: bool = False) -> tuple[str, str | None]:
+                    fallbacks: dict[str, str] | None = None, imatrix: bool = False,
+                    n_expert: int = 0) -> tuple[str, str | None]:
     """GGML type (and fallback reason or None) llama.cpp's mix `mix_name` gives one tensor.
 
     gguf_tensor_name: e.g. "blk.3.attn_v.weight"; layer_index: its block (None for non-block
     tensors); n_cols: its row length; n_gqa: heads per KV head; tied_embeddings: the model has no
     output.weight, so token_embd is treated as the output (llama.cpp's has_tied_embeddings);
-    imatrix: the weights are fitted with an importance matrix (some mixes then choose otherwise).
+    imatrix: the weights are fitted with an importance matrix (some mixes then choose otherwise);
+    n_expert: routed experts per layer of a MoE model (0: dense).
     Norms and other 1-D tensors are F32 (llama.cpp never quantizes them)."""
     if mix_name not in MIXES:
         raise SchemeError(f"unknown GGUF mix {mix_name!r}; choose one of: {', '.join(MIXES)}")
     base, _ = MIXES[mix_name]
     cat = _category(gguf_tensor_name)
-    if not gguf_tensor_name.endswith("weight") or "_norm.weight" in gguf_tensor_name:
+    if not gguf_tensor_name.endswith("weight") or "_norm.weight" in gguf_tensor_name or cat == "router":
         return "F32", None
     if cat == "output" or (cat == "token_embd" and tied_embeddings):
         # Q6_K unless the mix is Q8_0, or Q8_0 when the row does not fit the base type's block
@@ -268,6 +296,8 @@ def tensor_type_for(mix_name: str, gguf_tensor_name: str, layer_index: int | Non
         if _CONDITIONS[cond](i, n_layers, n_gqa, imatrix):
             t = new
             break
+    if n_expert > 1:
+        t = _moe_rules(mix_name, cat, t, base, i, n_layers, n_expert)
     return fallback_type(t, n_cols, fallbacks)
 
 

@@ -1,0 +1,110 @@
+"""MoE models to GGUF: transformers 5's stacked experts (E, out, in) become llama.cpp's
+ffn_{gate,up,down}_exps (gate_up split in two), the router and a shared expert's gate keep their
+roles, the expert hyper-parameters are written, and llama.cpp gives the model's logits."""
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+import lowbit
+import lowbit.api
+from lowbit.errors import SchemeError
+from lowbit.export.gguf import _split_gate_up, write_gguf
+from lowbit.model.load import LoadedModel
+from lowbit.plan.gguf_mixes import tensor_type_for
+from lowbit.tensor import quantize_tensor
+
+from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits
+
+
+def _tiny_moe(kind: str, tokenizer, **over):
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, rms_norm_eps=1e-5)
+    if kind == "mixtral":
+        config, cls = MixtralConfig(num_local_experts=4, **common, **over), MixtralForCausalLM
+    else:
+        config = Qwen2MoeConfig(num_experts=4, moe_intermediate_size=64, shared_expert_intermediate_size=128,
+                                **common, **over)
+        cls = Qwen2MoeForCausalLM
+    torch.manual_seed(0)
+    model = cls(config).eval()
+    with torch.no_grad():   # the default init leaves experts and routers near zero: make them matter
+        for name, p in model.named_parameters():
+            if "experts" in name or "gate" in name:
+                p.normal_(0, 0.05)
+    return LoadedModel(model, tokenizer, "/nonexistent/hf-folder", "hf")
+
+
+def test_gate_up_split_is_exact():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 2 * 40, 64, generator=g)
+    qt = quantize_tensor(w, lowbit.WeightScheme(format="gguf_q8_0", bits=None, group_size=32))
+    gate, up = _split_gate_up(qt)
+    assert gate.shape == up.shape == (3, 40, 64)
+    full = qt.dequantize().reshape(3, 80, 64)
+    assert torch.equal(gate.dequantize().reshape(3, 40, 64), full[:, :40])
+    assert torch.equal(up.dequantize().reshape(3, 40, 64), full[:, 40:])
+    fg, fu = _split_gate_up(w)
+    assert torch.equal(fg, w[:, :40]) and torch.equal(fu, w[:, 40:])
+
+
+@pytest.mark.parametrize("kind,arch", [("mixtral", "llama"), ("qwen2_moe", "qwen2moe")])
+def test_llama_cpp_runs_moe(default_model, tmp_path, kind, arch):
+    lm = _tiny_moe(kind, default_model.tokenizer)
+    ids = default_model.tokenizer(PROMPT)["input_ids"]
+    path = write_gguf(lm, tmp_path / "f32.gguf")
+    r = gguf.GGUFReader(path)
+    assert r.fields["general.architecture"].contents() == arch
+    assert r.fields[f"{arch}.expert_count"].contents() == 4 and r.fields[f"{arch}.expert_used_count"].contents() == 2
+    shapes = {t.name: t.shape.tolist() for t in r.tensors}
+    inter = 128 if kind == "mixtral" else 64
+    assert shapes["blk.0.ffn_gate_exps.weight"] == shapes["blk.0.ffn_up_exps.weight"] == [64, inter, 4]
+    assert shapes["blk.0.ffn_down_exps.weight"] == [inter, 64, 4] and shapes["blk.0.ffn_gate_inp.weight"] == [64, 4]
+    if kind == "qwen2_moe":
+        assert shapes["blk.0.ffn_gate_inp_shexp.weight"] == [64]
+    _, L = _llama_logits(path, ids)
+    H = _model_logits(lm.model, ids)
+    assert np.abs(L - H).max() < 1e-3 * max(1.0, np.abs(H).max())
+
+    # quantized experts (3-D) and attention, Q8_0: lowbit's logits up to llama.cpp's 8-bit activations
+    qm = lowbit.api.quantize(lm, lowbit.WeightScheme(format="gguf_q8_0", bits=None, group_size=32), progress=False)
+    path = write_gguf(qm, tmp_path / "q8.gguf")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.1.ffn_gate_exps.weight"] == types["blk.1.ffn_down_exps.weight"] == "Q8_0"
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32"
+    _, L = _llama_logits(path, ids)
+    H = _model_logits(qm.model, ids)
+    scale = np.abs(H).max()
+    assert np.abs(L - H).max() < 0.05 * scale
+    top2 = np.sort(H, axis=-1)[:, -2:]
+    clear = (top2[:, 1] - top2[:, 0]) > 0.02 * scale
+    assert clear.sum() >= 5 and (L.argmax(-1) == H.argmax(-1))[clear].all()
+
+
+def test_routing_llama_cpp_cannot_reproduce_is_refused(default_model, tmp_path):
+    lm = _tiny_moe("qwen2_moe", default_model.tokenizer, norm_topk_prob=True)
+    with pytest.raises(SchemeError, match="norm_topk_prob"):
+        write_gguf(lm, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_moe_mix_rules_follow_llama_cpp():
+    t = lambda mix, name, i, **kw: tensor_type_for(mix, name, i, 32, 4096, **kw)[0]
+    assert t("Q4_K_M", "blk.3.ffn_gate_inp.weight", 3, n_expert=8) == "F32"
+    assert t("Q4_K_M", "blk.3.attn_v.weight", 3, n_expert=8) == "Q8_0"
+    assert t("Q4_K_M", "blk.3.attn_k.weight", 3, n_expert=8) == "Q8_0"
+    assert t("Q4_K_M", "blk.3.attn_output.weight", 3, n_expert=8) == "Q5_K"
+    assert t("Q4_K_M", "blk.3.ffn_down_exps.weight", 3, n_expert=8) == "Q6_K"      # more_bits layer
+    assert t("Q4_K_M", "blk.7.ffn_gate_exps.weight", 7, n_expert=8) == "Q4_K"
+    assert t("Q2_K", "blk.7.attn_output.weight", 7, n_expert=8) == "Q5_K"
+    assert t("Q2_K", "blk.7.attn_output.weight", 7, n_expert=4) == "Q3_K"           # only 8 experts change it
+    assert t("Q6_K", "blk.7.attn_output.weight", 7, n_expert=8) == "Q6_K"
+    assert t("IQ2_XS", "blk.7.attn_v.weight", 7, n_expert=4) == "Q4_K"
+    assert t("IQ2_XS", "blk.7.attn_k.weight", 7, n_expert=8) == "Q4_K"
+    assert t("IQ2_XS", "blk.7.attn_output.weight", 7, n_expert=8) == "Q5_K"
+    assert t("IQ3_M", "blk.9.ffn_down_exps.weight", 9, n_expert=8) == "Q4_K"       # more_bits(9, 32)
+    assert t("IQ3_M", "blk.10.ffn_down_exps.weight", 10, n_expert=8) == "IQ3_S"
