@@ -308,23 +308,34 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
              "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=16)),
              "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
                                                               n_positions=128, bos_token_id=0, eos_token_id=0)),
+             "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(
+                 **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_epsilon=1e-5, bos_token_id=0,
+                 eos_token_id=0)),
+             "qwen3_moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+                 **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64,
+                 norm_topk_prob=True, tie_word_embeddings=False)),
              }[arch]().eval()
     with torch.no_grad():   # norms away from their initial value: Gemma's 1 + w must be written as such
         for name, p in model.named_parameters():
-            if "norm" in name or ".ln_" in name:
+            if "norm" in name or ".ln_" in name or name.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            if "experts" in name or "mlp.gate." in name:   # experts and routers that matter
+                p.normal_(0, 0.05)
     return model
 
 
 @pytest.mark.parametrize("arch,gguf_arch,fused", [("qwen3", "qwen3", "blk.0.attn_q_norm.weight"),
                                                   ("phi3", "phi3", "blk.0.attn_qkv.weight"),
                                                   ("gemma", "gemma", None),
-                                                  ("gpt2", "gpt2", "position_embd.weight")])
+                                                  ("gpt2", "gpt2", "position_embd.weight"),
+                                                  ("starcoder2", "starcoder2", "blk.0.ffn_up.bias"),
+                                                  ("qwen3_moe", "qwen3moe", "blk.0.ffn_gate_exps.weight")])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_more_architectures_run_in_llama_cpp(default_model, tmp_path, arch, gguf_arch, fused, quantized):
     """Qwen3 (per-head q/k norms), Phi-3 (fused qkv and gate/up), Gemma (x·(1 + w) norms, a
-    scaled, tied embedding) and GPT-2 (LayerNorm with biases, learned positions, Conv1D weights)
-    leave as GGUF, float or as Q4_0 blocks, and llama.cpp gives their logits."""
+    scaled, tied embedding), GPT-2 (LayerNorm with biases, learned positions, Conv1D weights),
+    StarCoder2 (LayerNorm, biases everywhere, GELU MLP) and Qwen3-MoE (stacked experts) leave as
+    GGUF, float or as Q4_0 blocks, and llama.cpp gives their logits."""
     from lowbit.api import quantize
 
     lm = LoadedModel(_tiny_arch(arch, len(default_model.tokenizer)), default_model.tokenizer, "/nonexistent", "hf")
@@ -335,7 +346,8 @@ def test_more_architectures_run_in_llama_cpp(default_model, tmp_path, arch, gguf
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     if fused:
         assert fused in types
-    assert types["blk.1.ffn_down.weight"] == ("Q4_0" if quantized else "F32")
+    down = "blk.1.ffn_down_exps.weight" if arch == "qwen3_moe" else "blk.1.ffn_down.weight"
+    assert types[down] == ("Q4_0" if quantized else "F32")
     ids = default_model.tokenizer(PROMPT)["input_ids"]
     _, L = _llama_logits(path, ids)
     H = _model_logits(obj.model, ids)

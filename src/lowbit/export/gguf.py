@@ -51,6 +51,7 @@ class ArchSpec:
     # MoE: whether llama.cpp renormalises the chosen experts' router weights for this architecture
     # (fixed in its model code); a config whose norm_topk_prob differs is refused
     moe_norm: bool | None = None
+    layer_norm: bool = False   # LayerNorm (weight and bias) instead of RMSNorm
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -65,6 +66,7 @@ ARCHS: dict[str, ArchSpec] = {
     "mixtral": ArchSpec("llama", True, moe_norm=True),
     "qwen2_moe": ArchSpec("qwen2moe", False, moe_norm=False),   # + a shared expert and its gate
     "qwen3_moe": ArchSpec("qwen3moe", False, moe_norm=True),    # + per-head q/k norms
+    "starcoder2": ArchSpec("starcoder2", False, layer_norm=True),   # biases everywhere, GELU c_fc/c_proj
 }
 
 # Pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer (data).
@@ -170,7 +172,11 @@ def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
     w.add_head_count(int(n_head))
     w.add_head_count_kv(int(n_kv))
     w.add_rope_freq_base(_rope_theta(config))
-    w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    eps = next(getattr(config, k) for k in ("rms_norm_eps", "norm_epsilon", "layer_norm_eps") if hasattr(config, k))
+    if spec.layer_norm:
+        w.add_layer_norm_eps(float(eps))
+    else:
+        w.add_layer_norm_rms_eps(float(eps))
     w.add_vocab_size(int(config.vocab_size))
     w.add_rope_dimension_count(int(head_dim))
     if head_dim != config.hidden_size // n_head:
