@@ -308,6 +308,12 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
              "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**common, head_dim=16)),
              "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
                                                               n_positions=128, bos_token_id=0, eos_token_id=0)),
+             "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+                 **common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8, attn_logit_softcapping=5.0,
+                 final_logit_softcapping=3.0)),
+             "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+                 vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=256, bos_token_id=0, eos_token_id=0)),
              "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(
                  **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_epsilon=1e-5, bos_token_id=0,
                  eos_token_id=0)),
@@ -328,7 +334,9 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
                                                   ("phi3", "phi3", "blk.0.attn_qkv.weight"),
                                                   ("gemma", "gemma", None),
                                                   ("gpt2", "gpt2", "position_embd.weight"),
+                                                  ("gemma2", "gemma2", "blk.0.post_ffw_norm.weight"),
                                                   ("starcoder2", "starcoder2", "blk.0.ffn_up.bias"),
+                                                  ("gpt_neox", "gptneox", "blk.0.attn_qkv.bias"),
                                                   ("qwen3_moe", "qwen3moe", "blk.0.ffn_gate_exps.weight")])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_more_architectures_run_in_llama_cpp(default_model, tmp_path, arch, gguf_arch, fused, quantized):

@@ -108,3 +108,16 @@ def test_moe_mix_rules_follow_llama_cpp():
     assert t("IQ2_XS", "blk.7.attn_output.weight", 7, n_expert=8) == "Q5_K"
     assert t("IQ3_M", "blk.9.ffn_down_exps.weight", 9, n_expert=8) == "Q4_K"       # more_bits(9, 32)
     assert t("IQ3_M", "blk.10.ffn_down_exps.weight", 10, n_expert=8) == "IQ3_S"
+
+
+def test_attention_llama_cpp_cannot_reproduce_is_refused(default_model, tmp_path):
+    """Gemma-2 whose query scale is not the one llama.cpp hard-codes for it: one clear error."""
+    import transformers as tf
+
+    config = tf.Gemma2Config(vocab_size=len(default_model.tokenizer), hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             query_pre_attn_scalar=256)
+    lm = LoadedModel(tf.Gemma2ForCausalLM(config).eval(), default_model.tokenizer, "/nonexistent", "hf")
+    with pytest.raises(SchemeError, match="query_pre_attn_scalar=256"):
+        write_gguf(lm, tmp_path / "g.gguf")
+    assert not (tmp_path / "g.gguf").exists()

@@ -52,6 +52,8 @@ class ArchSpec:
     # (fixed in its model code); a config whose norm_topk_prob differs is refused
     moe_norm: bool | None = None
     layer_norm: bool = False   # LayerNorm (weight and bias) instead of RMSNorm
+    keys: tuple[tuple[str, str], ...] = ()   # (GGUFWriter method, config attribute) written when set
+    qkv_per_head: bool = False  # fused qkv rows grouped per head (q, k, v of head 0, ...): llama.cpp wants q; k; v
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -67,6 +69,14 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2_moe": ArchSpec("qwen2moe", False, moe_norm=False),   # + a shared expert and its gate
     "qwen3_moe": ArchSpec("qwen3moe", False, moe_norm=True),    # + per-head q/k norms
     "starcoder2": ArchSpec("starcoder2", False, layer_norm=True),   # biases everywhere, GELU c_fc/c_proj
+    # sandwich norms (post-attention / post-feed-forward), soft-capped logits, sliding windows on
+    # every other layer (llama.cpp's default pattern for gemma2, as transformers' layer_types)
+    # fused per-head qkv, LayerNorm with biases, partial rotary, parallel attention and MLP
+    "gpt_neox": ArchSpec("gptneox", False, layer_norm=True, qkv_per_head=True,
+                         keys=(("add_parallel_residual", "use_parallel_residual"),)),
+    "gemma2": ArchSpec("gemma2", False, 1.0, keys=(("add_sliding_window", "sliding_window"),
+                                                   ("add_attn_logit_softcapping", "attn_logit_softcapping"),
+                                                   ("add_final_logit_softcapping", "final_logit_softcapping"))),
 }
 
 # Pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer (data).
@@ -178,10 +188,15 @@ def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
     else:
         w.add_layer_norm_rms_eps(float(eps))
     w.add_vocab_size(int(config.vocab_size))
-    w.add_rope_dimension_count(int(head_dim))
+    w.add_rope_dimension_count(int(head_dim * _partial_rotary(config)))
     if head_dim != config.hidden_size // n_head:
         w.add_key_length(int(head_dim))
         w.add_value_length(int(head_dim))
+    for method, attr in spec.keys:
+        if getattr(config, attr, None) is not None:
+            getattr(w, method)(getattr(config, attr))
+    _check_query_scale(config, head_dim)
+    _check_layer_types(config)
     n_expert = num_experts(config)
     if n_expert:
         _check_moe(config, spec)
@@ -191,6 +206,46 @@ def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
             w.add_expert_feed_forward_length(int(config.moe_intermediate_size))
         if getattr(config, "shared_expert_intermediate_size", None):
             w.add_expert_shared_feed_forward_length(int(config.shared_expert_intermediate_size))
+
+
+def _partial_rotary(config) -> float:
+    """Share of each head's dimensions that rotary embeddings turn (1.0 for most models)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    for v in (params.get("partial_rotary_factor"), getattr(config, "partial_rotary_factor", None),
+              getattr(config, "rotary_pct", None)):
+        if v is not None:
+            return float(v)
+    return 1.0
+
+
+def qkv_head_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row order turning a per-head fused qkv ([q_h; k_h; v_h] for each head h) into [q; k; v]."""
+    if rows % (3 * n_head):
+        raise SchemeError(f"cannot regroup {rows} fused qkv rows for {n_head} heads")
+    return torch.arange(rows).reshape(n_head, 3, rows // n_head // 3).transpose(0, 1).reshape(-1)
+
+
+def _check_query_scale(config, head_dim: int) -> None:
+    """llama.cpp scales queries by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for a 46-layer
+    Gemma-2 27B); transformers by 1/sqrt(query_pre_attn_scalar) where the config has one."""
+    q = getattr(config, "query_pre_attn_scalar", None)
+    if q is None:
+        return
+    allowed = {head_dim} | ({config.hidden_size // config.num_attention_heads} if config.num_hidden_layers == 46 else set())
+    if q not in allowed:
+        raise SchemeError(f"query_pre_attn_scalar={q}: llama.cpp scales queries by 1/sqrt({head_dim}) for this model, "
+                          "so the GGUF file would compute other attention; use another --to target")
+
+
+def _check_layer_types(config) -> None:
+    """Sliding-window layers must be llama.cpp's default alternation (even layers slide)."""
+    types = getattr(config, "layer_types", None)
+    if not types or getattr(config, "sliding_window", None) is None:
+        return
+    want = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(types))]
+    if list(types) != want and set(types) != {"full_attention"}:
+        raise SchemeError(f"layer_types {types} differ from llama.cpp's alternation of sliding and full attention; "
+                          "use another --to target")
 
 
 def num_experts(config) -> int:
@@ -540,9 +595,14 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
             heads = None
             if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
                 heads = n_head if ".attn_q." in gname else n_kv
+            order = None
+            if heads is not None:
+                order = qk_permutation((value.codes if isinstance(value, QuantizedTensor) else value).shape[0], heads)
+            elif spec.qkv_per_head and ".attn_qkv." in gname:
+                order = qkv_head_order((value.codes if isinstance(value, QuantizedTensor) else value).shape[0], n_head)
             if isinstance(value, QuantizedTensor):
-                if heads is not None:
-                    value = permute_rows(value, qk_permutation(value.codes.shape[0], heads))
+                if order is not None:
+                    value = permute_rows(value, order)
                 from lowbit.formats.gguf_blocks import to_gguf_bytes
 
                 data = to_gguf_bytes(value)
@@ -553,8 +613,8 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
                 w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=value.format.ggml_type)
             else:
                 t = value.detach()
-                if heads is not None:
-                    t = t[qk_permutation(t.shape[0], heads)]
+                if order is not None:
+                    t = t[order]
                 if spec.norm_offset and gname.endswith("norm.weight"):
                     t = t.float() + spec.norm_offset
                 if gname in conv1d:
