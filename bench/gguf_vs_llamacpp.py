@@ -14,6 +14,8 @@
 
     python bench/gguf_vs_llamacpp.py [--types Q8_0 Q4_K_M ...] [--windows 4] [--samples 64]
     python bench/gguf_vs_llamacpp.py --types Q4_0 --budget Q4_0 --name gguf_budget
+    python bench/gguf_vs_llamacpp.py --types IQ4_NL IQ4_XS IQ3_S IQ3_XXS IQ2_M --llama-bin BIN --name gguf_imatrix
+      (llama.cpp's side: llama-quantize with llama-imatrix's matrix from the calibration text)
 
 Writes bench/results/gguf.json and bench/results/gguf.md. Note: this build of llama.cpp crashes
 when it decodes several tokens at once on quantized weights here, so every file is evaluated
@@ -26,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -94,6 +97,8 @@ def main() -> None:
     ap.add_argument("--budget", nargs="*", default=[], metavar="TYPE",
                     help="also: lowbit --max-size = llama.cpp's file of TYPE, choosing types by Fisher (e.g. Q4_0)")
     ap.add_argument("--fisher-windows", type=int, default=16)
+    ap.add_argument("--llama-bin", help="folder with llama-quantize and llama-imatrix (see bench/imatrix.py): "
+                                        "llama.cpp's side then uses an importance matrix from the calibration text")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -106,16 +111,29 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     calibration = CalibrationConfig(str(WIKI / "valid.txt"), args.samples, 512, 0)
 
+    im_file = None
+    if args.llama_bin:   # llama.cpp's best: its own importance matrix from the same calibration text
+        im_file = work / f"llamacpp-imatrix-{args.samples}.gguf"
+        if not im_file.exists():
+            subprocess.run([str(Path(args.llama_bin) / "llama-imatrix"), "-m", str(f32), "-f", str(WIKI / "valid.txt"),
+                            "-c", "512", "--chunks", str(args.samples), "-o", str(im_file), "-t", str(os.cpu_count()),
+                            "--no-ppl"], check=True, capture_output=True)
+
     def llama_cpp_file(t):
-        out = work / f"llamacpp-{t}.gguf"
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}")
-        params.nthread = os.cpu_count()
+        out = work / f"llamacpp-{t}{'-imatrix' if im_file else ''}.gguf"
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
+        if im_file is not None:
+            r = subprocess.run([str(Path(args.llama_bin) / "llama-quantize"), "--imatrix", str(im_file), str(f32), str(out),
+                                t, str(os.cpu_count())], capture_output=True, text=True)
+            rc = r.returncode
+        else:
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{t}")
+            params.nthread = os.cpu_count()
+            rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(out).encode(), params)
         t_ll = time.perf_counter() - t0
         if rc != 0:
-            raise SystemExit(f"llama_model_quantize failed for {t} (code {rc})")
+            raise SystemExit(f"llama.cpp's quantizer failed for {t} (code {rc})")
         ll = {"type": t, "side": "llama.cpp", "size_bytes": out.stat().st_size, "seconds": t_ll,
               **score(ref, llama_logits(out, windows), windows)}
         print(json.dumps(ll), flush=True)
@@ -162,7 +180,9 @@ def main() -> None:
     out_dir = ROOT / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"model": "SmolLM2-135M-Instruct (embedded default)", "eval": f"WikiText-2 test, {args.windows} x {args.ctx} tokens, logits by llama.cpp (llama-cpp-python {llama_cpp.__version__})",
-            "calibration": f"WikiText-2 validation, {args.samples} x 512 tokens (lowbit only; llama.cpp without imatrix)"}
+            "calibration": (f"WikiText-2 validation, {args.samples} x 512 tokens: lowbit's Hessians and llama-imatrix's "
+                            "importance matrix for llama-quantize" if im_file else
+                            f"WikiText-2 validation, {args.samples} x 512 tokens (lowbit only; llama.cpp without imatrix)")}
     (out_dir / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# GGUF: lowbit vs llama.cpp's quantizer on {meta['model']}", "", f"Eval: {meta['eval']}. Calibration: {meta['calibration']}.", "",
              "| type | llama.cpp size MB | lowbit size MB | size ratio | llama.cpp KLD | lowbit KLD | KLD ratio | llama.cpp top-1 | lowbit top-1 | llama.cpp PPL | lowbit PPL |",

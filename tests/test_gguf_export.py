@@ -314,6 +314,12 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
              "gpt_neox": lambda: tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
                  vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=256, bos_token_id=0, eos_token_id=0)),
+             "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+                 vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, bos_token_id=0,
+                 eos_token_id=0)),
+             "falcon_new": lambda: tf.FalconForCausalLM(tf.FalconConfig(
+                 vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
+                 new_decoder_architecture=True, bos_token_id=0, eos_token_id=0)),
              "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(
                  **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_epsilon=1e-5, bos_token_id=0,
                  eos_token_id=0)),
@@ -337,6 +343,8 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
                                                   ("gemma2", "gemma2", "blk.0.post_ffw_norm.weight"),
                                                   ("starcoder2", "starcoder2", "blk.0.ffn_up.bias"),
                                                   ("gpt_neox", "gptneox", "blk.0.attn_qkv.bias"),
+                                                  ("falcon", "falcon", "blk.0.attn_qkv.weight"),
+                                                  ("falcon_new", "falcon", "blk.0.attn_norm_2.weight"),
                                                   ("qwen3_moe", "qwen3moe", "blk.0.ffn_gate_exps.weight")])
 @pytest.mark.parametrize("quantized", [False, True])
 def test_more_architectures_run_in_llama_cpp(default_model, tmp_path, arch, gguf_arch, fused, quantized):

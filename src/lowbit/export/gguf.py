@@ -54,6 +54,8 @@ class ArchSpec:
     layer_norm: bool = False   # LayerNorm (weight and bias) instead of RMSNorm
     keys: tuple[tuple[str, str], ...] = ()   # (GGUFWriter method, config attribute) written when set
     qkv_per_head: bool = False  # fused qkv rows grouped per head (q, k, v of head 0, ...): llama.cpp wants q; k; v
+    qkv_per_kv_group: str | None = None   # config flag: when true, fused qkv rows come per KV group (q..., k, v)
+    requires: tuple[tuple[str, object], ...] = ()   # (config attribute, the value llama.cpp's model code assumes)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -74,6 +76,10 @@ ARCHS: dict[str, ArchSpec] = {
     # fused per-head qkv, LayerNorm with biases, partial rotary, parallel attention and MLP
     "gpt_neox": ArchSpec("gptneox", False, layer_norm=True, qkv_per_head=True,
                          keys=(("add_parallel_residual", "use_parallel_residual"),)),
+    # parallel attention and MLP from one LayerNorm (two for new_decoder_architecture), fused qkv
+    # (multi-query: q; k; v already, grouped per KV head otherwise), no biases, rotary positions
+    "falcon": ArchSpec("falcon", False, layer_norm=True, qkv_per_kv_group="new_decoder_architecture",
+                       requires=(("parallel_attn", True), ("bias", False), ("alibi", False))),
     "gemma2": ArchSpec("gemma2", False, 1.0, keys=(("add_sliding_window", "sliding_window"),
                                                    ("add_attn_logit_softcapping", "attn_logit_softcapping"),
                                                    ("add_final_logit_softcapping", "final_logit_softcapping"))),
@@ -178,11 +184,17 @@ def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
     w.add_context_length(int(config.max_position_embeddings))
     w.add_embedding_length(int(config.hidden_size))
     w.add_block_count(int(config.num_hidden_layers))
-    w.add_feed_forward_length(int(config.intermediate_size))
+    ffn = next((getattr(config, k) for k in ("intermediate_size", "ffn_hidden_size") if getattr(config, k, None)), None)
+    w.add_feed_forward_length(int(ffn or 4 * config.hidden_size))
+    for attr, want in spec.requires:
+        if getattr(config, attr, want) != want:
+            raise SchemeError(f"{config.model_type} with {attr}={getattr(config, attr)!r}: llama.cpp's {spec.gguf_arch} "
+                              f"assumes {want!r}; use another --to target")
     w.add_head_count(int(n_head))
     w.add_head_count_kv(int(n_kv))
     w.add_rope_freq_base(_rope_theta(config))
-    eps = next(getattr(config, k) for k in ("rms_norm_eps", "norm_epsilon", "layer_norm_eps") if hasattr(config, k))
+    eps = next(getattr(config, k) for k in ("rms_norm_eps", "norm_epsilon", "layer_norm_eps", "layer_norm_epsilon")
+               if hasattr(config, k))
     if spec.layer_norm:
         w.add_layer_norm_eps(float(eps))
     else:
@@ -223,6 +235,16 @@ def qkv_head_order(rows: int, n_head: int) -> torch.Tensor:
     if rows % (3 * n_head):
         raise SchemeError(f"cannot regroup {rows} fused qkv rows for {n_head} heads")
     return torch.arange(rows).reshape(n_head, 3, rows // n_head // 3).transpose(0, 1).reshape(-1)
+
+
+def qkv_group_order(rows: int, n_head: int, n_kv: int) -> torch.Tensor:
+    """Row order turning a fused qkv grouped per KV head ([q of its n_head/n_kv heads; k; v] for
+    each KV head) into [q; k; v]."""
+    per = n_head // n_kv + 2
+    if rows % (n_kv * per):
+        raise SchemeError(f"cannot regroup {rows} fused qkv rows for {n_head} heads and {n_kv} KV heads")
+    grid = torch.arange(rows).reshape(n_kv, per, rows // (n_kv * per))
+    return torch.cat([grid[:, :-2].reshape(-1), grid[:, -2].reshape(-1), grid[:, -1].reshape(-1)])
 
 
 def _check_query_scale(config, head_dim: int) -> None:
@@ -600,6 +622,9 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
                 order = qk_permutation((value.codes if isinstance(value, QuantizedTensor) else value).shape[0], heads)
             elif spec.qkv_per_head and ".attn_qkv." in gname:
                 order = qkv_head_order((value.codes if isinstance(value, QuantizedTensor) else value).shape[0], n_head)
+            elif spec.qkv_per_kv_group and getattr(config, spec.qkv_per_kv_group, False) and ".attn_qkv." in gname:
+                order = qkv_group_order((value.codes if isinstance(value, QuantizedTensor) else value).shape[0],
+                                        n_head, n_kv)
             if isinstance(value, QuantizedTensor):
                 if order is not None:
                     value = permute_rows(value, order)

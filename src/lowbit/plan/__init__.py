@@ -192,8 +192,12 @@ def build_plan(loaded, recipe=None, container: str = "native", progress: bool = 
     if recipe.gguf_mix is not None:
         from lowbit.plan.gguf import mix_schemes
 
+        # an importance matrix, or a calibrated method's Hessians: llama.cpp's rules for a
+        # quantizer that weighs errors by importance apply
+        from lowbit.methods import is_calibrated
+
         schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback,
-                                   imatrix=recipe.imatrix is not None)
+                                   imatrix=recipe.imatrix is not None or bool(recipe.method and is_calibrated(recipe.method)))
         by_name = {t.name: t for t in targets}
         plan = {}
         for hf, _gname, type_name, reason in rows:
