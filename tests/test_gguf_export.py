@@ -320,6 +320,9 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
              "falcon_new": lambda: tf.FalconForCausalLM(tf.FalconConfig(
                  vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_kv_heads=2,
                  new_decoder_architecture=True, bos_token_id=0, eos_token_id=0)),
+             "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+                 **{**common, "num_hidden_layers": 7}, head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                 final_logit_softcapping=3.0)),
              "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(
                  **{k: v for k, v in common.items() if k != "rms_norm_eps"}, norm_epsilon=1e-5, bos_token_id=0,
                  eos_token_id=0)),
@@ -341,6 +344,7 @@ def _tiny_arch(arch: str, vocab: int) -> torch.nn.Module:
                                                   ("gemma", "gemma", None),
                                                   ("gpt2", "gpt2", "position_embd.weight"),
                                                   ("gemma2", "gemma2", "blk.0.post_ffw_norm.weight"),
+                                                  ("gemma3_text", "gemma3", "blk.6.attn_k_norm.weight"),
                                                   ("starcoder2", "starcoder2", "blk.0.ffn_up.bias"),
                                                   ("gpt_neox", "gptneox", "blk.0.attn_qkv.bias"),
                                                   ("falcon", "falcon", "blk.0.attn_qkv.weight"),

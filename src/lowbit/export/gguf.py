@@ -56,6 +56,8 @@ class ArchSpec:
     qkv_per_head: bool = False  # fused qkv rows grouped per head (q, k, v of head 0, ...): llama.cpp wants q; k; v
     qkv_per_kv_group: str | None = None   # config flag: when true, fused qkv rows come per KV group (q..., k, v)
     requires: tuple[tuple[str, object], ...] = ()   # (config attribute, the value llama.cpp's model code assumes)
+    swa_pattern: int = 2        # sliding-window layers: i % pattern < pattern - 1 (llama.cpp's default per arch)
+    wide_scale_layers: int | None = None   # the depth at which llama.cpp scales queries by 1/sqrt(hidden/heads)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -82,7 +84,12 @@ ARCHS: dict[str, ArchSpec] = {
                        requires=(("parallel_attn", True), ("bias", False), ("alibi", False))),
     "gemma2": ArchSpec("gemma2", False, 1.0, keys=(("add_sliding_window", "sliding_window"),
                                                    ("add_attn_logit_softcapping", "attn_logit_softcapping"),
-                                                   ("add_final_logit_softcapping", "final_logit_softcapping"))),
+                                                   ("add_final_logit_softcapping", "final_logit_softcapping")),
+                       wide_scale_layers=46),
+    # Gemma-3 text: + per-head q/k norms, five sliding layers per full one, a local rotary base
+    "gemma3_text": ArchSpec("gemma3", False, 1.0, keys=(("add_sliding_window", "sliding_window"),
+                                                        ("add_final_logit_softcapping", "final_logit_softcapping")),
+                            swa_pattern=6, wide_scale_layers=62),
 }
 
 # Pre-tokenizer names llama.cpp knows, recognised from tokenizer.json's pre_tokenizer (data).
@@ -148,9 +155,11 @@ def _unpack(qm_or_model) -> _Model:
     raise SchemeError(f"write_gguf needs a QuantizedModel or LoadedModel, got {type(qm_or_model).__name__}")
 
 
-def _rope_theta(config) -> float:
+def _rope_theta(config, layer_type: str = "full_attention") -> float:
     theta = getattr(config, "rope_theta", None)
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if layer_type in params:    # per layer type (Gemma-3: sliding layers have their own base)
+        params, theta = params[layer_type], None
     if theta is None:
         theta = params.get("rope_theta", 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -193,6 +202,9 @@ def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
     w.add_head_count(int(n_head))
     w.add_head_count_kv(int(n_kv))
     w.add_rope_freq_base(_rope_theta(config))
+    params = getattr(config, "rope_parameters", None) or {}
+    if "sliding_attention" in params:
+        w.add_rope_freq_base_swa(_rope_theta(config, "sliding_attention"))
     eps = next(getattr(config, k) for k in ("rms_norm_eps", "norm_epsilon", "layer_norm_eps", "layer_norm_epsilon")
                if hasattr(config, k))
     if spec.layer_norm:
@@ -207,8 +219,8 @@ def _write_arch_metadata(w, config, spec: ArchSpec) -> None:
     for method, attr in spec.keys:
         if getattr(config, attr, None) is not None:
             getattr(w, method)(getattr(config, attr))
-    _check_query_scale(config, head_dim)
-    _check_layer_types(config)
+    _check_query_scale(config, head_dim, spec.wide_scale_layers)
+    _check_layer_types(config, spec.swa_pattern)
     n_expert = num_experts(config)
     if n_expert:
         _check_moe(config, spec)
@@ -247,24 +259,26 @@ def qkv_group_order(rows: int, n_head: int, n_kv: int) -> torch.Tensor:
     return torch.cat([grid[:, :-2].reshape(-1), grid[:, -2].reshape(-1), grid[:, -1].reshape(-1)])
 
 
-def _check_query_scale(config, head_dim: int) -> None:
-    """llama.cpp scales queries by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for a 46-layer
-    Gemma-2 27B); transformers by 1/sqrt(query_pre_attn_scalar) where the config has one."""
+def _check_query_scale(config, head_dim: int, wide_scale_layers: int | None = None) -> None:
+    """llama.cpp scales queries by 1/sqrt(head_dim) (by 1/sqrt(hidden/heads) for the depth of
+    Gemma's 27B models); transformers by 1/sqrt(query_pre_attn_scalar) where the config has one."""
     q = getattr(config, "query_pre_attn_scalar", None)
     if q is None:
         return
-    allowed = {head_dim} | ({config.hidden_size // config.num_attention_heads} if config.num_hidden_layers == 46 else set())
+    wide = config.num_hidden_layers == wide_scale_layers
+    allowed = {head_dim} | ({config.hidden_size // config.num_attention_heads} if wide else set())
     if q not in allowed:
         raise SchemeError(f"query_pre_attn_scalar={q}: llama.cpp scales queries by 1/sqrt({head_dim}) for this model, "
                           "so the GGUF file would compute other attention; use another --to target")
 
 
-def _check_layer_types(config) -> None:
-    """Sliding-window layers must be llama.cpp's default alternation (even layers slide)."""
+def _check_layer_types(config, pattern: int = 2) -> None:
+    """Sliding-window layers must be llama.cpp's default pattern for the architecture: layer i
+    slides when i % pattern < pattern - 1."""
     types = getattr(config, "layer_types", None)
     if not types or getattr(config, "sliding_window", None) is None:
         return
-    want = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(len(types))]
+    want = ["sliding_attention" if i % pattern < pattern - 1 else "full_attention" for i in range(len(types))]
     if list(types) != want and set(types) != {"full_attention"}:
         raise SchemeError(f"layer_types {types} differ from llama.cpp's alternation of sliding and full attention; "
                           "use another --to target")
