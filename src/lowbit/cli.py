@@ -270,6 +270,11 @@ def cmd_quantize(args):
     from lowbit.errors import SchemeError
     from lowbit.export.native import remove_output
 
+    if args.max_shard_size is not None:   # checked before any work
+        if args.to == "gguf":
+            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs "
+                              "(native, compressed-tensors, gptq, awq)")
+        _shard_bytes(args)
     loaded, plan, t_load = _plan_from_args(args, stream=True)
     _check_distributed(plan)
     if loaded.weights is not None:
@@ -298,9 +303,9 @@ def cmd_quantize(args):
     out = _write_output(qm, args)
     budget = plan.budget
     if budget is not None and budget.get("max_bytes") is not None:
-        from lowbit.export import weights_file
+        from lowbit.export import weights_bytes
 
-        size = weights_file(out).stat().st_size
+        size = weights_bytes(out)
         if size > budget["max_bytes"]:
             remove_output(out)
             raise SchemeError(f"the output came out {size} bytes, over --max-size {budget['max_bytes']}, so it was removed; "
@@ -339,7 +344,7 @@ def _quantize_streamed(args, loaded, plan, t_load) -> None:
     from lowbit.streaming import quantize_streamed
 
     r = quantize_streamed(loaded, plan, args.output, force=args.force, resume=args.resume,
-                          progress=args.progress and _is_main())
+                          progress=args.progress and _is_main(), max_shard_bytes=_shard_bytes(args))
     if not _is_main():
         return
     r.record["seconds"]["load"] = t_load
@@ -398,7 +403,22 @@ def _write_output(qm, args):
     from lowbit.export import write
 
     t = (args.type or "").upper()
-    return write(qm, args.to, args.output, force=args.force, full_precision=t if t in ("F32", "F16", "BF16") else None)
+    return write(qm, args.to, args.output, force=args.force, full_precision=t if t in ("F32", "F16", "BF16") else None,
+                 max_shard_bytes=_shard_bytes(args))
+
+
+def _shard_bytes(args) -> int | None:
+    """--max-shard-size as bytes (None: one weights file)."""
+    from lowbit.errors import SchemeError
+    from lowbit.plan.budget import parse_size
+
+    size = getattr(args, "max_shard_size", None)
+    if size is None:
+        return None
+    n = parse_size(size)
+    if n < 1:
+        raise SchemeError(f"--max-shard-size {size}: give a positive size such as 2GB")
+    return n
 
 
 def _refuse_existing(*paths, force: bool) -> None:
@@ -636,6 +656,8 @@ def cmd_export(args):
     if args.to == "gguf":
         from lowbit.export.gguf import write_gguf
 
+        if args.max_shard_size is not None:
+            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs")
         t = (args.type or "").upper()
         out = write_gguf(obj, args.output, full_precision=t if t in ("F32", "F16", "BF16") else None, force=args.force)
     else:
@@ -654,6 +676,8 @@ def cmd_convert(args):
         from lowbit.convert import to_gguf_blocks
         from lowbit.export.gguf import write_gguf
 
+        if args.max_shard_size is not None:
+            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs")
         qm, float_types, rows = to_gguf_blocks(qm, args.refit_type, progress=args.progress)
         out = write_gguf(qm, args.output, float_types, force=args.force)
     else:
@@ -663,7 +687,7 @@ def cmd_convert(args):
             from lowbit.convert import blocks_as_integers
 
             qm = blocks_as_integers(qm)
-        out = write(qm, args.to, args.output, force=args.force)
+        out = write(qm, args.to, args.output, force=args.force, max_shard_bytes=_shard_bytes(args))
         rows = [{"name": n, "source": qt.format.name, "target": args.to, "how": "exact", "added_rel_err": 0.0}
                 for n, qt in qm.tensors.items()]
     rows = [r if isinstance(r, dict) else dataclasses.asdict(r) for r in rows]
@@ -1078,6 +1102,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_flags(q)
     q.add_argument("--output", "-o", required=True)
     q.add_argument("--force", action="store_true", help="replace an existing output")
+    q.add_argument("--max-shard-size", metavar="SIZE", help="split a folder output's weights into safetensors shards "
+                   "of at most SIZE (e.g. 5GB) with model.safetensors.index.json (default: one file)")
     q.add_argument("--resume", action="store_true",
                    help="continue a killed run into --output from its .OUTPUT.partial folder (a safetensors source "
                         "is quantized layer by layer; same bytes as an uninterrupted run)")
@@ -1184,6 +1210,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--type", help="--to gguf: F32/F16/BF16 for a full-precision file; quantized types come from quantize")
     x.add_argument("--output", "-o", required=True)
     x.add_argument("--force", action="store_true")
+    x.add_argument("--max-shard-size", metavar="SIZE", help="split a folder output's weights into safetensors shards "
+                   "of at most SIZE (e.g. 5GB) with model.safetensors.index.json (default: one file)")
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=cmd_export)
 
@@ -1202,6 +1230,8 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--tensors", action="store_true", help="list every tensor (default: the ones not exact)")
     cv.add_argument("--output", "-o", required=True)
     cv.add_argument("--force", action="store_true")
+    cv.add_argument("--max-shard-size", metavar="SIZE", help="split a folder output's weights into safetensors shards "
+                   "of at most SIZE (e.g. 5GB) with model.safetensors.index.json (default: one file)")
     cv.add_argument("--json", action="store_true")
     cv.set_defaults(func=cmd_convert)
 

@@ -101,7 +101,7 @@ def recommend(loaded, use: str, budget: int, calibration, windows, workdir: Path
     from lowbit.api import execute
     from lowbit.errors import SchemeError
     from lowbit.eval.divergence import compare, run_reference
-    from lowbit.export import weights_file, write
+    from lowbit.export import weights_bytes, write
     from lowbit.plan import build_plan
     from lowbit.plan.recipe import as_recipe
 
@@ -134,7 +134,7 @@ def recommend(loaded, use: str, budget: int, calibration, windows, workdir: Path
         qm = execute(work, plan, progress=progress)
         o.path = workdir / (_slug(o.choice.name) + (".gguf" if o.choice.container == "gguf" else ""))
         write(qm, o.choice.container, o.path)
-        o.file_bytes = weights_file(o.path).stat().st_size
+        o.file_bytes = weights_bytes(o.path)
         res = compare(qm.model, reference, progress)
         o.kld, o.top1, o.ppl = res.kld, res.top1, res.ppl
         o.seconds = time.perf_counter() - t0

@@ -27,7 +27,7 @@ from lowbit.calib import distributed
 from lowbit.errors import LowbitError, SchemeError, SourceError
 from lowbit.export.native import (RECIPE_FILE, WEIGHTS_FILE, WEIGHTS_METADATA, commit_output_dir, recipe_document,
                                   tensor_entries)
-from lowbit.export.safetensors_io import stored_tensors, write_safetensors
+from lowbit.export.safetensors_io import stored_tensors, write_safetensors, write_sharded
 from lowbit.model.lazy import materialize, materialize_parameters, release
 from lowbit.model.load import LoadedModel
 from lowbit.plan import Plan, Recipe
@@ -359,7 +359,7 @@ class _StreamedRun:
         for name in self.full_precision_names(""):
             if name not in every:
                 every[name] = self.weights.tensors[name].converted("F32")
-        write_safetensors(self.partial / WEIGHTS_FILE, every, WEIGHTS_METADATA)
+        write_sharded(self.partial, every, WEIGHTS_METADATA, self.max_shard_bytes)
         shutil.rmtree(self.parts)
         shutil.rmtree(self.partial / HIDDEN_DIR)
         (self.partial / RUN_FILE).unlink()
@@ -389,7 +389,7 @@ def _return_freed_memory() -> None:
 
 
 def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = False, resume: bool = False,
-                      progress: bool = True) -> StreamedResult:
+                      progress: bool = True, max_shard_bytes: int | None = None) -> StreamedResult:
     """Quantize a lazily loaded checkpoint (model.load.load_lazy) under `plan` into the lowbit
     folder `output`, one decoder layer in memory at a time; resume=True continues a killed run."""
     if loaded.weights is None:
@@ -399,6 +399,7 @@ def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = Fal
         raise SchemeError(f"this run cannot stream: {why}")
     _return_freed_memory()
     run = _StreamedRun(loaded, plan, output, force, resume)
+    run.max_shard_bytes = max_shard_bytes
     try:
         return run.run(progress)
     except LowbitError:

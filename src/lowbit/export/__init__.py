@@ -23,22 +23,27 @@ def checkpoint_exporter(name: str):
         raise SchemeError(f"export to {name} is not available in this installation ({e})") from None
 
 
-def write(qm, to: str, output, force: bool = False, full_precision: str | None = None):
-    """Serialise qm with the exporter named by `to` (native, gguf or a checkpoint format)."""
+def write(qm, to: str, output, force: bool = False, full_precision: str | None = None,
+          max_shard_bytes: int | None = None):
+    """Serialise qm with the exporter named by `to` (native, gguf or a checkpoint format);
+    max_shard_bytes splits a folder's weights into shards with an index."""
     if to == "gguf":
+        if max_shard_bytes is not None:
+            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs "
+                              "(native, compressed-tensors, gptq, awq)")
         from lowbit.export.gguf import write_gguf
 
         return write_gguf(qm, output, full_precision=full_precision, force=force)
     if to == "native":
         from lowbit.export.native import save
 
-        return save(qm, output, force=force)
-    return checkpoint_exporter(to)(qm, output, force=force)
+        return save(qm, output, force=force, max_shard_bytes=max_shard_bytes)
+    return checkpoint_exporter(to)(qm, output, force=force, max_shard_bytes=max_shard_bytes)
 
 
-def weights_file(path):
-    """The file that holds an output's weights: the GGUF itself, or a folder's model.safetensors."""
+def weights_bytes(path) -> int:
+    """Bytes of an output's weights: the GGUF file, or a folder's safetensors files (all shards)."""
     from pathlib import Path
 
     path = Path(path)
-    return path if path.is_file() else path / "model.safetensors"
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.glob("*.safetensors"))

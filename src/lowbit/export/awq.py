@@ -43,7 +43,8 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return nibbles[:, :, inverse].reshape(n, w * 8).contiguous()
 
 
-def export_awq(qm: QuantizedModel, output: str | os.PathLike, force: bool = False):
+def export_awq(qm: QuantizedModel, output: str | os.PathLike, force: bool = False,
+               max_shard_bytes: int | None = None):
     """Write qm as an AWQ GEMM checkpoint (qweight/qzeros/scales)."""
     ck.int_tensors(qm, TARGET, (BITS,))
     group_size = ck.uniform_group_size(qm, TARGET)
@@ -62,7 +63,8 @@ def export_awq(qm: QuantizedModel, output: str | os.PathLike, force: bool = Fals
         tensors[f"{module}.scales"] = scale.t().contiguous()
     qcfg = {"quant_method": "awq", "bits": BITS, "group_size": group_size, "zero_point": True,
             "version": "gemm", "modules_to_not_convert": None}
-    return ck.write_checkpoint(qm, output, tensors, qcfg, ck.lowbit_metadata(qm, TARGET), force=force)
+    return ck.write_checkpoint(qm, output, tensors, qcfg, ck.lowbit_metadata(qm, TARGET), force=force,
+                               max_shard_bytes=max_shard_bytes)
 
 
 def import_checkpoint(path: str | os.PathLike) -> QuantizedModel:

@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from lowbit.errors import SchemeError, SourceError
 from lowbit.export.native import _full_precision_state, staged_output_dir
-from lowbit.export.safetensors_io import write_safetensors
+from lowbit.export.safetensors_io import write_sharded
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.packing import pack, unpack
 from lowbit.model.quantized import QuantizedModel, install_quantized
@@ -149,7 +149,8 @@ def lowbit_metadata(qm: QuantizedModel, target: str) -> dict:
 
 
 def write_checkpoint(qm: QuantizedModel, output, tensors: dict[str, torch.Tensor], quantization_config: dict,
-                     meta: dict, extra_files: dict[str, dict] | None = None, force: bool = False) -> Path:
+                     meta: dict, extra_files: dict[str, dict] | None = None, force: bool = False,
+                     max_shard_bytes: int | None = None) -> Path:
     """Write a transformers folder: full-precision tensors + `tensors`, config.json with
     `quantization_config`, tokenizer, extra JSON files; temp dir first, renamed when complete."""
     with staged_output_dir(output, force) as tmp:
@@ -160,8 +161,8 @@ def write_checkpoint(qm: QuantizedModel, output, tensors: dict[str, torch.Tensor
         all_tensors = dict(sorted({**state, **tensors}.items()))
         all_tensors = {k: v.contiguous() for k, v in all_tensors.items()}
         # lowbit's writer: the safetensors library orders metadata keys arbitrarily (not the same bytes twice)
-        write_safetensors(tmp / WEIGHTS_FILE, all_tensors,
-                          {"format": "pt", LOWBIT_META_KEY: json.dumps(meta, sort_keys=True)})
+        write_sharded(tmp, all_tensors, {"format": "pt", LOWBIT_META_KEY: json.dumps(meta, sort_keys=True)},
+                      max_shard_bytes)
         qm.model.config.save_pretrained(tmp)
         cfg_file = tmp / "config.json"
         cfg = json.loads(cfg_file.read_text())

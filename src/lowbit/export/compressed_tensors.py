@@ -304,7 +304,8 @@ def _check_targets(qm: QuantizedModel) -> None:
                           "quantize with --exclude for it, or export to gguf/native")
 
 
-def export_compressed_tensors(qm: QuantizedModel, output: str | os.PathLike, force: bool = False):
+def export_compressed_tensors(qm: QuantizedModel, output: str | os.PathLike, force: bool = False,
+                              max_shard_bytes: int | None = None):
     """Write qm as a compressed-tensors checkpoint (pack-/int-/float-quantized, nvfp4), with
     each Linear's input quantization (W8A8, FP8, NVFP4 W4A4) as its group's input_activations."""
     _check_targets(qm)
@@ -341,7 +342,8 @@ def export_compressed_tensors(qm: QuantizedModel, output: str | os.PathLike, for
         meta["nvfp4_global_scale"] = exact
     if input_specs:
         meta[META_INPUT] = input_specs
-    return ck.write_checkpoint(qm, output, tensors, cfg, meta, force=force)
+    return ck.write_checkpoint(qm, output, tensors, cfg, meta, force=force,
+                               max_shard_bytes=max_shard_bytes)
 
 
 # --- import ---------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def unpack_along_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def export_gptq(qm: QuantizedModel, output: str | os.PathLike, checkpoint_format: str = "gptq",
-                force: bool = False):
+                force: bool = False, max_shard_bytes: int | None = None):
     """Write qm as a GPTQ checkpoint (qweight/qzeros/scales/g_idx, quantize_config.json)."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise SchemeError(f"GPTQ checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
@@ -80,7 +80,7 @@ def export_gptq(qm: QuantizedModel, output: str | os.PathLike, checkpoint_format
             "modules_in_block_to_quantize": None, "damp_percent": 0.01,
             "meta": {"quantizer": ["lowbit"], "lowbit_method": qm.method}}
     return ck.write_checkpoint(qm, output, tensors, qcfg, ck.lowbit_metadata(qm, TARGET),
-                               extra_files={"quantize_config.json": qcfg}, force=force)
+                               extra_files={"quantize_config.json": qcfg}, force=force, max_shard_bytes=max_shard_bytes)
 
 
 def import_checkpoint(path: str | os.PathLike) -> QuantizedModel:

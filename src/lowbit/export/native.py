@@ -11,10 +11,9 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from lowbit.errors import SourceError
-from lowbit.export.safetensors_io import write_safetensors
+from lowbit.export.safetensors_io import write_sharded
 from lowbit.model.quantized import QuantizedModel, install_quantized, recorded_recipe
 from lowbit.model.targets import WeightTarget, set_submodule
 from lowbit.scheme import QuantScheme
@@ -97,15 +96,16 @@ def recipe_document(source: str, method: str, scheme, bits_per_weight: float, re
 WEIGHTS_METADATA = {"format": f"lowbit-{FORMAT_VERSION}"}
 
 
-def save(qm: QuantizedModel, output: str | os.PathLike, force: bool = False) -> Path:
-    """Write qm as a lowbit folder; nothing appears at `output` unless all of it was written."""
+def save(qm: QuantizedModel, output: str | os.PathLike, force: bool = False, max_shard_bytes: int | None = None) -> Path:
+    """Write qm as a lowbit folder; nothing appears at `output` unless all of it was written.
+    max_shard_bytes: split the weights into shards of at most that size, with an index."""
     with staged_output_dir(output, force) as tmp:
         tensors = _full_precision_state(qm)
         meta = {}
         for name, qt in qm.tensors.items():
             stored, meta[name] = tensor_entries(name, qt, qm.targets[name])
             tensors.update(stored)
-        write_safetensors(tmp / WEIGHTS_FILE, tensors, WEIGHTS_METADATA)
+        write_sharded(tmp, tensors, WEIGHTS_METADATA, max_shard_bytes)
         (tmp / RECIPE_FILE).write_text(recipe_document(qm.source, qm.method, qm.scheme, qm.bits_per_weight, qm.recipe, meta))
         qm.model.config.save_pretrained(tmp)
         if qm.tokenizer is not None:
@@ -132,17 +132,15 @@ class LazyTensors(dict):
     runtime keeps nothing but its packed modules in memory, yet exporters still find every
     tensor."""
 
-    def __init__(self, weights_file: Path, metas: dict[str, dict]):
+    def __init__(self, weights, metas: dict[str, dict]):
         super().__init__()
-        self._file, self._metas = weights_file, metas
+        self._weights, self._metas = weights, metas   # model.lazy.CheckpointWeights of the folder
 
     def _read(self, name: str) -> QuantizedTensor:
-        from safetensors import safe_open
-
         meta = self._metas[name]
-        with safe_open(str(self._file), framework="pt") as f:
-            params = {p: f.get_tensor(f"{name}:{p}") for p in meta["params"]}
-            return QuantizedTensor.from_packed(meta, f.get_tensor(name + CODES_SUFFIX), params)
+        t = self._weights.tensors
+        params = {p: t[f"{name}:{p}"].read() for p in meta["params"]}
+        return QuantizedTensor.from_packed(meta, t[name + CODES_SUFFIX].read(), params)
 
     def __getitem__(self, name):
         return self._read(name)
@@ -190,7 +188,7 @@ def load(path: str | os.PathLike, runtime: str = "decoded", compute_dtype: torch
     else:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.eval()
-        stored = load_file(str(path / WEIGHTS_FILE))
+        stored = {k: t.read() for k, t in _weights(path).tensors.items()}
         tensors = {}
         for name, meta in metas.items():
             params = {p: stored.pop(f"{name}:{p}") for p in meta["params"]}
@@ -216,7 +214,6 @@ def _module_name(model: torch.nn.Module, module: torch.nn.Module) -> str:
 
 def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: torch.dtype):
     from accelerate import init_empty_weights
-    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from lowbit.runtime.packed import PackedEmbedding, PackedLinear
@@ -224,16 +221,15 @@ def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: 
     with init_empty_weights(include_buffers=False):   # parameters on meta: nothing allocated
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
-    with safe_open(str(path / WEIGHTS_FILE), framework="pt") as f:
-        keys = set(f.keys())
+    weights = _weights(path)
+    if True:   # plain file reads, no memory map: mapped pages read during the load would stay resident
+        keys = set(weights.tensors)
         quant_keys = {k for name, m in metas.items() for k in [name + CODES_SUFFIX, *(f"{name}:{p}" for p in m["params"])]}
-        # copies: a tensor viewing the file's memory map would keep every page read during the
-        # load (the quantized codes too) resident as file-backed memory
-        stored = {k: f.get_tensor(k).clone() for k in sorted(keys - quant_keys)}
+        stored = {k: weights.tensors[k].read() for k in sorted(keys - quant_keys)}
         _load_rest(model, stored, path, assign=True)
         for name, meta in metas.items():
-            params = {p: f.get_tensor(f"{name}:{p}") for p in meta["params"]}
-            qt = QuantizedTensor.from_packed(meta, f.get_tensor(name + CODES_SUFFIX), params)
+            params = {p: weights.tensors[f"{name}:{p}"].read() for p in meta["params"]}
+            qt = QuantizedTensor.from_packed(meta, weights.tensors[name + CODES_SUFFIX].read(), params)
             target = targets[name]
             module = model.get_submodule(target.module_name)
             if target.kind in ("linear", "conv1d") and target.param_name == "weight":
@@ -258,4 +254,11 @@ def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: 
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise SourceError(f"{path}: no stored values for {left[:3]}; the folder does not match its config.json")
-    return model, LazyTensors(path / WEIGHTS_FILE, metas)
+    return model, LazyTensors(weights, metas)
+
+
+def _weights(path: Path):
+    """The folder's weights (model.safetensors, or shards named by an index), nothing read yet."""
+    from lowbit.model.lazy import CheckpointWeights
+
+    return CheckpointWeights(path)

@@ -151,3 +151,38 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, "torch.Tens
         for name in order:
             _write_tensor(out, tensors[name])
 
+
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def write_sharded(folder: str | os.PathLike, tensors: Mapping[str, "torch.Tensor | StoredTensor"],
+                  metadata: dict[str, str] | None = None, max_shard_bytes: int | None = None) -> list[str]:
+    """Write `tensors` into folder as model.safetensors, or, when they exceed max_shard_bytes, as
+    model-0000k-of-0000n.safetensors shards (in name order, a tensor larger than the limit alone
+    in its shard) plus Hugging Face's model.safetensors.index.json. Returns the file names."""
+    folder = Path(folder)
+    names = {v: k for k, v in _dtypes().items()}
+    sizes = {n: _entry(tensors[n], names)[2] for n in tensors}
+    total = sum(sizes.values())
+    if max_shard_bytes is None or total <= max_shard_bytes:
+        write_safetensors(folder / "model.safetensors", tensors, metadata)
+        return ["model.safetensors"]
+    if max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    shards: list[list[str]] = [[]]
+    used = 0
+    for n in sorted(tensors):
+        if shards[-1] and used + sizes[n] > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(n)
+        used += sizes[n]
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for f, part in zip(files, shards):
+        write_safetensors(folder / f, {n: tensors[n] for n in part}, metadata)
+        weight_map.update({n: f for n in part})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    return files + [INDEX_FILE]
