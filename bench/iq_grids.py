@@ -39,18 +39,12 @@ TYPES = ["IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
 MIXES = ["IQ3_M", "IQ2_M", "IQ2_XXS", "IQ1_M"]
 
 
-def run(cmd: list[str]) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd[:2]))} failed ({r.returncode}): {(r.stderr or r.stdout)[-800:]}")
-    return r.stdout + r.stderr
-
-
 def main() -> None:
     import gguf.quants as gq
     import torch
     from gguf.constants import GGMLQuantizationType
     from gguf_vs_llamacpp import llama_logits, score
+    from imatrix import run
 
     from lowbit.api import quantize
     from lowbit.calib import CalibrationConfig, imatrix

@@ -193,7 +193,7 @@ def test_llama_cpp_runs_iq_grids(default_model, tmp_path, name):
     to llama.cpp's 8-bit rounding of the activations."""
     from lowbit.api import quantize
     from lowbit.export.gguf import write_gguf
-    from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits, _tiny
+    from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits, _tiny, assert_llama_agrees
 
     fmt = make_format(name)
     lm = _tiny("llama", default_model.tokenizer, hidden=256, intermediate=512)
@@ -205,12 +205,7 @@ def test_llama_cpp_runs_iq_grids(default_model, tmp_path, name):
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == name.removeprefix("gguf_").upper()
     ids = default_model.tokenizer(PROMPT)["input_ids"]
     _, L = _llama_logits(path, ids)
-    H = _model_logits(qm.model, ids)
-    scale = np.abs(H).max()
-    assert np.abs(L - H).max() < 0.15 * scale and np.abs(L - H).mean() < 0.02 * scale
-    top2 = np.sort(H, axis=-1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 0.02 * scale
-    assert clear.sum() >= 5 and (L.argmax(-1) == H.argmax(-1))[clear].all()
+    assert_llama_agrees(L, _model_logits(qm.model, ids))
 
 
 # lowbit's weighted error over llama.cpp's (same weights, same importance), at most

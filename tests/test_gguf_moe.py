@@ -15,7 +15,7 @@ from lowbit.model.load import LoadedModel
 from lowbit.plan.gguf_mixes import tensor_type_for
 from lowbit.tensor import quantize_tensor
 
-from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits
+from tests.test_gguf_export import PROMPT, _llama_logits, _model_logits, assert_llama_agrees
 
 
 def _tiny_moe(kind: str, tokenizer, **over):
@@ -77,12 +77,7 @@ def test_llama_cpp_runs_moe(default_model, tmp_path, kind, arch):
     assert types["blk.1.ffn_gate_exps.weight"] == types["blk.1.ffn_down_exps.weight"] == "Q8_0"
     assert types["blk.1.ffn_gate_inp.weight"] == "F32"
     _, L = _llama_logits(path, ids)
-    H = _model_logits(qm.model, ids)
-    scale = np.abs(H).max()
-    assert np.abs(L - H).max() < 0.05 * scale
-    top2 = np.sort(H, axis=-1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 0.02 * scale
-    assert clear.sum() >= 5 and (L.argmax(-1) == H.argmax(-1))[clear].all()
+    assert_llama_agrees(L, _model_logits(qm.model, ids), max_err=0.05)
 
 
 def test_routing_llama_cpp_cannot_reproduce_is_refused(default_model, tmp_path):

@@ -196,8 +196,8 @@ def build_plan(loaded, recipe=None, container: str = "native", progress: bool = 
         # quantizer that weighs errors by importance apply
         from lowbit.methods import is_calibrated
 
-        schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback,
-                                   imatrix=recipe.imatrix is not None or bool(recipe.method and is_calibrated(recipe.method)))
+        weighted = recipe.imatrix is not None or bool(recipe.method and is_calibrated(recipe.method))
+        schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback, imatrix=weighted)
         by_name = {t.name: t for t in targets}
         plan = {}
         for hf, _gname, type_name, reason in rows:
