@@ -116,3 +116,36 @@ def test_attention_llama_cpp_cannot_reproduce_is_refused(default_model, tmp_path
     with pytest.raises(SchemeError, match="query_pre_attn_scalar=256"):
         write_gguf(lm, tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_imatrix_with_an_entry_per_expert(default_model, tmp_path):
+    """llama.cpp's importance matrices hold one row per expert for stacked experts: lowbit writes
+    and reads them, and RTN fits each expert with its own row (an expert no token reached gets
+    ones, as llama-quantize does)."""
+    import lowbit.api
+    from lowbit.calib import imatrix
+
+    lm = _tiny_moe("mixtral", default_model.tokenizer)
+    names = imatrix.gguf_names(lm.model)
+    g = torch.Generator().manual_seed(0)
+    stats = {}
+    for n, p in lm.model.named_parameters():
+        if ".experts." in n:
+            stats[n] = (torch.rand(p.shape[0], p.shape[-1], generator=g, dtype=torch.float64) * 10,
+                        torch.tensor([100.0, 50.0, 10.0, 0.0]))
+    path = imatrix.write(tmp_path / "moe.imatrix.gguf", stats, names, 1, 16, "test")
+    means = imatrix.read(path).mean_squares()
+    gate = means["blk.0.ffn_gate_exps.weight"]
+    assert gate.shape == (4, 64) and torch.equal(gate[3], torch.ones(64))
+    assert torch.allclose(gate[1], (stats["model.layers.0.mlp.experts.gate_up_proj"][0][1] / 50).float())
+    scheme = lowbit.WeightScheme(format="gguf_iq4_nl", bits=None, group_size=32)
+    qm = lowbit.api.quantize(lm, scheme, include=[r"experts"], imatrix=str(path), progress=False)
+    assert qm.recipe["imatrix"]["weighted"] == 4 and qm.recipe["imatrix"]["no_entry"] == []
+    w = dict(_tiny_moe("mixtral", default_model.tokenizer).model.named_parameters())["model.layers.0.mlp.experts.gate_up_proj"]
+    qt = qm.tensors["model.layers.0.mlp.experts.gate_up_proj"]
+    rows = qt.codes.shape[0] // 4
+    for e in range(4):
+        ref = quantize_tensor(w.data[e], scheme, importance=gate[e])
+        assert torch.equal(qt.codes[e * rows:(e + 1) * rows], ref.codes), e
+    plain = quantize_tensor(w.data, scheme)
+    assert not torch.equal(plain.codes, qt.codes)

@@ -129,9 +129,10 @@ def _write_gguf(path: Path, by_gguf: dict, chunk_count: int, chunk_size: int, da
     w.add_uint32("imatrix.chunk_count", chunk_count)
     w.add_uint32("imatrix.chunk_size", chunk_size)
     for name in sorted(by_gguf):   # llama.cpp sorts too: the same stats give the same bytes
-        sums, count = by_gguf[name]
-        w.add_tensor(name + ".in_sum2", sums.float().numpy().reshape(1, -1))
-        w.add_tensor(name + ".counts", np.array([[float(count)]], dtype=np.float32))
+        sums, count = by_gguf[name]   # one matrix, or stacked experts: sums (n_mat, n_in), counts (n_mat,)
+        counts = np.asarray(count, dtype=np.float32).reshape(-1, 1)
+        w.add_tensor(name + ".in_sum2", sums.float().numpy().reshape(counts.shape[0], -1))
+        w.add_tensor(name + ".counts", counts)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -237,7 +238,8 @@ def _read_legacy(p: Path) -> Imatrix:
 
 
 def importance_for(model: torch.nn.Module, targets, imatrix: Imatrix) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """({parameter name: per-input-column importance (n_in,)}, names the file has no entry for)."""
+    """({parameter name: per-input-column importance, (n_in,), or (n_experts, n_in) for stacked
+    experts with an entry per expert}, names the file has no entry for)."""
     names = gguf_names(model)
     means = imatrix.mean_squares()
     found, missing = {}, []
@@ -247,8 +249,11 @@ def importance_for(model: torch.nn.Module, targets, imatrix: Imatrix) -> tuple[d
         if m is None:
             missing.append(t.name)
             continue
-        n_in = t.parameter(model).shape[0 if t.transposed else 1]
-        if m.ndim != 1 or m.numel() != n_in:
+        p = t.parameter(model)
+        n_in = p.shape[-2 if t.transposed else -1]
+        if p.ndim == 3 and m.ndim == 2 and m.shape == (p.shape[0], n_in):
+            pass     # stacked experts: one row per expert, as llama-imatrix writes them
+        elif m.ndim != 1 or m.numel() != n_in:
             raise DataError(f"imatrix entry {g} has {tuple(m.shape)} values, {t.name} has {n_in} input columns; "
                             "the importance matrix was made for another model")
         if not torch.isfinite(m).all() or (m < 0).any():
