@@ -63,7 +63,18 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=32, help="calibration windows of 512 tokens")
     ap.add_argument("--no-gptq", action="store_true")
     ap.add_argument("--work", default="/tmp/lowbit-iq-bench")
+    ap.add_argument("--render-log", metavar="LOG", help="only write the results files from the JSON rows a run "
+                                                        "printed (a run stopped before its end)")
     args = ap.parse_args()
+    if args.render_log:
+        rows = [json.loads(ln[ln.index("{"):]) for ln in Path(args.render_log).read_text().splitlines() if '"part"' in ln]
+        meta = {"model": "SmolLM2-135M-Instruct (embedded default)",
+                "calibration": f"WikiText-2 validation, {args.chunks} x 512 tokens (imatrix and GPTQ)",
+                "eval": f"WikiText-2 test, {args.windows} x 512 tokens, KLD against the unquantized model",
+                "command": f"python bench/iq_grids.py --types {' '.join(args.types)} (part 1; rendered from its log "
+                           "with --render-log: part 2 was stopped for time)"}
+        render(rows, meta)
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -167,6 +178,11 @@ def main() -> None:
             "calibration": f"WikiText-2 validation, {args.chunks} x 512 tokens (imatrix and GPTQ)",
             "eval": f"WikiText-2 test, {args.windows} x 512 tokens, KLD against the unquantized model",
             "cpu_threads": torch.get_num_threads(), "command": "python bench/iq_grids.py " + " ".join(sys.argv[1:])}
+    render(rows, meta)
+
+
+def render(rows: list[dict], meta: dict) -> None:
+    """bench/results/iq_grids.{json,md} from the rows of a run."""
     out_dir = ROOT / "bench" / "results"
     (out_dir / "iq_grids.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = ["# llama.cpp's i-quant grids: lowbit's encoders and llama.cpp's", "",
