@@ -37,6 +37,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 WIKI = ROOT.parent / "shared" / "data" / "wikitext2"
 TYPES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K"]
+CAVEATS_IMATRIX = (
+    "\nCaveats: both files follow llama.cpp's mix rules with an importance matrix (lowbit's GPTQ counts as one), "
+    "so their sizes differ by < 0.1 MB. SmolLM2's rows of 576 columns do not fit 256-weight super-blocks: they fall "
+    "back to a 4.5-bit 32-block type, IQ4_NL in llama.cpp's file and, in lowbit's, the more accurate of IQ4_NL and "
+    "Q4_0 per tensor (its measured fallback); only the 30 ffn_down weights (1536 columns) and the mixes' own choices "
+    "carry the named i-quant type. SmolLM2's shipped weights lie on a Q4_1 grid, which none of these types "
+    "expresses: these are real quantization errors.")
 
 
 def llama_logits(path: Path, windows: np.ndarray) -> list[np.ndarray]:
@@ -206,6 +213,8 @@ def main() -> None:
                          f"{lb['size_bytes']/1e6:.2f} | {ll['kld']:.4f} | {lb['kld']:.4f} | {lb['kld']/max(ll['kld'], 1e-12):.2f} | "
                          f"{lb['predicted_kld_rtn']:.4f} | {lb['ppl']:.2f} | {counts} |")
     lines.append(f"\nReference F32 PPL (llama.cpp): {rows[0]['ppl']:.2f}")
+    if im_file is not None:
+        lines.append(CAVEATS_IMATRIX)
     (out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
