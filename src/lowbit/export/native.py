@@ -221,31 +221,31 @@ def _load_packed(path: Path, config, metas: dict, targets: dict, compute_dtype: 
     with init_empty_weights(include_buffers=False):   # parameters on meta: nothing allocated
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
+    # plain file reads, no memory map: pages mapped during the load would stay resident
     weights = _weights(path)
-    if True:   # plain file reads, no memory map: mapped pages read during the load would stay resident
-        keys = set(weights.tensors)
-        quant_keys = {k for name, m in metas.items() for k in [name + CODES_SUFFIX, *(f"{name}:{p}" for p in m["params"])]}
-        stored = {k: weights.tensors[k].read() for k in sorted(keys - quant_keys)}
-        _load_rest(model, stored, path, assign=True)
-        for name, meta in metas.items():
-            params = {p: weights.tensors[f"{name}:{p}"].read() for p in meta["params"]}
-            qt = QuantizedTensor.from_packed(meta, weights.tensors[name + CODES_SUFFIX].read(), params)
-            target = targets[name]
-            module = model.get_submodule(target.module_name)
-            if target.kind in ("linear", "conv1d") and target.param_name == "weight":
-                bias = getattr(module, "bias", None)
-                set_submodule(model, target.module_name, PackedLinear(qt, None if bias is None or bias.is_meta else bias,
-                                                                       compute_dtype=compute_dtype))
-            elif target.kind == "embedding" and isinstance(module, torch.nn.Embedding):
-                head = model.get_output_embeddings()
-                tied = head is not None and getattr(head, "weight", None) is module.weight
-                set_submodule(model, target.module_name, PackedEmbedding(qt, module.padding_idx))
-                if tied:   # the output head multiplies by the same quantized table
-                    set_submodule(model, _module_name(model, head),
-                                   PackedLinear(qt, getattr(head, "bias", None), compute_dtype=compute_dtype))
-            else:   # stacked experts: their modules are architecture code, not a Linear; decoded values
-                setattr(module, target.param_name, torch.nn.Parameter(qt.dequantize(), requires_grad=False))
-            del qt
+    keys = set(weights.tensors)
+    quant_keys = {k for name, m in metas.items() for k in [name + CODES_SUFFIX, *(f"{name}:{p}" for p in m["params"])]}
+    stored = {k: weights.tensors[k].read() for k in sorted(keys - quant_keys)}
+    _load_rest(model, stored, path, assign=True)
+    for name, meta in metas.items():
+        params = {p: weights.tensors[f"{name}:{p}"].read() for p in meta["params"]}
+        qt = QuantizedTensor.from_packed(meta, weights.tensors[name + CODES_SUFFIX].read(), params)
+        target = targets[name]
+        module = model.get_submodule(target.module_name)
+        if target.kind in ("linear", "conv1d") and target.param_name == "weight":
+            bias = getattr(module, "bias", None)
+            set_submodule(model, target.module_name, PackedLinear(qt, None if bias is None or bias.is_meta else bias,
+                                                                   compute_dtype=compute_dtype))
+        elif target.kind == "embedding" and isinstance(module, torch.nn.Embedding):
+            head = model.get_output_embeddings()
+            tied = head is not None and getattr(head, "weight", None) is module.weight
+            set_submodule(model, target.module_name, PackedEmbedding(qt, module.padding_idx))
+            if tied:   # the output head multiplies by the same quantized table
+                set_submodule(model, _module_name(model, head),
+                               PackedLinear(qt, getattr(head, "bias", None), compute_dtype=compute_dtype))
+        else:   # stacked experts: their modules are architecture code, not a Linear; decoded values
+            setattr(module, target.param_name, torch.nn.Parameter(qt.dequantize(), requires_grad=False))
+        del qt
     decoded = [m.why for m in model.modules() if isinstance(m, PackedLinear) and m.kernel == "decode"]
     if decoded:   # said once per load: these run, but slower than a kernel would
         reasons = sorted(set(decoded))
