@@ -68,12 +68,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.render_log:
         rows = [json.loads(ln[ln.index("{"):]) for ln in Path(args.render_log).read_text().splitlines() if '"part"' in ln]
-        meta = {"model": "SmolLM2-135M-Instruct (embedded default)",
-                "calibration": f"WikiText-2 validation, {args.chunks} x 512 tokens (imatrix and GPTQ)",
-                "eval": f"WikiText-2 test, {args.windows} x 512 tokens, KLD against the unquantized model",
-                "command": f"python bench/iq_grids.py --types {' '.join(args.types)} (part 1; rendered from its log "
-                           "with --render-log: part 2 was stopped for time)"}
-        render(rows, meta)
+        render(rows, _meta(args, f"python bench/iq_grids.py --types {' '.join(args.types)} (part 1; rendered from its "
+                                 "log with --render-log: part 2 was stopped for time)"))
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -174,11 +170,14 @@ def main() -> None:
                          "size_bytes": out.stat().st_size, **score(lref, llama_logits(out, wnp), wnp)})
             print(json.dumps(rows[-1]), flush=True)
 
-    meta = {"model": "SmolLM2-135M-Instruct (embedded default)",
+    render(rows, _meta(args, "python bench/iq_grids.py " + " ".join(sys.argv[1:])))
+
+
+def _meta(args, command: str) -> dict:
+    return {"model": "SmolLM2-135M-Instruct (embedded default)",
             "calibration": f"WikiText-2 validation, {args.chunks} x 512 tokens (imatrix and GPTQ)",
             "eval": f"WikiText-2 test, {args.windows} x 512 tokens, KLD against the unquantized model",
-            "cpu_threads": torch.get_num_threads(), "command": "python bench/iq_grids.py " + " ".join(sys.argv[1:])}
-    render(rows, meta)
+            "command": command}
 
 
 def render(rows: list[dict], meta: dict) -> None:

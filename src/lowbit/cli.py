@@ -270,11 +270,7 @@ def cmd_quantize(args):
     from lowbit.errors import SchemeError
     from lowbit.export.native import remove_output
 
-    if args.max_shard_size is not None:   # checked before any work
-        if args.to == "gguf":
-            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs "
-                              "(native, compressed-tensors, gptq, awq)")
-        _shard_bytes(args)
+    _shard_bytes(args)   # checked before any work
     loaded, plan, t_load = _plan_from_args(args, stream=True)
     _check_distributed(plan)
     if loaded.weights is not None:
@@ -415,6 +411,10 @@ def _shard_bytes(args) -> int | None:
     size = getattr(args, "max_shard_size", None)
     if size is None:
         return None
+    if args.to == "gguf":
+        from lowbit.export import GGUF_IS_ONE_FILE
+
+        raise SchemeError(GGUF_IS_ONE_FILE)
     n = parse_size(size)
     if n < 1:
         raise SchemeError(f"--max-shard-size {size}: give a positive size such as 2GB")
@@ -643,6 +643,7 @@ def cmd_export(args):
     from lowbit.errors import SchemeError
     from lowbit.model.load import load_source, resolve_source
 
+    _shard_bytes(args)   # checked before any work
     path, kind = resolve_source(args.input)
     if kind == "lowbit":
         from lowbit.export.native import load
@@ -653,15 +654,7 @@ def cmd_export(args):
             raise SchemeError(f"{args.input} is not a lowbit output: only `--to gguf --type F32|F16|BF16` can export it as it is; "
                               "run `lowbit quantize ... --to ...` to quantize and export in one step")
         obj = load_source(path)
-    if args.to == "gguf":
-        from lowbit.export.gguf import write_gguf
-
-        if args.max_shard_size is not None:
-            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs")
-        t = (args.type or "").upper()
-        out = write_gguf(obj, args.output, full_precision=t if t in ("F32", "F16", "BF16") else None, force=args.force)
-    else:
-        out = _write_output(obj, args)
+    out = _write_output(obj, args)
     _print({"output": str(out)}, args.json, [["output", str(out)]], ("", ""))
 
 
@@ -676,8 +669,7 @@ def cmd_convert(args):
         from lowbit.convert import to_gguf_blocks
         from lowbit.export.gguf import write_gguf
 
-        if args.max_shard_size is not None:
-            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs")
+        _shard_bytes(args)
         qm, float_types, rows = to_gguf_blocks(qm, args.refit_type, progress=args.progress)
         out = write_gguf(qm, args.output, float_types, force=args.force)
     else:

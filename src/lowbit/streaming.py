@@ -112,8 +112,10 @@ class _Part:
 
 
 class _StreamedRun:
-    def __init__(self, loaded: LoadedModel, plan: Plan, output, force: bool, resume: bool):
+    def __init__(self, loaded: LoadedModel, plan: Plan, output, force: bool, resume: bool,
+                 max_shard_bytes: int | None = None):
         self.loaded, self.plan, self.model, self.weights = loaded, plan, loaded.model, loaded.weights
+        self.max_shard_bytes = max_shard_bytes
         self.final = Path(output)
         if self.final.exists() and not force:
             raise SourceError(f"output {self.final} already exists; choose another --output or pass --force")
@@ -398,8 +400,7 @@ def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = Fal
     if why is not None:
         raise SchemeError(f"this run cannot stream: {why}")
     _return_freed_memory()
-    run = _StreamedRun(loaded, plan, output, force, resume)
-    run.max_shard_bytes = max_shard_bytes
+    run = _StreamedRun(loaded, plan, output, force, resume, max_shard_bytes)
     try:
         return run.run(progress)
     except LowbitError:

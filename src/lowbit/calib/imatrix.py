@@ -251,9 +251,8 @@ def importance_for(model: torch.nn.Module, targets, imatrix: Imatrix) -> tuple[d
             continue
         p = t.parameter(model)
         n_in = p.shape[-2 if t.transposed else -1]
-        if p.ndim == 3 and m.ndim == 2 and m.shape == (p.shape[0], n_in):
-            pass     # stacked experts: one row per expert, as llama-imatrix writes them
-        elif m.ndim != 1 or m.numel() != n_in:
+        per_expert = p.ndim == 3 and m.shape == (p.shape[0], n_in)   # one row per expert, as llama-imatrix writes
+        if not per_expert and (m.ndim != 1 or m.numel() != n_in):
             raise DataError(f"imatrix entry {g} has {tuple(m.shape)} values, {t.name} has {n_in} input columns; "
                             "the importance matrix was made for another model")
         if not torch.isfinite(m).all() or (m < 0).any():

@@ -23,14 +23,17 @@ def checkpoint_exporter(name: str):
         raise SchemeError(f"export to {name} is not available in this installation ({e})") from None
 
 
+GGUF_IS_ONE_FILE = ("a GGUF output is one file; --max-shard-size applies to folder outputs "
+                    "(native, compressed-tensors, gptq, awq)")
+
+
 def write(qm, to: str, output, force: bool = False, full_precision: str | None = None,
           max_shard_bytes: int | None = None):
     """Serialise qm with the exporter named by `to` (native, gguf or a checkpoint format);
     max_shard_bytes splits a folder's weights into shards with an index."""
     if to == "gguf":
         if max_shard_bytes is not None:
-            raise SchemeError("a GGUF output is one file; --max-shard-size applies to folder outputs "
-                              "(native, compressed-tensors, gptq, awq)")
+            raise SchemeError(GGUF_IS_ONE_FILE)
         from lowbit.export.gguf import write_gguf
 
         return write_gguf(qm, output, full_precision=full_precision, force=force)

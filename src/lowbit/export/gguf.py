@@ -121,12 +121,18 @@ def permute_rows(qt: QuantizedTensor, perm: torch.Tensor) -> QuantizedTensor:
     per-row parameters move together; per-tensor parameters stay)."""
     if qt.transposed or len(qt.shape) != 2:
         raise SchemeError(f"row permutation needs a plain (out, in) weight, got shape {qt.shape}")
+    return _take_rows(qt, perm, qt.shape, "permute rows")
+
+
+def _take_rows(qt: QuantizedTensor, idx: torch.Tensor, shape: tuple[int, ...], what: str) -> QuantizedTensor:
+    """qt's matrix rows idx, codes and per-row parameters together, as a tensor of `shape`;
+    per-tensor parameters stay. Parameters shared by several rows cannot follow: refused."""
     rows = qt.codes.shape[0]
-    params = {k: (v[perm] if v.ndim == 2 and v.shape[0] == rows else v) for k, v in qt.params.items()}
     bad = [k for k, v in qt.params.items() if v.ndim == 2 and v.shape[0] != rows]
     if bad:
-        raise SchemeError(f"parameters {bad} of a {qt.format.name} tensor are not per row; cannot permute rows")
-    return dataclasses.replace(qt, codes=qt.codes[perm], params=params)
+        raise SchemeError(f"parameters {bad} of a {qt.format.name} tensor are not per row; cannot {what}")
+    params = {k: (v[idx] if v.ndim == 2 else v) for k, v in qt.params.items()}
+    return dataclasses.replace(qt, codes=qt.codes[idx], params=params, shape=tuple(shape))
 
 
 # --- inputs --------------------------------------------------------------------------------------
@@ -411,16 +417,8 @@ def _split_gate_up(value):
         raise SchemeError(f"stacked experts of shape {value.shape} stored transposed are not written to GGUF yet")
     E, two_i, H = value.shape
     half = two_i // 2
-    rows = value.codes.shape[0]
-    bad = [k for k, v in value.params.items() if v.ndim == 2 and v.shape[0] != rows]
-    if bad:
-        raise SchemeError(f"parameters {bad} of a {value.format.name} expert tensor are not per row; cannot split gate_up")
-    out = []
-    for start in (0, half):
-        idx = (torch.arange(E)[:, None] * two_i + start + torch.arange(half)).reshape(-1)
-        params = {k: (v[idx] if v.ndim == 2 else v) for k, v in value.params.items()}
-        out.append(dataclasses.replace(value, codes=value.codes[idx], params=params, shape=(E, half, H)))
-    return tuple(out)
+    return tuple(_take_rows(value, (torch.arange(E)[:, None] * two_i + start + torch.arange(half)).reshape(-1),
+                            (E, half, H), "split gate_up") for start in (0, half))
 
 
 def tensor_names(model: torch.nn.Module) -> dict[str, str]:
@@ -631,14 +629,14 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
             heads = None
             if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
                 heads = n_head if ".attn_q." in gname else n_kv
+            rows = (value.codes if isinstance(value, QuantizedTensor) else value).shape[0]
             order = None
             if heads is not None:
-                order = qk_permutation((value.codes if isinstance(value, QuantizedTensor) else value).shape[0], heads)
+                order = qk_permutation(rows, heads)
             elif spec.qkv_per_head and ".attn_qkv." in gname:
-                order = qkv_head_order((value.codes if isinstance(value, QuantizedTensor) else value).shape[0], n_head)
+                order = qkv_head_order(rows, n_head)
             elif spec.qkv_per_kv_group and getattr(config, spec.qkv_per_kv_group, False) and ".attn_qkv." in gname:
-                order = qkv_group_order((value.codes if isinstance(value, QuantizedTensor) else value).shape[0],
-                                        n_head, n_kv)
+                order = qkv_group_order(rows, n_head, n_kv)
             if isinstance(value, QuantizedTensor):
                 if order is not None:
                     value = permute_rows(value, order)

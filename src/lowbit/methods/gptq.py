@@ -124,7 +124,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     block = options.block_size if static is not None else max(options.block_size, span)
     if unit and block % unit:
         raise SchemeError(f"GPTQ block size {block} is not a multiple of {fmt.name}'s {unit}-column unit")
-    hdiag = torch.diag(H).float() if perm is None else torch.diag(H).float()[perm]
+    hdiag = None if not unit else (torch.diag(H).float() if perm is None else torch.diag(H).float()[perm])
     if prune is not None and prune.structured and block % prune.m:
         raise SchemeError(f"GPTQ block size {block} is not a multiple of the {prune.label()} group")
     zero_codes: dict[int, torch.Tensor] = {}                # group -> codes decoding to 0 (pruning)
