@@ -2,8 +2,9 @@
 on the embedded default (SmolLM2-135M-Instruct). Same total threads: one process uses every
 core, N ranks get cores/N each. Reports wall time, how many stored codes differ between the
 outputs and each output's KLD. A third run, one process with a rank's thread count, shows what
-the thread count alone changes: float32 kernels round differently with other thread counts,
-and GPTQ's error feedback carries a flipped code along its row and into later layers.
+the thread count alone changes: some float32 kernels round differently with other thread
+counts (MKL splits skinny products over their inner dimension), and GPTQ's error feedback would
+carry one flipped code along its row and into later layers; lowbit runs those on one thread each.
 
     python bench/distributed.py --quick        # 32 x 512 calibration tokens
     python bench/distributed.py                # 128 x 512
@@ -71,12 +72,49 @@ def compare(a: Path, b: Path) -> dict:
             "same_recipe": ra["recipe"] == rb["recipe"]}
 
 
+def _differing(c: dict) -> str:
+    if c["differing_codes"] == 0:
+        return f"0 of {c['codes']}"
+    return f"{c['differing_codes']} of {c['codes']} ({c['differing_fraction']:.1e}); worst {c['worst_tensor']} ({c['worst_fraction']:.1e})"
+
+
+def write_markdown(row: dict, path: Path) -> None:
+    workers, per = row["workers"], row["cores"] // row["workers"]
+    one, many = row["seconds_one_process"], row[f"seconds_{workers}_ranks"]
+    thin, k = row["one_process_fewer_threads"], row["kld"]
+    quick = " --quick" if row["samples"] == 32 else ""
+
+    def same(c):
+        return "yes" if c["same_weights_file"] else "no"
+
+    lines = ["# Data-parallel GPTQ calibration: 1 process vs local gloo ranks", "",
+             f"`python bench/distributed.py{quick}`: SmolLM2-135M-Instruct (embedded default, resident), GPTQ int4 g128 sym, "
+             f"{row['samples']} x {row['seqlen']} WikiText-2 validation tokens, {row['cores']} cores: one process with all "
+             f"of them, {workers} ranks with {per} thread(s) each, and one process with {per} thread(s) (what the thread "
+             "count alone would change). Wall time includes each process's start and model load (each rank loads the "
+             "model). KLD against the source on 8 x 512 WikiText-2 test tokens. Differing codes: stored codes not equal "
+             "to the first row's.", "",
+             "| run | wall s | time ratio | differing codes | same weights file | same recipe | KLD |",
+             "|---|---|---|---|---|---|---|",
+             f"| 1 process, {row['cores']} threads | {one:.0f} | 1.00 | - | - | - | {k['one_process']:.4f} |",
+             f"| {workers} ranks, {per} thread(s) each | {many:.0f} | {many / one:.2f} | {_differing(row)} | {same(row)} | "
+             f"{'yes' if row['same_recipe'] else 'no'} | {k[f'{workers}_ranks']:.4f} |",
+             f"| 1 process, {per} thread(s) | {thin['seconds']:.0f} | {thin['seconds'] / one:.2f} | {_differing(thin)} | "
+             f"{same(thin)} | {'yes' if thin['same_recipe'] else 'no'} | {k['one_process_fewer_threads']:.4f} |"]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--work", default="/tmp/lowbit-distributed-bench")
+    ap.add_argument("--render", action="store_true", help="rewrite distributed.md from distributed.json")
     args = ap.parse_args()
+    if args.render:
+        results = ROOT / "bench" / "results"
+        write_markdown(json.loads((results / "distributed.json").read_text())["row"], results / "distributed.md")
+        return
     samples = 32 if args.quick else 128
     scheme = ["--bits", "4", "--group-size", "128"]
     work = Path(args.work)
@@ -97,28 +135,7 @@ def main() -> None:
     print(json.dumps(row, indent=1))
     out = ROOT / "bench" / "results"
     (out / "distributed.json").write_text(json.dumps({"cpu": platform.processor() or platform.machine(), "row": row}, indent=1))
-    t = row["one_process_fewer_threads"]
-    u = row["one_process_fewer_threads_vs_ranks"]
-    k = row["kld"]
-    per = row["cores"] // args.workers
-    lines = ["# Data-parallel GPTQ calibration: 1 process vs local gloo ranks", "",
-             f"`python bench/distributed.py{' --quick' if args.quick else ''}`: SmolLM2-135M-Instruct (embedded default, "
-             f"resident), GPTQ int4 g128 sym, {samples} x 512 WikiText-2 validation tokens, {row['cores']} cores: one "
-             f"process with all of them, {args.workers} ranks with {per} thread(s) each, and one process with "
-             f"{per} thread(s) (what the thread count alone changes). Wall time includes each process's start and "
-             "model load. KLD against the source on 8 x 512 WikiText-2 test tokens. Differing codes: stored codes "
-             "that are not equal, against the first row.", "",
-             "| run | wall s | time ratio | differing codes | worst tensor | same recipe | KLD |",
-             "|---|---|---|---|---|---|---|",
-             f"| 1 process, {row['cores']} threads | {one:.0f} | 1.00 | - | - | - | {k['one_process']:.4f} |",
-             f"| {args.workers} ranks, {per} thread(s) each | {many:.0f} | {row['time_ratio']:.2f} | "
-             f"{row['differing_fraction']:.1%} of {row['codes']} | {row['worst_tensor']} ({row['worst_fraction']:.1%}) | "
-             f"{'yes' if row['same_recipe'] else 'no'} | {k[f'{args.workers}_ranks']:.4f} |",
-             f"| 1 process, {per} thread(s) | {thin:.0f} | {thin / one:.2f} | {t['differing_fraction']:.1%} | "
-             f"{t['worst_tensor']} ({t['worst_fraction']:.1%}) | {'yes' if t['same_recipe'] else 'no'} | "
-             f"{k['one_process_fewer_threads']:.4f} |", "",
-             f"{args.workers} ranks against 1 process with {per} thread(s): {u['differing_fraction']:.1%} of codes differ."]
-    (out / "distributed.md").write_text("\n".join(lines) + "\n")
+    write_markdown(row, out / "distributed.md")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -112,6 +112,7 @@ def test_scaled_stats_are_the_stats_of_the_scaled_input():
     req = StatsRequest(hessian=True, sample_rows=20)
     a.add(X, req)
     b.add(X / s, req)
+    b.finish()
     c = scaled_stats(a, s)
     for k in ("hessian", "absmax", "abssum", "sample"):
         assert torch.allclose(getattr(c, k), getattr(b, k), rtol=1e-5, atol=1e-6), k

@@ -29,14 +29,15 @@ def test_owners_balance_the_work():
     assert owners(dict(reversed(sizes.items())), 2) == own   # the same on every rank, whatever the order
 
 
-@pytest.mark.parametrize("method,to", [("gptq", "native"), ("awq", "native"), ("gptq", "gptq")])
-def test_two_ranks_give_the_bytes_of_one_process(tiny_llama, calib, tmp_path, method, to):
-    """Windows split over 2 gloo ranks, statistics all-reduced, GPTQ's weights solved by their
-    owner rank and broadcast: identical output files (streamed for native, resident for --to gptq).
-    16 windows: each rank's 8 are one calibration batch, the single process's two batches are the
-    same windows, so X^T X is the same two float32 products added once either way (with 8 windows,
-    one product of 8 against two of 4 round differently: a code flipped on an Intel Xeon)."""
-    args = ["quantize", tiny_llama, "--method", method, "--calib", calib.text, "--samples", "16", "--seqlen", "32",
+@pytest.mark.parametrize("method,to,samples", [("gptq", "native", 24), ("awq", "native", 16), ("gptq", "gptq", 16)])
+def test_two_ranks_give_the_bytes_of_one_process(tiny_llama, calib, tmp_path, method, to, samples):
+    """Windows split over 2 gloo ranks at whole batches (24 windows in batches of 8: rank 0 gets
+    one, rank 1 two), statistics all-reduced, GPTQ's weights solved by their owner rank and
+    broadcast: identical output files (streamed for native, resident for --to gptq). The single
+    process has every core, each rank one thread: XᵀX sums float32 products in float64 panels,
+    each product and factorization on one thread, so neither the grouping nor the thread count
+    changes a bit."""
+    args = ["quantize", tiny_llama, "--method", method, "--calib", calib.text, "--samples", str(samples), "--seqlen", "32",
             "--group-size", "32", "--to", to]
     one = _lowbit(*args, "-o", tmp_path / "one")
     assert one.returncode == 0, one.stderr

@@ -127,14 +127,15 @@ def test_staged_propagation_uses_quantized_weights(tiny_llama, calib):
 
 @pytest.mark.parametrize("d", [48, 1000])  # 1000: row panels of the lower triangle
 def test_gram_accumulation_fp32_is_exact_and_symmetric(d):
-    from lowbit.calib.runner import accumulate_gram
+    from lowbit.calib.runner import LowerGram
 
     X = torch.randn(300, d, dtype=torch.float64).float() * torch.linspace(0.01, 4, d)
-    H = torch.zeros(d, d)
-    accumulate_gram(H, X[:120])
-    accumulate_gram(H, X[120:])
+    G = LowerGram(d)
+    G.add(X[:120])
+    G.add(X[120:])
+    H = G.finish()
     ref = X.double().T @ X.double()
-    assert torch.equal(H, H.T)
+    assert H.dtype == torch.float32 and torch.equal(H, H.T)
     assert float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
 
 
@@ -158,15 +159,82 @@ def test_bf16_gram_is_the_gram_of_bf16_inputs(monkeypatch, path, n, d):
     g = torch.Generator().manual_seed(0)
     rank = min(40, d // 2)
     X = torch.randn(n, rank, generator=g) @ torch.randn(rank, d, generator=g)  # rank-deficient: only the damping makes it definite
-    H = torch.zeros(d, d)
-    runner.accumulate_gram(H, X[: n // 2], "bf16")
-    runner.accumulate_gram(H, X[n // 2:], "bf16")
+    G = runner.LowerGram(d)
+    G.add(X[: n // 2], "bf16")
+    G.add(X[n // 2:], "bf16")
+    H = G.finish()
     ref = _bf16_gram(X)
     assert torch.equal(H, H.T)
     assert float((H.double() - ref).abs().max() / ref.abs().max()) < 1e-5
     # and it is not the fp32 Gram: the test would not see inputs left unrounded otherwise
     assert float((H.double() - X.double().T @ X.double()).abs().max() / ref.abs().max()) > 1e-5
     prepare_hessian_inverse(H, 0.01)
+
+
+def test_the_hessian_does_not_depend_on_how_batches_are_grouped():
+    """One process adds batches 1..4 in turn; two data-parallel ranks add 1-2 and 3-4 and sum the
+    two: float64 sums of the same float32 products, so the float32 Hessians are equal bit for bit
+    (a float32 accumulator differs here)."""
+    from lowbit.calib.runner import LowerGram
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(256, 800, generator=g) * torch.linspace(0.01, 4, 800) for _ in range(4)]
+
+    def summed(parts):
+        G = LowerGram(800)
+        for b in parts:
+            G.add(b)
+        return G
+
+    one = summed(batches)
+    assert len(one.panels) == 4   # 800 columns: row panels
+    first, second = summed(batches[:2]), summed(batches[2:])
+    for p, q in zip(first.panels, second.panels):   # what all_reduce does between two ranks
+        p.add_(q)
+    assert torch.equal(one.finish(), first.finish())
+    # the same products summed in float32 in the two groupings differ
+    f32 = [sum((b.T @ b for b in part), torch.zeros(800, 800)) for part in (batches, batches[:2], batches[2:])]
+    assert not torch.equal(f32[0], f32[1] + f32[2])
+
+
+def test_the_hessian_does_not_depend_on_the_thread_count():
+    """MKL splits a Gram panel's token dimension over threads (4096 tokens, 800 columns: a float32
+    product on 2 threads differs from 1); LowerGram's products run on one thread, so a process
+    with every core and ranks with one each sum the same numbers."""
+    from lowbit.calib.runner import LowerGram
+
+    X = torch.randn(4096, 800, generator=torch.Generator().manual_seed(5))
+    saved = torch.get_num_threads()
+    out = []
+    try:
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            G = LowerGram(800)
+            G.add(X)
+            out.append(G.finish())
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(out[0], out[1])
+
+
+def test_hessian_inverse_does_not_depend_on_the_thread_count():
+    """LAPACK's factorizations round differently with other thread counts; prepare_hessian_inverse
+    runs them on one thread, so a process with 2 threads and ranks with 1 agree."""
+    from lowbit.methods.gptq import prepare_hessian_inverse
+
+    X = torch.randn(4096, 1024, generator=torch.Generator().manual_seed(4)) * torch.linspace(0.1, 3, 1024)
+    H = X.T @ X
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        many = prepare_hessian_inverse(H, 0.01)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        one = prepare_hessian_inverse(H, 0.01)
+    finally:
+        torch.set_num_threads(saved)
+    assert torch.equal(one, many)
 
 
 def test_hessian_precision_names():

@@ -38,7 +38,7 @@ def test_each_expert_gets_the_hessian_of_its_own_tokens(tokenizer, cal):
     forward with a hook on the experts module gives the same token counts, and GPTQ of each
     expert on the Hessian of its captured tokens gives lowbit's codes exactly."""
     from lowbit.api import quantize
-    from lowbit.calib.runner import accumulate_gram
+    from lowbit.calib.runner import LowerGram
     from lowbit.methods.gptq import GPTQOptions, _solve
     from lowbit.scheme import WeightScheme
 
@@ -70,9 +70,9 @@ def test_each_expert_gets_the_hessian_of_its_own_tokens(tokenizer, cal):
             X = torch.cat([h[(idx == e).any(-1)] for h, idx in captured])
             if name == "down_proj":   # its input comes through the quantized gate/up projection
                 X = experts._apply_gate(X @ decoded_gate_up[e].T)
-            H = torch.zeros(X.shape[1], X.shape[1])
-            accumulate_gram(H, X)
-            codes, _, _ = _solve(ref_weights[name][e], H, fmt, ws, GPTQOptions())
+            G = LowerGram(X.shape[1])
+            G.add(X)
+            codes, _, _ = _solve(ref_weights[name][e], G.finish(), fmt, ws, GPTQOptions())
             assert torch.equal(codes, qt.codes[e * rows: (e + 1) * rows]), (name, e)
 
 

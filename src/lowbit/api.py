@@ -228,7 +228,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
     fallbacks (names quantized without data so far) are how a streamed run takes part;
     cache_decoded=False: quantized Linears decode per call (install_quantized)."""
     from lowbit.calib import distributed
-    from lowbit.calib.runner import bf16_gram_path, check_hessian_precision, run_layers
+    from lowbit.calib.runner import bf16_gram_path, check_hessian_precision, finish_stats, release_stats, run_layers
     from lowbit.methods import rtn
 
     t0 = time.perf_counter()
@@ -238,7 +238,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
         distributed.check_same_run(windows, json.dumps({k: v for k, v in recipe.items() if k != "seconds"},
                                                        sort_keys=True, default=str),
                                    *(f"{t.name}{tuple(t.parameter(model).shape)}" for t in targets))
-        windows = distributed.share(windows)   # this rank's windows (all of them in one process)
+        windows = distributed.share(windows, calibration.batch_size)   # this rank's batches (all in one process)
     else:
         windows = None
         recipe["calibration"] = {"forward_loop": True, "hessian_precision": calibration.hessian_precision}
@@ -251,6 +251,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
     def quantize_layer(_index, layer_targets, stats):
         # with torch.distributed: statistics of every rank's windows, the solving split by weight
         distributed.reduce_stats(stats, [t.name for t in layer_targets], request.sample_rows)
+        finish_stats(stats, [t.name for t in layer_targets])
         sizes = {t.name: t.parameter(model).numel() for t in layer_targets}
         out, fb = distributed.solve_split(lambda ts: impl.quantize_layer(model, ts, stats, ws, opts, **extra),
                                           layer_targets, sizes, getattr(impl, "SOLVES_EACH_WEIGHT", False))
@@ -261,6 +262,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
                 recipe.setdefault("experts", {})[t.name] = report
         tensors.update(out)
         fallbacks.extend(fb)
+        release_stats(stats, [t.name for t in layer_targets])
 
     request = dataclasses.replace(impl.STATS, hessian_precision=check_hessian_precision(calibration.hessian_precision),
                                   expert_min_tokens=calibration.expert_min_tokens)

@@ -9,12 +9,19 @@ an owner rank, which solves it and broadcasts the result (codes and parameters a
 never pickles); other methods are solved by every rank alike. Each rank then runs its windows
 through the quantized layer. Only rank 0 writes outputs.
 
+The result is the single process's, bit for bit: shares are cut at whole calibration batches (the
+same float32 products), XᵀX is summed in float64 (any grouping of batches gives the same float32
+total), and the products and factorizations whose rounding depends on the thread count run on
+one thread each (one_thread, map_one_thread_each), so a rank with one core computes what a
+process with all of them does.
+
 `lowbit quantize ... --workers N` starts N local ranks (spawn_workers); `torchrun -m lowbit
 quantize ...` works the same way through its environment (RANK, WORLD_SIZE, MASTER_ADDR).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -24,6 +31,46 @@ import sys
 import torch
 
 from lowbit.errors import SchemeError
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Run the block on one thread. torch's MKL splits a product's inner dimension over threads
+    for some shapes (the Gram panels of calibration: K = a batch's tokens) and factorizes in
+    thread-dependent blocks, so their rounding depends on the thread count, where other matmuls'
+    does not (measured): inside this block one process with every core and data-parallel ranks
+    with a share each compute the same numbers."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+_POOLS: dict = {}
+
+
+def map_one_thread_each(fn, items: list) -> list:
+    """[fn(x) for x in items], each call on one thread (so its numbers do not depend on the
+    thread count, see one_thread), as many calls at once as this process has threads."""
+    n = min(torch.get_num_threads(), len(items))
+    with one_thread():
+        if n <= 1:
+            return [fn(x) for x in items]
+        if n not in _POOLS:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="lowbit-one-thread")
+
+        def single(x):
+            torch.set_num_threads(1)   # a worker's own OpenMP/MKL setting; the caller restores the global one
+            return fn(x)
+
+        return list(_POOLS[n].map(single, items))
 
 
 def _dist():
@@ -77,16 +124,20 @@ def init_from_environment() -> bool:
     return True
 
 
-def share(windows: torch.Tensor) -> torch.Tensor:
+def share(windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """This rank's contiguous share of the calibration windows (rank 0 first, as one process
-    would see them). Fewer windows than ranks is refused: a rank with no data has no statistics."""
+    would see them), cut at whole batches of `batch_size`: each batch then holds the same windows
+    as in one process, so its float32 products are the same. Fewer batches than ranks is refused:
+    a rank with no data has no statistics."""
     rank, size = world()
     if size == 1:
         return windows
-    if windows.shape[0] < size:
-        raise SchemeError(f"{windows.shape[0]} calibration windows cannot be split over {size} ranks; "
-                          f"use --samples {size} or more, or fewer --workers")
-    bounds = [windows.shape[0] * r // size for r in range(size + 1)]
+    n = windows.shape[0]
+    batches = -(-n // batch_size)
+    if batches < size:
+        raise SchemeError(f"{n} calibration windows in batches of {batch_size} cannot be split over {size} ranks; "
+                          f"use --samples {size * batch_size} or more, or fewer --workers")
+    bounds = [min(n, batch_size * (batches * r // size)) for r in range(size + 1)]
     return windows[bounds[rank]: bounds[rank + 1]]
 
 
@@ -126,12 +177,14 @@ def reduce_stats(stats: dict, names: list[str], sample_rows: int) -> None:
         if isinstance(st, InputStats) and all(st is not s for s in seen):
             seen.append(st)
     _check_same(len(seen), "which weights saw calibration inputs")
+    if any(st.finished for st in seen):
+        raise RuntimeError("calibration statistics were reduced after they were finished")
     for st in seen:
         n = torch.tensor([st.n_tokens], dtype=torch.int64)
         d.all_reduce(n)
         st.n_tokens = int(n)
         if st.hessian is not None:
-            d.all_reduce(st.hessian)
+            st.hessian.all_reduce()
         if st.absmax is not None:
             d.all_reduce(st.absmax, op=d.ReduceOp.MAX)
         if st.abssum is not None:

@@ -85,7 +85,7 @@ def expert_hessians(inputs: ExpertInputs, param_name: str):
     """Yield (expert, H = Σ XᵀX of its inputs) for every expert of the module, one at a time (an
     expert's H can be hundreds of MB); tokens per expert and the all-token fallbacks go to
     inputs.report[param_name]."""
-    from lowbit.calib.runner import accumulate_gram
+    from lowbit.calib.runner import LowerGram
 
     module = inputs.module
     counts = inputs.token_counts()
@@ -98,7 +98,8 @@ def expert_hessians(inputs: ExpertInputs, param_name: str):
             with torch.no_grad():
                 X = expert_input(module, param_name, e, rows.float())
             if H is None:
-                H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32)
+                H = LowerGram(X.shape[1])
             if X.shape[0]:
-                accumulate_gram(H, X, inputs.hessian_precision)
-        yield e, distributed.all_reduce_sum(H)
+                H.add(X, inputs.hessian_precision)
+        H.all_reduce()
+        yield e, H.finish()

@@ -24,25 +24,30 @@ from lowbit.model.targets import WeightTarget
 
 @dataclasses.dataclass
 class InputStats:
-    """Statistics of one module's input X (tokens, in_features), over all calibration tokens."""
+    """Statistics of one module's input X (tokens, in_features), over all calibration tokens.
+
+    XᵀX is a LowerGram (float64 panels) while batches arrive; `finish()` makes it the symmetric
+    float32 matrix the methods read, the same whichever way the batches were grouped."""
 
     n_tokens: int = 0
-    hessian: torch.Tensor | None = None   # sum of X^T X (in, in), float32
+    hessian: "torch.Tensor | LowerGram | None" = None   # sum of X^T X (in, in): LowerGram until finish()
     absmax: torch.Tensor | None = None    # max |X| per input channel
-    abssum: torch.Tensor | None = None    # sum |X| per input channel, float64: the same total in any
-                                          # batch order (data-parallel ranks add their shares)
+    abssum: torch.Tensor | None = None    # sum |X| per input channel, float64 (order-independent, as XᵀX)
     sample: torch.Tensor | None = None    # first rows of X (for search-based methods)
+    finished: bool = False
 
     @property
     def absmean(self) -> torch.Tensor:
         return (self.abssum / max(1, self.n_tokens)).float()
 
     def add(self, X: torch.Tensor, request: "StatsRequest") -> None:
+        if self.finished:
+            raise RuntimeError("calibration statistics are final; no more inputs can be added")
         X = X.reshape(-1, X.shape[-1]).float()
         if request.hessian:
             if self.hessian is None:
-                self.hessian = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32, device=X.device)
-            accumulate_gram(self.hessian, X, request.hessian_precision)
+                self.hessian = LowerGram(X.shape[1], X.device)
+            self.hessian.add(X, request.hessian_precision)
         if request.channel_stats:
             a = X.abs()
             amax, asum = a.amax(dim=0), a.sum(dim=0, dtype=torch.float64)
@@ -54,6 +59,29 @@ class InputStats:
             part = X[:need].clone()
             self.sample = part if self.sample is None else torch.cat([self.sample, part])
         self.n_tokens += X.shape[0]
+
+    def finish(self) -> None:
+        """Make the Hessian final: symmetric, float32 (idempotent)."""
+        if not self.finished and self.hessian is not None:
+            self.hessian = self.hessian.finish()
+        self.finished = True
+
+
+def finish_stats(stats: dict, names: list[str]) -> None:
+    """finish() the InputStats of `names` (objects shared between names once)."""
+    for name in names:
+        st = stats.get(name)
+        if isinstance(st, InputStats):
+            st.finish()
+
+
+def release_stats(stats: dict, names: list[str]) -> None:
+    """Drop what the solved weights `names` were calibrated with: a staged layer keeps its stats
+    until it ends, and a wide input's XᵀX is hundreds of MB (11008 wide: 485 MB)."""
+    for name in names:
+        st = stats.pop(name, None)
+        if isinstance(st, InputStats):
+            st.hessian = st.sample = None
 
 
 HESSIAN_PRECISIONS = ("fp32", "bf16")
@@ -88,28 +116,66 @@ def _bf16_matmul_hint():
         matmul.fp32_precision = saved
 
 
-# wide inputs (down_proj's 1536) are accumulated in row panels of the lower triangle: ~1/2 + 1/(2k)
-# of the full product's work, and larger panels keep the matmuls efficient
+# inputs of 2 panels and wider are accumulated in row panels of the lower triangle: ~1/2 + 1/(2k)
+# of the full product's work, panels computed side by side; larger panels keep the matmuls efficient
 _PANEL = 192
 
 
-def _add_lower_gram(H: torch.Tensor, A: torch.Tensor) -> None:
-    """Lower triangle (at least) of H += A^T A."""
-    d = A.shape[1]
-    k = d // _PANEL if d >= 4 * _PANEL else 1
-    if k == 1:
-        H.addmm_(A.T, A)
-        return
-    bounds = [i * d // k for i in range(k + 1)]
-    for a0, a1 in zip(bounds, bounds[1:]):
-        H[a0:a1, :a1].addmm_(A[:, a0:a1].T, A[:, :a1])
+def _panel_bounds(d: int) -> list[int]:
+    k = d // _PANEL if d >= 2 * _PANEL else 1
+    return [i * d // k for i in range(k + 1)]
+
+
+class LowerGram:
+    """Σ XᵀX over calibration batches, kept as its lower triangle in float64 row panels (rows
+    a0:a1, columns :a1): about the memory of one float32 matrix, and a float64 sum of the
+    batches' float32 products, so the float32 total does not depend on how the batches were
+    grouped (one process adding them in turn, or data-parallel ranks adding their shares), up to
+    a float64 rounding that lands on a float32 rounding boundary. finish() gives the symmetric
+    float32 matrix, freeing the panels as it fills it."""
+
+    def __init__(self, d: int, device: torch.device | str = "cpu"):
+        self.bounds = _panel_bounds(d)
+        self.panels = [torch.zeros(a1 - a0, a1, dtype=torch.float64, device=device)
+                       for a0, a1 in zip(self.bounds, self.bounds[1:])]
+
+    def add(self, X: torch.Tensor, precision: str = "fp32") -> None:
+        accumulate_gram(self, X, precision)
+
+    def add_products(self, A: torch.Tensor) -> None:
+        """Panels += A^T A's, each product in A's dtype and on one thread, the panels side by side
+        (distributed.map_one_thread_each): the same numbers with any number of threads."""
+        from lowbit.calib.distributed import map_one_thread_each
+
+        def add(k):
+            a0, a1 = self.bounds[k], self.bounds[k + 1]
+            self.panels[k].add_(A[:, a0:a1].T @ A[:, :a1])
+
+        map_one_thread_each(add, sorted(range(len(self.panels)), reverse=True))   # the widest panels first
+
+    def all_reduce(self) -> None:
+        """Sum the panels over data-parallel ranks (nothing in one process)."""
+        from lowbit.calib.distributed import all_reduce_sum
+
+        for panel in self.panels:
+            all_reduce_sum(panel)
+
+    def finish(self) -> torch.Tensor:
+        d = self.bounds[-1]
+        out = torch.empty(d, d, dtype=torch.float32, device=self.panels[0].device)
+        for a0, a1 in zip(self.bounds, self.bounds[1:]):
+            out[a0:a1, :a1] = self.panels.pop(0)
+            out[:a0, a0:a1] = out[a0:a1, :a0].T
+            block = out[a0:a1, a0:a1]   # a product's diagonal block: mirror its lower triangle
+            block.copy_(torch.tril(block) + torch.tril(block, -1).T)
+        return out
 
 
 def _hinted_lower_gram(X: torch.Tensor) -> torch.Tensor:
-    H = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float32)
+    G = LowerGram(X.shape[1])
     with _bf16_matmul_hint():
-        _add_lower_gram(H, X)
-    return H
+        G.add_products(X)
+    return G.finish()
 
 
 def probe_bf16_products(product: Callable[[torch.Tensor], torch.Tensor] = _hinted_lower_gram) -> str:
@@ -146,34 +212,33 @@ def bf16_gram_path(device: torch.device | str = "cpu") -> str:
     return _bf16_gram_path(torch.device(device).type)
 
 
-def accumulate_gram(H: torch.Tensor, X: torch.Tensor, precision: str = "fp32") -> None:
-    """H += X^T X (float32 accumulation); H comes out exactly symmetric (lower triangle mirrored).
+def accumulate_gram(G: LowerGram, X: torch.Tensor, precision: str = "fp32") -> None:
+    """G += X^T X: float32 products of row panels of the lower triangle (wide inputs), added
+    into G's float64 panels.
 
     fp32: float32 products (the default).
-    bf16: H += bf16(X)^T bf16(X) accumulated in fp32, the same numbers on every CPU (< 1e-5
-        relative to the float64 Gram of the bf16 inputs): the inputs are rounded here, so a
-        product of two of them is exact in fp32 whichever kernel runs. Still a Gram matrix, so
-        positive semi-definite, with inputs off by up to 2^-9; damping keeps it definite. Faster
-        only where bf16_gram_path() finds oneDNN's bf16 kernels (expected with AMX; not measured
-        here); elsewhere the products are float32 ("fp32-emulated"), a little slower than fp32
-        for the rounding. Measured on an AMD EPYC with AVX512-BF16, no AMX (torch 2.13, oneDNN
-        3.12 ignores the hint there): fp32-emulated; SmolLM2 W4 g32 GPTQ, 2 shared cores, XᵀX
-        190-194 s instead of 160-178 s of ~950-1200 s in all, KLD 0.0940 instead of 0.0951
-        (bench/results/hessian_precision.md). bf16 matmuls on bf16 tensors, also chunked over K,
-        are no alternative on the CPU: they round their outputs to bf16 (5e-4 to 3e-3 off).
-        (Rounding the *output* to bf16 would break positive-definiteness.)"""
+    bf16: products of bf16(X), accumulated in fp32 inside each product, the same numbers on every
+        CPU (< 1e-5 relative to the float64 Gram of the bf16 inputs): the inputs are rounded
+        here, so a product of two of them is exact in fp32 whichever kernel runs. Still a Gram
+        matrix, so positive semi-definite, with inputs off by up to 2^-9; damping keeps it
+        definite. Faster only where bf16_gram_path() finds oneDNN's bf16 kernels (expected with
+        AMX; not measured here); elsewhere the products are float32 ("fp32-emulated"), a little
+        slower than fp32 for the rounding. Measured on an AMD EPYC with AVX512-BF16, no AMX
+        (torch 2.13, oneDNN 3.12 ignores the hint there): fp32-emulated; SmolLM2 W4 g32 GPTQ, 2
+        shared cores, XᵀX 190-194 s instead of 160-178 s of ~950-1200 s in all, KLD 0.0940
+        instead of 0.0951 (bench/results/hessian_precision.md, before the float64 sum). bf16
+        matmuls on bf16 tensors, also chunked over K, are no alternative on the CPU: they round
+        their outputs to bf16 (5e-4 to 3e-3 off)."""
     check_hessian_precision(precision)
     if precision == "fp32":
-        _add_lower_gram(H, X)
+        G.add_products(X)
     else:
         Xb = X.to(torch.bfloat16).float()
         if bf16_gram_path(X.device) == BF16_ONEDNN:
             with _bf16_matmul_hint():
-                _add_lower_gram(H, Xb)
+                G.add_products(Xb)
         else:
-            _add_lower_gram(H, Xb)
-    lower = torch.tril(H)
-    H.copy_(lower + torch.tril(H, -1).T)
+            G.add_products(Xb)
 
 
 @dataclasses.dataclass(frozen=True)

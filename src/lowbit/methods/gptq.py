@@ -11,6 +11,7 @@ import dataclasses
 
 import torch
 
+from lowbit.calib.distributed import one_thread
 from lowbit.calib.runner import StatsRequest
 from lowbit.errors import SchemeError
 from lowbit.formats import Format, Params
@@ -54,12 +55,13 @@ def prepare_hessian_inverse(H: torch.Tensor, damp: float, perm: torch.Tensor | N
         A.diagonal().add_(damp * torch.mean(torch.diag(A)))
         A = A.to(dtype)
         info = torch.empty((), dtype=torch.int32)
-        torch.linalg.cholesky_ex(A, out=(A, info))
-        if info == 0:
-            torch.cholesky_inverse(A, out=A)
-            torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+        with one_thread():
+            torch.linalg.cholesky_ex(A, out=(A, info))
             if info == 0:
-                return A.float()
+                torch.cholesky_inverse(A, out=A)
+                torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
+        if info == 0:
+            return A.float()
         del A
     raise SchemeError("the calibration Hessian is not positive definite even after dampening; raise --damp (e.g. 0.05) or use more calibration samples")
 

@@ -59,14 +59,16 @@ def resolve_groups(model: torch.nn.Module, layer_targets: list[WeightTarget],
 
 
 def scaled_stats(st: InputStats, s: torch.Tensor) -> InputStats:
-    """Statistics of X / s (per input channel) from those of X."""
+    """Statistics of X / s (per input channel) from those of X (made final first)."""
     s = s.float()
+    st.finish()
     return InputStats(
         n_tokens=st.n_tokens,
         hessian=None if st.hessian is None else st.hessian / s[:, None] / s[None, :],
         absmax=None if st.absmax is None else st.absmax / s,
         abssum=None if st.abssum is None else st.abssum / s,
         sample=None if st.sample is None else st.sample / s,
+        finished=True,
     )
 
 
