@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--method", default="gptq")
+    ap.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="a method option, as lowbit quantize --opt takes it (e.g. refit=4)")
     ap.add_argument("--work", default="/tmp/lowbit-gguf-bench")
     ap.add_argument("--name", default="gguf", help="results file name (bench/results/NAME.{json,md})")
     ap.add_argument("--budget", nargs="*", default=[], metavar="TYPE",
@@ -107,6 +109,10 @@ def main() -> None:
     ap.add_argument("--llama-bin", help="folder with llama-quantize and llama-imatrix (see bench/imatrix.py): "
                                         "llama.cpp's side then uses an importance matrix from the calibration text")
     args = ap.parse_args()
+    from lowbit.cli import _parse_options
+
+    options = _parse_options(args.opt)
+    label_opts = "".join(f" --opt {o}" for o in args.opt)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -149,11 +155,12 @@ def main() -> None:
     for t in args.types:
         ll = llama_cpp_file(t)
         t0 = time.perf_counter()
-        qm = quantize(copy.deepcopy(loaded), recipe=make_recipe(method=args.method, calibration=calibration, gguf_mix=t),
+        qm = quantize(copy.deepcopy(loaded), recipe=make_recipe(method=args.method, calibration=calibration, gguf_mix=t,
+                                                                options=options),
                       container="gguf", progress=False)
         t_lb = time.perf_counter() - t0
         lb_file = write_gguf(qm, work / f"lowbit-{t}.gguf", force=True)
-        lb = {"type": t, "side": f"lowbit {args.method}", "size_bytes": lb_file.stat().st_size, "seconds": t_lb,
+        lb = {"type": t, "side": f"lowbit {args.method}{label_opts}", "size_bytes": lb_file.stat().st_size, "seconds": t_lb,
               **score(ref, llama_logits(lb_file, windows), windows)}
         print(json.dumps(lb), flush=True)
         rows += [ll, lb]
@@ -168,7 +175,7 @@ def main() -> None:
                                ("no-min types only", ("Q3_K", "Q4_0", "Q5_0", "Q6_K", "Q8_0"))):
             t0 = time.perf_counter()
             work_model = copy.deepcopy(loaded)
-            recipe = make_recipe(method=args.method, calibration=calibration,
+            recipe = make_recipe(method=args.method, calibration=calibration, options=options,
                                  budget=Budget(max_size=ll["size_bytes"], candidates=allowed, fisher_windows=args.fisher_windows))
             plan = build_plan(work_model, recipe, "gguf", progress=False)
             budget = plan.budget
@@ -176,7 +183,7 @@ def main() -> None:
             qm = execute(work_model, plan, progress=False)
             t_lb = time.perf_counter() - t0
             lb_file = write_gguf(qm, work / f"lowbit-budget-{t}-{label.replace(' ', '_')}.gguf", force=True)
-            lb = {"type": f"<= {t} size", "side": f"lowbit {args.method} --max-size ({label})", "candidates": list(allowed),
+            lb = {"type": f"<= {t} size", "side": f"lowbit {args.method}{label_opts} --max-size ({label})", "candidates": list(allowed),
                   "size_bytes": lb_file.stat().st_size, "max_bytes": ll["size_bytes"], "seconds": t_lb,
                   "seconds_allocation": t_alloc, "predicted_kld_rtn": budget["predicted_kld_rtn"],
                   "type_counts": budget["counts"], "types": budget["choices"],

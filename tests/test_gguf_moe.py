@@ -149,3 +149,51 @@ def test_imatrix_with_an_entry_per_expert(default_model, tmp_path):
         assert torch.equal(qt.codes[e * rows:(e + 1) * rows], ref.codes), e
     plain = quantize_tensor(w.data, scheme)
     assert not torch.equal(plain.codes, qt.codes)
+
+
+def test_imatrix_collects_each_experts_routed_tokens(default_model, tmp_path):
+    """`lowbit imatrix` on a Mixtral-shaped model: one row per expert, over the tokens its router
+    sent it (an independent hook on the experts module recomputes both), down_proj's inputs
+    through each expert's gate/up; the fused gate_up is written for both llama.cpp tensors."""
+    import subprocess
+    import sys
+
+    from lowbit.calib import imatrix
+
+    lm = _tiny_moe("mixtral", default_model.tokenizer)
+    folder = tmp_path / "moe"
+    lm.model.save_pretrained(folder)
+    default_model.tokenizer.save_pretrained(folder)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"The number {i} follows {i - 1} and precedes {i + 1}." for i in range(400)))
+    out = tmp_path / "moe.imatrix.gguf"
+    r = subprocess.run([sys.executable, "-m", "lowbit", "--quiet", "imatrix", str(folder), "--calib", str(text),
+                        "--samples", "4", "--seqlen", "32", "-o", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    entries = imatrix.read(out).entries
+
+    from lowbit.calib import CalibrationConfig
+
+    windows = CalibrationConfig(str(text), 4, 32, 0).windows(default_model.tokenizer)
+    experts = lm.model.model.layers[1].mlp.experts
+    seen = []
+    hook = experts.register_forward_pre_hook(lambda m, args: seen.append((args[0].reshape(-1, 64).double(),
+                                                                          args[1].reshape(-1, 2))))
+    with torch.no_grad():
+        lm.model(windows)
+    hook.remove()
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    for e in range(4):
+        rows = torch.cat([h[(i == e).any(-1)] for h, i in seen])
+        mid = experts._apply_gate(rows.float() @ gate_up[e].T).double()
+        for name in ("blk.1.ffn_gate_exps.weight", "blk.1.ffn_up_exps.weight"):
+            sums, counts = entries[name]
+            assert sums.shape == (4, 64) and int(counts[e]) == rows.shape[0]
+            assert torch.allclose(sums[e], rows.square().sum(0).float().double(), rtol=1e-5)
+        sums, counts = entries["blk.1.ffn_down_exps.weight"]
+        assert sums.shape == (4, 128) and int(counts[e]) == rows.shape[0]
+        assert torch.allclose(sums[e], mid.square().sum(0).float().double(), rtol=1e-4)
+    assert sum(int(c) for c in entries["blk.1.ffn_down_exps.weight"][1]) == windows.numel() * 2
+    r = subprocess.run([sys.executable, "-m", "lowbit", "--quiet", "imatrix", str(folder), "--calib", str(text),
+                        "--samples", "4", "--seqlen", "32", "-o", str(tmp_path / "moe.dat")], capture_output=True, text=True)
+    assert r.returncode == 2 and "one per expert" in r.stderr and not (tmp_path / "moe.dat").exists()

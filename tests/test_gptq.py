@@ -325,3 +325,47 @@ def test_error_inside_a_staged_batch_propagates_and_cleans_up(tiny_llama, calib)
     leftover = [m for m in loaded.model.modules() if m._forward_pre_hooks]
     assert leftover == []
 
+
+
+@pytest.mark.parametrize("scheme", [WeightScheme("gguf_iq4_nl", None, 32), WeightScheme("gguf_q4_0", None, 32),
+                                    WeightScheme("int", 3, 32, True)])
+def test_refit_scales_are_the_least_squares_scales(scheme):
+    """refit_scales against an independent solve: per row, the block-diagonal matrix of the code
+    values times the Cholesky factor of H, torch.linalg.lstsq, then the format's fp16 storage."""
+    from lowbit.methods.gptq import refit_scales
+
+    d, g = 128, 32
+    X = _correlated_inputs(1024, d).double()
+    H = X.T @ X
+    W = torch.randn(6, d, generator=torch.Generator().manual_seed(3)) * 0.05
+    fmt = scheme.make_format()
+    codes, params = gptq_quantize(W, H.float(), fmt, g)
+    fitted = refit_scales(fmt, W, H.float(), codes, params, g)
+    V = fmt.decode(codes, {"scale": torch.ones(codes.shape)}).double()
+    L = torch.linalg.cholesky(H)
+    for r in range(W.shape[0]):
+        B = torch.zeros(d, d // g, dtype=torch.float64)
+        for b in range(d // g):
+            B[b * g:(b + 1) * g, b] = V[r, b * g:(b + 1) * g]
+        s = torch.linalg.lstsq(L.T @ B, L.T @ W[r].double()).solution
+        assert torch.equal(fitted["scale"][r], s.to(torch.float16).float()), r
+
+
+def test_refit_rounds_lower_the_output_error_and_skip_other_formats():
+    from lowbit.methods.gptq import _solve, output_error
+    from lowbit.tensor import expand_groups
+
+    X = _correlated_inputs(2048, 256)
+    H = X.T @ X
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(4)) * 0.05
+
+    def error(scheme, refit):
+        fmt = scheme.make_format()
+        codes, params, g = _solve(W, H, fmt, scheme, Options(refit=refit))
+        return codes, output_error(W, H, fmt.decode(codes, expand_groups(params, 256, g)))
+
+    nl = WeightScheme("gguf_iq4_nl", None, 32)
+    (_, plain), (_, refit) = error(nl, 0), error(nl, 3)
+    assert refit < 0.97 * plain
+    asym = WeightScheme("int", 4, 32, False)   # a zero-point: not scale x f(code), left as GPTQ gives it
+    assert torch.equal(error(asym, 0)[0], error(asym, 3)[0])

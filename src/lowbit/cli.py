@@ -463,7 +463,7 @@ def cmd_imatrix(args):
             raise SchemeError(f"{flag} {value}: give at least 1")
     loaded = load_source(args.source)
     names = imatrix.gguf_names(loaded.model)
-    targets = [t for t in select_targets(loaded.model, args.include, args.exclude) if t.kind in ("linear", "conv1d")]
+    targets = [t for t in select_targets(loaded.model, args.include, args.exclude) if t.kind in ("linear", "conv1d", "experts")]
     cal = CalibrationConfig(args.calib, args.samples, args.seqlen, args.seed)
     windows = cal.windows(loaded.tokenizer)
     stats = imatrix.collect(loaded.model, targets, windows, progress=args.progress)

@@ -57,19 +57,28 @@ class Imatrix:
 
 @torch.no_grad()
 def collect(model: torch.nn.Module, targets, windows: torch.Tensor, batch_size: int = 8,
-            progress: bool = True) -> dict[str, tuple[torch.Tensor, int]]:
-    """Per target weight name: (sum over tokens of each input column's square (n_in,) float64,
-    tokens), from the unquantized model run on `windows` (as llama-imatrix runs the model).
-    Targets are 2-D Linear/Conv1D weights; the rest (embeddings, stacked experts) are refused."""
+            progress: bool = True) -> dict[str, tuple[torch.Tensor, int | torch.Tensor]]:
+    """Per target weight name: (sum over tokens of each input column's square, tokens), from the
+    unquantized model run on `windows` (as llama-imatrix runs the model). Linear/Conv1D weights:
+    (n_in,) sums and a token count. Routed stacked experts (calib.moe's contract): one row per
+    expert, (n_experts, n_in) sums over the tokens its router sent it and (n_experts,) counts, as
+    llama-imatrix records them; down_proj's inputs through each expert's gate/up. Other weights
+    (embeddings) are refused."""
     from tqdm.auto import tqdm
+
+    from lowbit.calib.moe import expert_input, is_routed_experts
 
     stats: dict[str, list] = {}
     hooks = []
+    experts: dict[str, list] = {}   # module name -> its expert targets
     for t in targets:
-        if t.kind not in ("linear", "conv1d"):
-            raise SchemeError(f"{t.name}: importance matrices are collected for Linear/Conv1D inputs, not {t.kind} "
-                              "weights; --exclude it")
         module = model.get_submodule(t.module_name)
+        if t.kind == "experts" and is_routed_experts(module):
+            experts.setdefault(t.module_name, []).append(t)
+            continue
+        if t.kind not in ("linear", "conv1d"):
+            raise SchemeError(f"{t.name}: importance matrices are collected for Linear/Conv1D inputs and routed "
+                              f"experts, not {t.kind} weights; --exclude it")
         n_in = t.parameter(model).shape[0 if t.transposed else 1]
         stats[t.name] = [torch.zeros(n_in, dtype=torch.float64), 0]
 
@@ -78,6 +87,27 @@ def collect(model: torch.nn.Module, targets, windows: torch.Tensor, batch_size: 
             stats[name][0] += x.square().sum(0)
             stats[name][1] += x.shape[0]
         hooks.append(module.register_forward_pre_hook(hook))
+    for module_name, ts in experts.items():
+        module = model.get_submodule(module_name)
+        for t in ts:
+            w = t.parameter(model)
+            n_in = w.shape[1 if t.transposed else 2]
+            stats[t.name] = [torch.zeros(w.shape[0], n_in, dtype=torch.float64), torch.zeros(w.shape[0], dtype=torch.float64)]
+
+        def experts_hook(m, args, kwargs, ts=ts):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            hidden = hidden.detach().reshape(-1, hidden.shape[-1])
+            index = index.reshape(hidden.shape[0], -1)
+            for e in range(m.down_proj.shape[0]):
+                rows = hidden[(index == e).any(dim=-1)].float()
+                if not rows.shape[0]:
+                    continue
+                for t in ts:
+                    x = expert_input(m, t.param_name, e, rows).double()
+                    stats[t.name][0][e] += x.square().sum(0)
+                    stats[t.name][1][e] += x.shape[0]
+        hooks.append(module.register_forward_pre_hook(experts_hook, with_kwargs=True))
     try:
         for i in tqdm(range(0, windows.shape[0], batch_size), desc="imatrix", disable=not progress, unit="batch"):
             model(windows[i:i + batch_size])
@@ -101,11 +131,17 @@ def write(path: str | os.PathLike, stats: dict[str, tuple[torch.Tensor, int]], n
     """Write `stats` (parameter name -> (sums, tokens)) as llama.cpp's GGUF imatrix, or its legacy
     layout when the path ends in .dat; atomically (a temporary file renamed)."""
     path = Path(path)
+    if path.suffix == ".dat" and any(torch.as_tensor(c).numel() > 1 for _, c in stats.values()):
+        raise SchemeError(f"-o {path}: the legacy .dat layout keeps one token count per weight, not one per expert; "
+                          "write a .gguf importance matrix for a model with routed experts")
+    from lowbit.export.gguf import split_gguf_names
+
     by_gguf = {}
     for name, (sums, count) in stats.items():
         if name not in names:
             raise SchemeError(f"{name} has no GGUF name for this architecture; --exclude it")
-        by_gguf[names[name]] = (sums, count)
+        for gname in split_gguf_names(name, names[name]):   # a fused gate_up: both halves see the same input
+            by_gguf[gname] = (sums, count)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         if path.suffix == ".dat":

@@ -406,6 +406,14 @@ def _gguf_name(name_map, hf_name: str) -> str | None:
     return None
 
 
+def split_gguf_names(hf_name: str, gguf_name: str) -> list[str]:
+    """The GGUF tensors a model parameter becomes: a stacked gate_up is split into the gate and
+    the up experts (the exporter's _split_gate_up), everything else keeps its one name."""
+    if hf_name.endswith(".experts.gate_up_proj"):
+        return [gguf_name, gguf_name.replace("ffn_gate_exps", "ffn_up_exps")]
+    return [gguf_name]
+
+
 def _split_gate_up(value):
     """transformers' stacked gate_up (E, 2I, H) -> (gate, up), each (E, I, H): per expert the
     first I rows are the gate (the model chunks its output in two). Quantized values split by

@@ -17,7 +17,7 @@ from lowbit.errors import SchemeError
 from lowbit.formats import Format, Params
 from lowbit.scheme import WeightScheme
 from lowbit.sparsity import Pattern, exact_zero_codes, prune_mask
-from lowbit.tensor import QuantizedTensor, fit_groups, group_index, resolve_group_size
+from lowbit.tensor import QuantizedTensor, expand_groups, fit_groups, group_index, resolve_group_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,10 @@ class Options:
     # process columns by decreasing Hessian diagonal; on by default: with static groups it costs
     # nothing in layout, and on SmolLM2 W4 g32 it halves KLD (0.147 -> 0.072)
     act_order: bool = True
+    # rounds of scale refitting (0: off): the group scales that minimise the layer's output error
+    # tr((W - Q) H (W - Q)^T) for GPTQ's codes (a least-squares solve per row), then GPTQ again
+    # on those scales; the best pair seen is kept. Formats whose value is scale x f(code) only.
+    refit: int = 0
     # weight each column's error by diag(X^T X) when fitting group parameters (what llama.cpp's
     # imatrix does); affects error-minimising fits: the mse observer and GGUF k-quant searches
     importance: bool = True
@@ -72,8 +76,10 @@ def _params_at(p: Params, g: int) -> Params:
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int, observer: str = "minmax",
                   percentile: float = 99.9, options: GPTQOptions = GPTQOptions(),
-                  prune: Pattern | None = None, own: bool = False) -> tuple[torch.Tensor, Params]:
+                  prune: Pattern | None = None, own: bool = False,
+                  given: Params | None = None) -> tuple[torch.Tensor, Params]:
     """Codes (rows, cols) and float group parameters for W (rows, cols) given H = X^T X (cols, cols).
+    given: group parameters to keep (as stored), instead of fitting them.
 
     Group parameters are fitted on the error-updated weights when the solver reaches a group
     (as in the reference implementation); with act_order they are fitted up front on W
@@ -102,7 +108,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     tensor_params = fmt.tensor_params(W)
 
     importance = torch.diag(H).float() if options.importance else None
-    static = (fit_groups(fmt, W, group_size, observer, percentile, tensor_params, importance)
+    static = (given if given is not None else
+              fit_groups(fmt, W, group_size, observer, percentile, tensor_params, importance)
               if (options.act_order or group_size == 0) else None)
     # work on W^T so each column is a contiguous row: the per-column steps touch contiguous memory
     if options.act_order:
@@ -216,8 +223,84 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
 
 def _solve(W, H, fmt, scheme, options, prune=None, own=False):
     g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
-    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune, own)
+    refit = options.refit and prune is None
+    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune, own and not refit)
+    if refit:
+        codes, params = _refit_rounds(W, H, fmt, g, scheme, options, codes, params)
     return codes, params, g
+
+
+def output_error(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T): the layer's summed squared output error over the calibration tokens."""
+    D = (W.double() - Q.double())
+    return float(((D @ H.double()) * D).sum())
+
+
+def _scale_times_code(fmt: Format, codes: torch.Tensor, params: Params) -> torch.Tensor | None:
+    """f(code) where the format decodes to scale x f(code) with one per-group `scale`; None otherwise."""
+    if set(params) != {"scale"} or params["scale"].ndim != 2:
+        return None
+    V = fmt.decode(codes, {"scale": torch.ones(codes.shape)})
+    if not torch.equal(fmt.decode(codes[:1], {"scale": torch.full(codes[:1].shape, 0.375)}), V[:1] * 0.375):
+        return None
+    return V
+
+
+def refit_scales(fmt: Format, W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor, params: Params,
+                 group_size: int) -> Params | None:
+    """For fixed codes, the per-group scales s minimising tr((W - Q) H (W - Q)^T) with
+    Q[r, group a] = s[r, a] f(codes[r, group a]): per row, (V^T H V) s = V^T H w with V the row's
+    block-diagonal code values -- as stored (the fp16 round trip). A group whose codes all decode
+    to 0, or whose fitted scale changes sign, keeps its scale. None where the format is not
+    scale x f(code) or the groups are ragged."""
+    rows, cols = W.shape
+    V = _scale_times_code(fmt, codes, params) if group_size and cols % group_size == 0 else None
+    if V is None:
+        return None
+    nb, g = cols // group_size, group_size
+    with one_thread():   # float64 sums: the same scales in one process and in data-parallel ranks
+        Hd, V = H.double(), V.double()
+        c = (V * (W.double() @ Hd)).reshape(rows, nb, g).sum(-1)
+        A = torch.empty(rows, nb, nb, dtype=torch.float64)
+        Hb = Hd.reshape(cols, nb, g).permute(1, 2, 0)                  # (nb, g, cols)
+        step = max(1, (1 << 24) // (cols * nb))
+        for r0 in range(0, rows, step):
+            Vb = V[r0: r0 + step].reshape(-1, nb, g).transpose(0, 1)   # (nb, R, g)
+            T = torch.bmm(Vb, Hb)                                      # (nb, R, cols): H_(:, b) v_b per row
+            A[r0: r0 + step] = _gram_of_blocks(T, Vb)
+        dead = A.diagonal(dim1=1, dim2=2) <= 0
+        A = A + torch.diag_embed(dead.double())
+        s = torch.linalg.solve(A, c.unsqueeze(-1)).squeeze(-1)
+    old = params["scale"].double()
+    s = torch.where(dead | (torch.sign(s) != torch.sign(old)), old, s)
+    return fmt.load_params(fmt.store_params({"scale": s.float()}))
+
+
+def _gram_of_blocks(T: torch.Tensor, Vb: torch.Tensor) -> torch.Tensor:
+    """A[r, a, b] = v_(r,a)^T H_(a,b) v_(r,b) from T[b, r, :] = H[:, block b] v_(r,b) and Vb[a, r, :] = v_(r,a)."""
+    nb, R, cols = T.shape
+    g = Vb.shape[2]
+    Tb = T.reshape(nb, R, nb, g)                                       # [b, r, a, k]
+    return torch.einsum("brak,ark->rab", Tb, Vb)
+
+
+def _refit_rounds(W, H, fmt, g, scheme, options, codes, params):
+    """GPTQ's codes with refitted scales, then GPTQ on those scales, options.refit times; the pair
+    with the least output error (GPTQ's own result included)."""
+    def error(c, p):
+        return output_error(W, H, fmt.decode(c, expand_groups(p, W.shape[1], g)))
+
+    best = (error(codes, params), codes, params)
+    for k in range(options.refit):
+        fitted = refit_scales(fmt, W, H, codes, params, g)
+        if fitted is None:
+            break
+        e = error(codes, fitted)
+        if e < best[0]:
+            best = (e, codes, fitted)
+        if k + 1 < options.refit:
+            codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, given=fitted)
+    return best[1], best[2]
 
 
 def quantize_experts(w: torch.Tensor, inputs, target, scheme: WeightScheme, options: GPTQOptions,
