@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     ap.add_argument("--only", choices=["rtn", "gptq"], help="one method's rows -> streaming_<method>.{json,md}")
+    ap.add_argument("--only-rows", action="store_true", help="only the --row rows")
+    ap.add_argument("--name", help="results file name (default streaming[_METHOD])")
     ap.add_argument("--row", action="append", default=[],
                     help='an extra row as JSON [method, layers, hidden, intermediate, [modes]], e.g. '
                          '\'["gptq", 32, 4096, 11008, ["streamed"]]\' (a 7B-sized checkpoint: 13.5 GB of disk)')
@@ -157,6 +159,8 @@ def main() -> None:
     if not args.quick:
         rows += [("gptq", 8, 4096, 11008, ("streamed",)),
                  ("rtn", 4, 1024, 2816, both), ("rtn", 4, 2048, 5504, both), ("gptq", 4, 2048, 5504, both)]
+    if args.only_rows:
+        rows = []
     rows += [tuple(json.loads(r)) for r in args.row]
     if args.only:
         rows = [r for r in rows if r[0] == args.only]
@@ -188,10 +192,12 @@ def write_results(results: list[dict], args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "calibration": f"GPTQ: {args.samples} x {args.seqlen} WikiText-2 validation tokens", "scheme": "int4 g128 sym"}
-    name = "streaming" + (f"_{args.only}" if args.only else "")
+    name = args.name or ("streaming" + (f"_{args.only}" if args.only else ""))
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     lines = ["# Layer-streamed vs resident quantization: peak RSS", "",
-             f"`python bench/streaming.py{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}`. Synthetic LLaMA checkpoints, bf16, "
+             f"`python bench/streaming.py{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}"
+             f"{' --only-rows' if args.only_rows else ''}{''.join(f' --row {r!r}' for r in args.row)}"
+             f"{f' --name {args.name}' if args.name else ''}`. Synthetic LLaMA checkpoints, bf16, "
              "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "
              f"the width says otherwise. {meta['scheme']}; {meta['calibration']}. {meta['cores']} cores, shared with "
              "other work (seconds are indicative; RSS is not affected). Peak RSS: the run process's own VmHWM, "
