@@ -29,6 +29,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -222,6 +223,8 @@ def main() -> None:
     lines.append(f"\nReference F32 PPL (llama.cpp): {rows[0]['ppl']:.2f}")
     if im_file is not None:
         lines.append(CAVEATS_IMATRIX)
+    argv = " ".join("BIN" if a == args.llama_bin else a for a in sys.argv[1:])
+    lines.append(f"\nCommand: `python bench/gguf_vs_llamacpp.py {argv}`")
     (out_dir / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
