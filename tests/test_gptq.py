@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lowbit import WeightScheme, quantize_tensor
+from lowbit.errors import SchemeError
 from lowbit.methods.gptq import Options, gptq_quantize, quantize_weights_sharing_input, to_quantized_tensor
 from lowbit.tensor import expand_params, group_index
 
@@ -351,7 +352,7 @@ def test_refit_scales_are_the_least_squares_scales(scheme):
         assert torch.equal(fitted["scale"][r], s.to(torch.float16).float()), r
 
 
-def test_refit_rounds_lower_the_output_error_and_skip_other_formats():
+def test_refit_rounds_lower_the_output_error_and_refuse_other_formats():
     from lowbit.methods.gptq import _solve, output_error
     from lowbit.tensor import expand_groups
 
@@ -367,5 +368,10 @@ def test_refit_rounds_lower_the_output_error_and_skip_other_formats():
     nl = WeightScheme("gguf_iq4_nl", None, 32)
     (_, plain), (_, refit) = error(nl, 0), error(nl, 3)
     assert refit < 0.97 * plain
-    asym = WeightScheme("int", 4, 32, False)   # a zero-point: not scale x f(code), left as GPTQ gives it
-    assert torch.equal(error(asym, 0)[0], error(asym, 3)[0])
+    asym = WeightScheme("int", 4, 32, False)   # a zero-point: not scale x f(code), so refit is refused
+    with pytest.raises(SchemeError, match="drop --opt refit"):
+        error(asym, 3)
+    from lowbit.methods.sparsegpt import Options as SparseOptions
+
+    with pytest.raises(SchemeError, match="drop --opt refit"):   # pruning keeps its zeros: no refit there
+        SparseOptions(refit=2)

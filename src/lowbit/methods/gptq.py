@@ -223,9 +223,9 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
 
 def _solve(W, H, fmt, scheme, options, prune=None, own=False):
     g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
-    refit = options.refit and prune is None
-    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune, own and not refit)
-    if refit:
+    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune,
+                                  own and not options.refit)
+    if options.refit:
         codes, params = _refit_rounds(W, H, fmt, g, scheme, options, codes, params)
     return codes, params, g
 
@@ -294,7 +294,9 @@ def _refit_rounds(W, H, fmt, g, scheme, options, codes, params):
     for k in range(options.refit):
         fitted = refit_scales(fmt, W, H, codes, params, g)
         if fitted is None:
-            break
+            raise SchemeError(f"--opt refit: {fmt.name} does not decode to one scale per whole group times a value "
+                              "of the code (a zero point, a minimum or ragged groups); drop --opt refit or choose a "
+                              "symmetric format")
         e = error(codes, fitted)
         if e < best[0]:
             best = (e, codes, fitted)

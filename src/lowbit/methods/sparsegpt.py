@@ -22,6 +22,9 @@ class Options(gptq.Options):
         parse_pattern(self.sparsity)   # a bad pattern is an error when the recipe is read
         if self.act_order:
             raise SchemeError("sparsegpt solves columns in order (N:M groups are consecutive); drop act_order")
+        if self.refit:
+            raise SchemeError("sparsegpt does not refit scales (refitting would move the pruned weights' zeros); "
+                              "drop --opt refit")
 
 
 STATS = gptq.STATS
