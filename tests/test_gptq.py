@@ -375,3 +375,35 @@ def test_refit_rounds_lower_the_output_error_and_refuse_other_formats():
 
     with pytest.raises(SchemeError, match="drop --opt refit"):   # pruning keeps its zeros: no refit there
         SparseOptions(refit=2)
+
+
+def test_hessian_used_up_in_place_gives_the_same_factor_in_the_same_memory():
+    """consume=True permutes, factors and inverts XᵀX in its own memory (no second 485 MB
+    matrix on a 11008-wide input) and gives the bits of the copying path. A matrix float32
+    cannot factor: the copying path goes on in float64; used up, it is an error naming --damp."""
+    from lowbit.methods.gptq import _permute_symmetric_, prepare_hessian_inverse
+
+    X = _correlated_inputs(3000, 2500)
+    H = X.T @ X
+    perm = torch.randperm(2500, generator=torch.Generator().manual_seed(1))
+    P = H.clone()
+    assert torch.equal(_permute_symmetric_(P, perm), H[perm[:, None], perm])   # two slabs of rows, many cycles
+    for p in (None, perm):
+        expect = prepare_hessian_inverse(H, 0.01, p)
+        own = H.clone()
+        got = prepare_hessian_inverse(own, 0.01, p, consume=True)
+        assert torch.equal(got, expect)
+        assert got.untyped_storage().data_ptr() == own.untyped_storage().data_ptr()
+    # eigenvalues down to 10^-8.6 and no damping: PD (float64 factors the float32 values), but
+    # float32's own Cholesky fails
+    Q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(2), dtype=torch.float64))
+    bad = (Q * torch.logspace(0, -8.6, 64, dtype=torch.float64)) @ Q.T
+    bad = ((bad + bad.T) / 2).float()
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(3))
+    permuted = bad[perm[:, None], perm]
+    assert torch.linalg.cholesky_ex(permuted.double()).info == 0 and torch.linalg.cholesky_ex(permuted).info != 0
+    assert prepare_hessian_inverse(bad, 0.0, perm).dtype == torch.float32
+    with pytest.raises(SchemeError, match="not positive definite in float32.*raise --damp"):
+        prepare_hessian_inverse(bad.clone(), 0.0, perm, consume=True)
+    damped = prepare_hessian_inverse(bad.clone(), 0.01, perm, consume=True)   # the default damp: fine
+    assert torch.equal(damped, prepare_hessian_inverse(bad, 0.01, perm))

@@ -48,16 +48,26 @@ def fit_span(fmt: Format, group_size: int) -> int:
     return group_size * per_super if isinstance(per_super, int) else group_size
 
 
-def prepare_hessian_inverse(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None) -> torch.Tensor:
+def prepare_hessian_inverse(H: torch.Tensor, damp: float, perm: torch.Tensor | None = None,
+                            consume: bool = False) -> torch.Tensor:
     """Upper Cholesky factor of the damped inverse Hessian (float32, like the reference; float64
     only when float32 is not positive definite enough), of H or of H permuted by `perm`. One
-    working copy, factored and inverted in place: for a 11008-wide input each copy is 485 MB."""
+    working copy, factored and inverted in place: for a 11008-wide input each copy is 485 MB.
+    consume: H (float32) is that working copy -- permuted, factored and inverted in place, so
+    the caller must not read it again (and float32 failing is an error: there is no H left for
+    float64). The factor comes back as a column-major view (its transpose is contiguous)."""
     for dtype in (torch.float32, torch.float64):
-        A = H.clone() if perm is None else H[perm[:, None], perm]   # a fresh copy either way
+        if consume and H.dtype == torch.float32 and dtype == torch.float32:
+            A = H if perm is None else _permute_symmetric_(H, perm)
+        else:
+            A = H.clone() if perm is None else H[perm[:, None], perm]   # a fresh copy either way
         dead = torch.diag(A) == 0
         A[dead, dead] = 1.0
         A.diagonal().add_(damp * torch.mean(torch.diag(A)))
-        A = A.to(dtype)
+        # the symmetric copy read column-major: LAPACK works in that memory itself (a row-major
+        # `out=` makes torch factor a column-major temporary, one more 485 MB, and copy back);
+        # the same routine on the same values, so the same bits
+        A = A.to(dtype).mT
         info = torch.empty((), dtype=torch.int32)
         with one_thread():
             torch.linalg.cholesky_ex(A, out=(A, info))
@@ -66,8 +76,35 @@ def prepare_hessian_inverse(H: torch.Tensor, damp: float, perm: torch.Tensor | N
                 torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
         if info == 0:
             return A.float()
+        if A.mT.data_ptr() == H.data_ptr():
+            # H is spent, and a float64 copy would cost twice its memory; with the default damp
+            # (1% of the mean diagonal) float32 factors any input narrower than ~80,000
+            raise SchemeError("the calibration Hessian is not positive definite in float32 at this damp; raise "
+                              "--damp (e.g. 0.05) or use more calibration samples")
         del A
     raise SchemeError("the calibration Hessian is not positive definite even after dampening; raise --damp (e.g. 0.05) or use more calibration samples")
+
+
+def _permute_symmetric_(A: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """A[perm][:, perm] written into A itself (no second matrix): the columns of a slab of rows
+    at a time, then the rows along the permutation's cycles with one spare row."""
+    n = A.shape[0]
+    step = max(1, (1 << 22) // n)
+    for r0 in range(0, n, step):
+        A[r0: r0 + step] = A[r0: r0 + step, perm]
+    p, seen = perm.tolist(), [False] * n
+    for start in range(n):
+        if seen[start] or p[start] == start:
+            continue
+        spare, i = A[start].clone(), start
+        while True:                              # new row i = old row p[i], around the cycle
+            seen[i] = True
+            if p[i] == start:
+                A[i] = spare
+                break
+            A[i] = A[p[i]]
+            i = p[i]
+    return A
 
 
 def _params_at(p: Params, g: int) -> Params:
@@ -77,7 +114,7 @@ def _params_at(p: Params, g: int) -> Params:
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int, observer: str = "minmax",
                   percentile: float = 99.9, options: GPTQOptions = GPTQOptions(),
                   prune: Pattern | None = None, own: bool = False,
-                  given: Params | None = None) -> tuple[torch.Tensor, Params]:
+                  given: Params | None = None, own_hessian: bool = False) -> tuple[torch.Tensor, Params]:
     """Codes (rows, cols) and float group parameters for W (rows, cols) given H = X^T X (cols, cols).
     given: group parameters to keep (as stored), instead of fitting them.
 
@@ -89,7 +126,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     those with the least w² / [H⁻¹]ᵢᵢ² (the OBS saliency) of each N:M group or, unstructured, of
     each lazy block's row; a dropped weight gets the code that decodes to 0 and its whole value
     becomes the error the later columns compensate. Columns stay in their order (no act_order):
-    N:M groups are consecutive input columns. own: W is a float32 copy this call may modify."""
+    N:M groups are consecutive input columns. own: W is a float32 copy this call may modify;
+    own_hessian: so is H (it becomes the inverse's factor: for a wide input, 485 MB less)."""
     if prune is not None and options.act_order:
         raise SchemeError("pruning keeps the columns in order: N:M groups are consecutive input columns; "
                           "turn act_order off")
@@ -119,12 +157,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
         else:
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         Wt, col_group = W.T[perm].contiguous(), gidx[perm]   # (cols, rows), permuted columns
-        Hinv = prepare_hessian_inverse(H, options.damp, perm)
     else:
         perm, col_group = None, gidx
         Wt = W.T.contiguous()
-        Hinv = prepare_hessian_inverse(H, options.damp)
-    del W
+    hdiag = None if not unit else (torch.diag(H).float() if perm is None else torch.diag(H).float()[perm])
+    Hinv = prepare_hessian_inverse(H, options.damp, perm, consume=own_hessian)
+    del W, H
     codes_t = torch.zeros(cols, rows, dtype=torch.uint8)
     fitted: dict[str, list[torch.Tensor]] = {}
     params: Params | None = static
@@ -133,7 +171,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
     block = options.block_size if static is not None else max(options.block_size, span)
     if unit and block % unit:
         raise SchemeError(f"GPTQ block size {block} is not a multiple of {fmt.name}'s {unit}-column unit")
-    hdiag = None if not unit else (torch.diag(H).float() if perm is None else torch.diag(H).float()[perm])
     if prune is not None and prune.structured and block % prune.m:
         raise SchemeError(f"GPTQ block size {block} is not a multiple of the {prune.label()} group")
     zero_codes: dict[int, torch.Tensor] = {}                # group -> codes decoding to 0 (pruning)
@@ -141,7 +178,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, fmt: Format, group_size: int
         i2 = min(i1 + block, cols)
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = Hinv[i1:i2, i1:i2].contiguous()   # rows of the block, contiguous (Hinv is column-major)
         if prune is not None and not prune.structured:      # each row's lowest share of this block
             saliency = W1.pow(2) / torch.diagonal(Hinv1).pow(2)[:, None]
             drop, drop_from = prune_mask(saliency.T, prune).T, 0
@@ -204,15 +241,17 @@ def _vector_step(fmt, W1, Hinv1, Err1, codes_t, p, hdiag, i, col, unit) -> None:
 
 
 def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor, scheme: WeightScheme,
-                                   options: GPTQOptions, prune: Pattern | None = None) -> list[tuple[torch.Tensor, Params, int]]:
+                                   options: GPTQOptions, prune: Pattern | None = None,
+                                   own_hessian: bool = False) -> list[tuple[torch.Tensor, Params, int]]:
     """GPTQ rows are independent given H: weights fed the same input (q/k/v, gate/up) are solved
-    as one stacked matrix, then split back. Returns (codes, params, group_size) per weight."""
+    as one stacked matrix, then split back. Returns (codes, params, group_size) per weight.
+    own_hessian: H is not read after this call (it is used up in place)."""
     fmt = scheme.make_format()
     if len(weights) > 1 and fmt.tensor_params(weights[0].float()):
         # a per-tensor scale (NVFP4) must stay per weight: solve them one by one
         return [_solve(w, H, fmt, scheme, options, prune) for w in weights]
     W = torch.cat([w.float() for w in weights], dim=0)
-    codes, params, g = _solve(W, H, fmt, scheme, options, prune, own=True)
+    codes, params, g = _solve(W, H, fmt, scheme, options, prune, own=True, own_hessian=own_hessian)
     out, r0 = [], 0
     for w in weights:
         r1 = r0 + w.shape[0]
@@ -221,10 +260,10 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
     return out
 
 
-def _solve(W, H, fmt, scheme, options, prune=None, own=False):
+def _solve(W, H, fmt, scheme, options, prune=None, own=False, own_hessian=False):
     g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
     codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune,
-                                  own and not options.refit)
+                                  own and not options.refit, own_hessian=own_hessian and not options.refit)
     if options.refit:
         codes, params = _refit_rounds(W, H, fmt, g, scheme, options, codes, params)
     return codes, params, g
@@ -360,9 +399,18 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
             fallback.append(t.name)
             continue
         groups.setdefault((id(st), ws), []).append(t)
-    for (_, ws), members in groups.items():
-        H = stats[members[0].name].hessian
+    readers: dict[int, int] = {}   # groups solved from each statistics object
+    for sid, _ in groups:
+        readers[sid] = readers.get(sid, 0) + 1
+    for (sid, ws), members in groups.items():
+        st = stats[members[0].name]
         mats = [to_matrix(t.parameter(model).data, t.transposed) for t in members]
-        for t, (codes, params, g) in zip(members, quantize_weights_sharing_input(mats, H, ws, options, prune)):
+        # the last group reading an input's XᵀX factors it in place (it is released after the stage)
+        readers[sid] -= 1
+        own = readers[sid] == 0
+        solved = quantize_weights_sharing_input(mats, st.hessian, ws, options, prune, own_hessian=own)
+        if own:
+            st.hessian = None
+        for t, (codes, params, g) in zip(members, solved):
             out[t.name] = to_quantized_tensor(codes, params, g, ws, t.parameter(model).shape, t.transposed)
     return out, fallback
