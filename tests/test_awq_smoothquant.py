@@ -141,7 +141,7 @@ def test_awq_end_to_end(arch, tokenizer, calib):
     err_rtn = (_logits(_run(arch, tokenizer, calib, W3, "rtn").model, ids) - ref).pow(2).mean()
     qm = _run(arch, tokenizer, calib, W3, "awq")
     assert qm.recipe["rtn_fallback"] == []
-    assert qm.recipe["options"] == {"grid": 20, "clip": True, "rounding": "rtn"}
+    assert qm.recipe["options"] == {"grid": 20, "clip": True, "rounding": "rtn", "refit": 0}
     err_awq = (_logits(qm.model, ids) - ref).pow(2).mean()
     assert err_awq < err_rtn
 
@@ -178,6 +178,21 @@ def test_awq_beats_rtn_with_activation_outliers(tokenizer, calib):
                 rtn0 = e
     assert err["awq"] < 0.6 * err["rtn"], err
     assert err["awq-gptq"] < 0.5 * rtn0, err
+
+
+def test_awq_with_gptq_rounding_refits_scales_and_refuses_refit_without_it(tokenizer, calib, monkeypatch):
+    from lowbit.errors import SchemeError
+    from lowbit.methods import gptq
+
+    with pytest.raises(SchemeError, match="add --opt rounding=gptq"):
+        _run("llama", tokenizer, calib, W3, "awq", refit=2)
+    seen = []
+    real = gptq.quantize_weights_sharing_input
+    monkeypatch.setattr(gptq, "quantize_weights_sharing_input",
+                        lambda mats, H, ws, options, *a, **k: seen.append(options.refit) or real(mats, H, ws, options, *a, **k))
+    sym = WeightScheme("int", 4, 32, True)
+    qm = _run("llama", tokenizer, calib, sym, "awq", rounding="gptq", refit=2)
+    assert qm.recipe["options"]["refit"] == 2 and seen and set(seen) == {2}
 
 
 @pytest.mark.parametrize("arch", ARCHS)

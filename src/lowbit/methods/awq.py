@@ -46,10 +46,13 @@ class Options:
     grid: int = 20          # scale exponents tried: α = i / grid, i < grid
     clip: bool = True       # search per-group clipping after scaling (RTN rounding only)
     rounding: str = "rtn"   # "gptq": GPTQ rounding of the scaled weights (Hessian scaled exactly)
+    refit: int = 0          # with rounding=gptq: GPTQ's scale refitting rounds (gptq --opt refit)
 
     def __post_init__(self):
         if self.rounding not in ROUNDINGS:
             raise SchemeError(f"awq rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
+        if self.refit and self.rounding != "gptq":
+            raise SchemeError("awq --opt refit refits the scales of GPTQ's codes: add --opt rounding=gptq, or drop refit")
         if self.grid < 1:
             raise SchemeError(f"awq grid must be at least 1, got {self.grid}")
 
@@ -156,7 +159,7 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
         fold_group(model, group, s, stats)
     rest = [t for t in layer_targets if t.name not in out]
     if options.rounding == "gptq":
-        out.update(gptq_round(model, rest, stats, scheme))
+        out.update(gptq_round(model, rest, stats, scheme, refit=options.refit))
         return out, fallback
     for t in rest:
         ws = scheme_of(scheme, t.name)

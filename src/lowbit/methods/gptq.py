@@ -250,8 +250,9 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
     if len(weights) > 1 and fmt.tensor_params(weights[0].float()):
         # a per-tensor scale (NVFP4) must stay per weight: solve them one by one
         return [_solve(w, H, fmt, scheme, options, prune) for w in weights]
-    W = torch.cat([w.float() for w in weights], dim=0)
-    codes, params, g = _solve(W, H, fmt, scheme, options, prune, own=True, own_hessian=own_hessian)
+    # the stacked copy is the solver's only reference: it is freed once the solver has transposed it
+    codes, params, g = _solve(torch.cat([w.float() for w in weights], dim=0), H, fmt, scheme, options, prune,
+                              own=True, own_hessian=own_hessian)
     out, r0 = [], 0
     for w in weights:
         r1 = r0 + w.shape[0]
@@ -262,8 +263,15 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
 
 def _solve(W, H, fmt, scheme, options, prune=None, own=False, own_hessian=False):
     g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
+    if own and not options.refit:
+        # W is not needed after the solve: the solver gets the only reference (a call moves its
+        # arguments into the callee), so its copy for q/k/v or gate/up (360 MB at 7B) is freed early
+        box = [W]
+        del W
+        return (*gptq_quantize(box.pop(), H, fmt, g, scheme.observer, scheme.percentile, options, prune, True,
+                               own_hessian=own_hessian), g)
     codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune,
-                                  own and not options.refit, own_hessian=own_hessian and not options.refit)
+                                  own_hessian=own_hessian and not options.refit)
     if options.refit:
         codes, params = _refit_rounds(W, H, fmt, g, scheme, options, codes, params)
     return codes, params, g

@@ -88,8 +88,9 @@ def matrix(model: torch.nn.Module, t: WeightTarget) -> torch.Tensor:
 
 
 def gptq_round(model: torch.nn.Module, targets: list[WeightTarget], stats: dict[str, InputStats],
-               scheme) -> dict[str, QuantizedTensor]:
-    """GPTQ (default options) of targets with observed Hessians, weights sharing an input solved together."""
+               scheme, refit: int = 0) -> dict[str, QuantizedTensor]:
+    """GPTQ (default options; `refit` rounds of scale refitting) of targets with observed
+    Hessians, weights sharing an input solved together."""
     from lowbit.methods import gptq
 
     groups: dict[tuple, list[WeightTarget]] = {}
@@ -99,7 +100,7 @@ def gptq_round(model: torch.nn.Module, targets: list[WeightTarget], stats: dict[
     for (_, ws), members in groups.items():
         H = stats[members[0].name].hessian
         mats = [matrix(model, t) for t in members]
-        solved = gptq.quantize_weights_sharing_input(mats, H, ws, gptq.Options())
+        solved = gptq.quantize_weights_sharing_input(mats, H, ws, gptq.Options(refit=refit))
         for t, (codes, params, g) in zip(members, solved):
             out[t.name] = gptq.to_quantized_tensor(codes, params, g, ws, t.parameter(model).shape, t.transposed)
     return out
