@@ -7,6 +7,7 @@ the solver only calls ``fmt.encode``/``fmt.decode`` on one column at a time.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import torch
@@ -56,8 +57,9 @@ def prepare_hessian_inverse(H: torch.Tensor, damp: float, perm: torch.Tensor | N
     consume: H (float32) is that working copy -- permuted, factored and inverted in place, so
     the caller must not read it again (and float32 failing is an error: there is no H left for
     float64). The factor comes back as a column-major view (its transpose is contiguous)."""
+    in_place = consume and H.dtype == torch.float32
     for dtype in (torch.float32, torch.float64):
-        if consume and H.dtype == torch.float32 and dtype == torch.float32:
+        if in_place:
             A = H if perm is None else _permute_symmetric_(H, perm)
         else:
             A = H.clone() if perm is None else H[perm[:, None], perm]   # a fresh copy either way
@@ -76,7 +78,7 @@ def prepare_hessian_inverse(H: torch.Tensor, damp: float, perm: torch.Tensor | N
                 torch.linalg.cholesky_ex(A, upper=True, out=(A, info))
         if info == 0:
             return A.float()
-        if A.mT.data_ptr() == H.data_ptr():
+        if in_place:
             # H is spent, and a float64 copy would cost twice its memory; with the default damp
             # (1% of the mean diagonal) float32 factors any input narrower than ~80,000
             raise SchemeError("the calibration Hessian is not positive definite in float32 at this damp; raise "
@@ -263,18 +265,15 @@ def quantize_weights_sharing_input(weights: list[torch.Tensor], H: torch.Tensor,
 
 def _solve(W, H, fmt, scheme, options, prune=None, own=False, own_hessian=False):
     g = resolve_group_size(scheme.effective_group_size(), W.shape[1])
-    if own and not options.refit:
-        # W is not needed after the solve: the solver gets the only reference (a call moves its
-        # arguments into the callee), so its copy for q/k/v or gate/up (360 MB at 7B) is freed early
-        box = [W]
-        del W
-        return (*gptq_quantize(box.pop(), H, fmt, g, scheme.observer, scheme.percentile, options, prune, True,
-                               own_hessian=own_hessian), g)
-    codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune,
-                                  own_hessian=own_hessian and not options.refit)
-    if options.refit:
-        codes, params = _refit_rounds(W, H, fmt, g, scheme, options, codes, params)
-    return codes, params, g
+    if options.refit:   # refitting reads W and H again: neither is handed over
+        codes, params = gptq_quantize(W, H, fmt, g, scheme.observer, scheme.percentile, options, prune)
+        return (*_refit_rounds(W, H, fmt, g, scheme, options, codes, params), g)
+    # the solver gets the only reference to W (a call moves its arguments into the callee), so a
+    # stacked copy for q/k/v or gate/up (360 MB at 7B) is freed once the solver has transposed it
+    box = [W]
+    del W
+    return (*gptq_quantize(box.pop(), H, fmt, g, scheme.observer, scheme.percentile, options, prune, own,
+                           own_hessian=own_hessian), g)
 
 
 def output_error(W: torch.Tensor, H: torch.Tensor, Q: torch.Tensor) -> float:
@@ -407,9 +406,7 @@ def quantize_layer(model: torch.nn.Module, layer_targets, stats, scheme,
             fallback.append(t.name)
             continue
         groups.setdefault((id(st), ws), []).append(t)
-    readers: dict[int, int] = {}   # groups solved from each statistics object
-    for sid, _ in groups:
-        readers[sid] = readers.get(sid, 0) + 1
+    readers = collections.Counter(sid for sid, _ in groups)   # groups solved from each statistics object
     for (sid, ws), members in groups.items():
         st = stats[members[0].name]
         mats = [to_matrix(t.parameter(model).data, t.transposed) for t in members]
