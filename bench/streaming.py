@@ -40,6 +40,19 @@ from lowbit.streaming import quantize_streamed
 mode, src, out, method, calib, samples, seqlen = sys.argv[1:8]
 cal = CalibrationConfig(samples=int(samples), seqlen=int(seqlen), text=calib)
 recipe = make_recipe(WeightScheme(bits=4, group_size=128, symmetric=True), method=method, calibration=cal)
+def hwm():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    return int(status["VmHWM"].split()[0]) * 1024
+layer_peaks = []   # each layer's own peak: the high-water mark is reset (clear_refs 5) as its part is written
+import lowbit.streaming as streaming
+real_write = streaming._atomic_safetensors
+def write(path, tensors, metadata):
+    real_write(path, tensors, metadata)
+    if path.name.startswith("layer-"):
+        layer_peaks.append(hwm())
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+streaming._atomic_safetensors = write
 t0 = time.perf_counter()
 if mode == "streamed":
     lazy = load_lazy(src)
@@ -49,8 +62,7 @@ else:
     loaded = load_source(src)
     save(execute(loaded, build_plan(loaded, recipe, "native", False), progress=False), out)
 seconds = time.perf_counter() - t0
-status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
-print(json.dumps({"seconds": seconds, "peak_rss_bytes": int(status["VmHWM"].split()[0]) * 1024}))
+print(json.dumps({"seconds": seconds, "peak_rss_bytes": max([hwm(), *layer_peaks]), "layer_peaks": layer_peaks}))
 """
 
 
@@ -187,6 +199,14 @@ def main() -> None:
     write_results(results, args)
 
 
+def _layer_peaks(row: dict) -> str:
+    peaks = [p / 1e9 for p in row.get("layer_peaks") or []]
+    if row["mode"] != "streamed" or not peaks:
+        return "-"
+    later = f"{min(peaks[1:]):.2f}-{max(peaks[1:]):.2f}" if len(peaks) > 1 else "-"
+    return f"{peaks[0]:.2f} / {later}"
+
+
 def write_results(results: list[dict], args) -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -202,12 +222,14 @@ def write_results(results: list[dict], args) -> None:
              f"the width says otherwise. {meta['scheme']}; {meta['calibration']}. {meta['cores']} cores, shared with "
              "other work (seconds are indicative; RSS is not affected). Peak RSS: the run process's own VmHWM, "
              "which includes ~0.4-0.5 GB of Python, torch and transformers.", "",
-             "| method | layers | hidden | checkpoint GB | mode | peak RSS GB | RSS / checkpoint | seconds | same bytes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "Layer peaks: each decoder layer's own peak RSS (the high-water mark reset as its part is written); "
+             "the first layer's includes reading the calibration data through the embedding.", "",
+             "| method | layers | hidden | checkpoint GB | mode | peak RSS GB | RSS / checkpoint | layer peaks GB: first / later (min-max) | seconds | same bytes |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         same = r.get("same_bytes_as_resident")
         lines.append(f"| {r['method']} | {r['layers']} | {r['hidden']} | {r['checkpoint_bytes'] / 1e9:.2f} | {r['mode']} | "
-                     f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_over_checkpoint']:.0%} | {r['wall_seconds']:.0f} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} | {r['rss_over_checkpoint']:.0%} | {_layer_peaks(r)} | {r['wall_seconds']:.0f} | "
                      f"{'-' if same is None else ('yes' if same else 'NO')} |")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 

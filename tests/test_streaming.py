@@ -226,3 +226,58 @@ def test_bad_shards_are_one_line(bf16_sharded, tmp_path):
     r = _run("quantize", moved, "-o", tmp_path / "o3", check=False)
     assert r.returncode == 2 and "disagree" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not any(p.name.startswith(("o1", "o2", "o3", ".o")) for p in tmp_path.iterdir())
+
+
+def _rss_anon() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("no RssAnon in /proc/self/status")
+
+
+def test_heap_trim_returns_free_pages_in_the_middle_of_the_heap():
+    """Freed sub-threshold blocks between live ones stay resident until heap.trim (glibc's
+    malloc_trim), which a streamed run calls after every solve and layer."""
+    import ctypes
+
+    from lowbit import heap
+
+    if heap._glibc() is None:
+        pytest.skip("not glibc")
+    libc = heap._glibc()
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    block, count = 64 << 10, 2048      # 128 MB in blocks below glibc's mmap threshold: on the heap
+    ptrs = [libc.malloc(block) for _ in range(count)]
+    for p in ptrs:
+        ctypes.memset(p, 1, block)
+    try:
+        for p in ptrs[::2]:            # every other block freed: no free block can merge with the top
+            libc.free(p)
+        before = _rss_anon()
+        heap.trim()
+        returned = before - _rss_anon()
+    finally:
+        for p in ptrs[1::2]:
+            libc.free(p)
+    assert returned > 0.8 * block * count // 2, returned
+
+
+def test_streamed_run_trims_the_heap_after_each_layer(bf16_sharded, calib, tmp_path, monkeypatch):
+    import lowbit.streaming as streaming
+    from lowbit import heap
+    from lowbit.api import make_recipe
+    from lowbit.model.load import load_lazy
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+
+    trims, layers_done = [], []
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(len(layers_done)))
+    real = streaming._StreamedRun.save_hidden
+    monkeypatch.setattr(streaming._StreamedRun, "save_hidden",
+                        lambda self, i, outputs: (layers_done.append(i), real(self, i, outputs)))
+    lazy = load_lazy(bf16_sharded)
+    recipe = make_recipe(WeightScheme(bits=3, group_size=32), method="gptq", calibration=calib)
+    streaming.quantize_streamed(lazy, build_plan(lazy, recipe, "native", False), tmp_path / "out", progress=False)
+    assert layers_done == [0, 1, 2, 3]
+    assert all(n in trims for n in range(1, 5)), trims   # a trim once each layer is written

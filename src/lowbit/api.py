@@ -14,6 +14,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from lowbit import heap
 from lowbit.calib import CalibrationConfig
 from lowbit.errors import SchemeError
 from lowbit.methods import get_method, is_calibrated, method_options
@@ -263,6 +264,7 @@ def _quantize_calibrated(model, tokenizer, targets, ws, impl, opts, calibration:
         tensors.update(out)
         fallbacks.extend(fb)
         release_stats(stats, [t.name for t in layer_targets])
+        heap.trim()   # a solve's small temporaries fragment the heap; measured, it grows with depth
 
     request = dataclasses.replace(impl.STATS, hessian_precision=check_hessian_precision(calibration.hessian_precision),
                                   expert_min_tokens=calibration.expert_min_tokens)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from lowbit import heap
 from lowbit.calib import distributed
 from lowbit.errors import LowbitError, SchemeError, SourceError
 from lowbit.export.native import (RECIPE_FILE, WEIGHTS_FILE, WEIGHTS_METADATA, commit_output_dir, recipe_document,
@@ -325,6 +326,7 @@ class _StreamedRun:
                             {n: self.value(n) for n in self.full_precision_names(prefix[:-1])}, new_fallbacks)
             self.save_hidden(i, outputs)
             layers[i] = state["meta_layer"]
+            heap.trim()
 
         hooks = LayerHooks(before_capture=before_capture, after_capture=lambda: release(self.model),
                            before_layer=before_layer, after_layer=after_layer, first_layer=first, hidden=hidden)
@@ -374,22 +376,6 @@ class _StreamedRun:
         commit_output_dir(self.partial, self.final)
 
 
-def _return_freed_memory() -> None:
-    """Make glibc serve buffers of 1 MB and more from mmap, so freeing one returns it to the
-    system. By default glibc raises that threshold to the size of each large block freed (up
-    to 32 MB), so the 16 MB blocks a streamed run cycles through come from a heap that never
-    shrinks: measured, a 2-layer 7B-shaped RTN run grew from 0.58 to 0.93 GB that way. Where
-    there is no glibc, nothing changes."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = False, resume: bool = False,
                       progress: bool = True, max_shard_bytes: int | None = None) -> StreamedResult:
     """Quantize a lazily loaded checkpoint (model.load.load_lazy) under `plan` into the lowbit
@@ -399,7 +385,7 @@ def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = Fal
     why = resident_reason(plan.recipe, plan.container)
     if why is not None:
         raise SchemeError(f"this run cannot stream: {why}")
-    _return_freed_memory()
+    heap.serve_large_from_mmap()
     run = _StreamedRun(loaded, plan, output, force, resume, max_shard_bytes)
     try:
         return run.run(progress)

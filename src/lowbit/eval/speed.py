@@ -12,13 +12,15 @@ threads; results are meant as ratios within one run, never as absolute claims.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
 import subprocess
 import sys
 import time
+
+from lowbit import heap
+
 
 def rss_bytes() -> int:
     """Resident set size of this process, from /proc (bytes)."""
@@ -28,10 +30,7 @@ def rss_bytes() -> int:
 
 def _trim() -> None:
     gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:   # not glibc: RSS is read as is
-        pass
+    heap.trim()   # not glibc: RSS is read as is
 
 
 def _torch_model(spec: dict):
