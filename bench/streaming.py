@@ -32,14 +32,14 @@ CHILD = r"""
 import json, sys, time
 from lowbit.calib import CalibrationConfig
 from lowbit.api import execute, make_recipe
-from lowbit.export.native import save
 from lowbit.model.load import load_lazy, load_source
 from lowbit.plan import build_plan
 from lowbit.scheme import WeightScheme
 from lowbit.streaming import quantize_streamed
-mode, src, out, method, calib, samples, seqlen = sys.argv[1:8]
+mode, src, out, method, calib, samples, seqlen, container = sys.argv[1:9]
 cal = CalibrationConfig(samples=int(samples), seqlen=int(seqlen), text=calib)
-recipe = make_recipe(WeightScheme(bits=4, group_size=128, symmetric=True), method=method, calibration=cal)
+scheme = WeightScheme("gguf_q4_0", None, -1) if container == "gguf" else WeightScheme(bits=4, group_size=128, symmetric=True)
+recipe = make_recipe(scheme, method=method, calibration=cal)
 def hwm():
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return int(status["VmHWM"].split()[0]) * 1024
@@ -57,10 +57,11 @@ t0 = time.perf_counter()
 if mode == "streamed":
     lazy = load_lazy(src)
     assert lazy is not None
-    quantize_streamed(lazy, build_plan(lazy, recipe, "native", False), out, progress=False)
+    quantize_streamed(lazy, build_plan(lazy, recipe, container, False), out, progress=False)
 else:
+    from lowbit.export import write
     loaded = load_source(src)
-    save(execute(loaded, build_plan(loaded, recipe, "native", False), progress=False), out)
+    write(execute(loaded, build_plan(loaded, recipe, container, False), progress=False), container, out)
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "peak_rss_bytes": max([hwm(), *layer_peaks]), "layer_peaks": layer_peaks}))
 """
@@ -124,10 +125,12 @@ def make_checkpoint(folder: Path, layers: int, hidden: int = 4096, intermediate:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-def run_child(mode: str, src: Path, out: Path, method: str, calib: str, samples: int, seqlen: int) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
+def run_child(mode: str, src: Path, out: Path, method: str, calib: str, samples: int, seqlen: int,
+              container: str = "native") -> dict:
+    _remove(out)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(out), method, calib, str(samples), str(seqlen)],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(out), method, calib, str(samples), str(seqlen),
+                             container],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0 = time.perf_counter()
     stdout, stderr = proc.communicate()
@@ -137,10 +140,18 @@ def run_child(mode: str, src: Path, out: Path, method: str, calib: str, samples:
     return {"wall_seconds": wall, **json.loads(stdout.strip().splitlines()[-1])}
 
 
-def digest(folder: Path) -> str:
+def _remove(path: Path) -> None:
+    if path.is_file():
+        path.unlink()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def digest(path: Path) -> str:
+    """A folder's file names and bytes, or one file's bytes."""
     h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        h.update(p.name.encode())
+    for p in ([path] if path.is_file() else sorted(path.iterdir())):
+        if p != path:
+            h.update(p.name.encode())
         with open(p, "rb") as f:
             while chunk := f.read(64 << 20):
                 h.update(chunk)
@@ -157,6 +168,8 @@ def main() -> None:
     ap.add_argument("--only", choices=["rtn", "gptq"], help="one method's rows -> streaming_<method>.{json,md}")
     ap.add_argument("--only-rows", action="store_true", help="only the --row rows")
     ap.add_argument("--name", help="results file name (default streaming[_METHOD])")
+    ap.add_argument("--to", choices=["native", "gguf"], default="native",
+                    help="the output: a lowbit folder (int4 g128 sym), or a GGUF file (Q4_0: int4 sym in blocks of 32)")
     ap.add_argument("--row", action="append", default=[],
                     help='an extra row as JSON [method, layers, hidden, intermediate, [modes]], e.g. '
                          '\'["gptq", 32, 4096, 11008, ["streamed"]]\' (a 7B-sized checkpoint: 13.5 GB of disk)')
@@ -182,14 +195,15 @@ def main() -> None:
         size = make_checkpoint(ckpt, layers, hidden, inter, heads=hidden // 128, kv_heads=max(1, hidden // 512))
         digests = {}
         for mode in modes:
-            r = run_child(mode, ckpt, work / f"out-{mode}", method, calib, args.samples, args.seqlen)
-            digests[mode] = digest(work / f"out-{mode}")
-            row = {"method": method, "mode": mode, "layers": layers, "hidden": hidden, "intermediate": inter,
+            out = work / (f"out-{mode}.gguf" if args.to == "gguf" else f"out-{mode}")
+            r = run_child(mode, ckpt, out, method, calib, args.samples, args.seqlen, args.to)
+            digests[mode] = digest(out)
+            row = {"method": method, "mode": mode, "to": args.to, "layers": layers, "hidden": hidden, "intermediate": inter,
                    "checkpoint_bytes": size, **r, "rss_over_checkpoint": r["peak_rss_bytes"] / size,
                    "load_average": os.getloadavg()[0]}
             results.append(row)
             print(json.dumps(row), flush=True)
-            shutil.rmtree(work / f"out-{mode}", ignore_errors=True)
+            _remove(out)
         if len(digests) == 2:
             for row in results[-2:]:
                 row["same_bytes_as_resident"] = digests["streamed"] == digests["resident"]
@@ -211,13 +225,16 @@ def write_results(results: list[dict], args) -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     meta = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "calibration": f"GPTQ: {args.samples} x {args.seqlen} WikiText-2 validation tokens", "scheme": "int4 g128 sym"}
+            "calibration": f"GPTQ: {args.samples} x {args.seqlen} WikiText-2 validation tokens",
+            "scheme": "Q4_0 (int4 sym g32, fp16 scales)" if args.to == "gguf" else "int4 g128 sym"}
     name = args.name or ("streaming" + (f"_{args.only}" if args.only else ""))
     (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
     lines = ["# Layer-streamed vs resident quantization: peak RSS", "",
              f"`python bench/streaming.py{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}"
              f"{' --only-rows' if args.only_rows else ''}{''.join(f' --row {r!r}' for r in args.row)}"
-             f"{f' --name {args.name}' if args.name else ''}`. Synthetic LLaMA checkpoints, bf16, "
+             f"{f' --name {args.name}' if args.name else ''}{f' --to {args.to}' if args.to != 'native' else ''}`. "
+             f"Output: {'one GGUF file, Q4_0 (int4 sym, blocks of 32), written tensor by tensor' if args.to == 'gguf' else 'a lowbit folder'}. "
+             "Synthetic LLaMA checkpoints, bf16, "
              "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "
              f"the width says otherwise. {meta['scheme']}; {meta['calibration']}. {meta['cores']} cores, shared with "
              "other work (seconds are indicative; RSS is not affected). Peak RSS: the run process's own VmHWM, "

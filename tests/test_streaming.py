@@ -33,6 +33,21 @@ def bf16_sharded(tmp_path_factory, tiny_llama):
     return folder
 
 
+@pytest.fixture(scope="module")
+def bf16_sharded_bpe(tmp_path_factory, default_model):
+    """A 2-layer LLaMA with the embedded default's BPE tokenizer (what GGUF export carries), bf16, sharded."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    folder = tmp_path_factory.mktemp("bf16-sharded-bpe")
+    config = LlamaConfig(vocab_size=len(default_model.tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder, max_shard_size="2MB")
+    default_model.tokenizer.save_pretrained(folder)
+    return folder
+
+
 def _run(*argv, check=True):
     r = subprocess.run([sys.executable, "-m", "lowbit", "--quiet", *map(str, argv)], capture_output=True, text=True)
     if check and r.returncode != 0:
@@ -281,3 +296,36 @@ def test_streamed_run_trims_the_heap_after_each_layer(bf16_sharded, calib, tmp_p
     streaming.quantize_streamed(lazy, build_plan(lazy, recipe, "native", False), tmp_path / "out", progress=False)
     assert layers_done == [0, 1, 2, 3]
     assert all(n in trims for n in range(1, 5)), trims   # a trim once each layer is written
+
+
+@pytest.mark.parametrize("method,mix,full_precision", [("rtn", "Q4_K_M", None), ("gptq", "Q4_0", None),
+                                                       ("rtn", "Q8_0", "F16")])
+def test_streamed_gguf_equals_the_resident_one(bf16_sharded_bpe, calib, tmp_path, method, mix, full_precision):
+    """--to gguf streams too: the GGUF file written tensor by tensor from the parts and the
+    source equals the resident run's file byte for byte; no part folder is left."""
+    from lowbit.api import execute, make_recipe
+    from lowbit.export.gguf import write_gguf
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.streaming import quantize_streamed, resident_reason
+
+    recipe = make_recipe("W4A16", method=method, calibration=calib, gguf_mix=mix)
+    assert resident_reason(recipe, "gguf") is None
+    loaded = load_source(bf16_sharded_bpe)
+    resident = write_gguf(execute(loaded, build_plan(loaded, recipe, "gguf", False), progress=False),
+                          tmp_path / "resident.gguf", full_precision=full_precision)
+    lazy = load_lazy(bf16_sharded_bpe)
+    result = quantize_streamed(lazy, build_plan(lazy, recipe, "gguf", False), tmp_path / "streamed.gguf", progress=False,
+                               full_precision=full_precision)
+    assert result.output == tmp_path / "streamed.gguf"
+    assert (tmp_path / "streamed.gguf").read_bytes() == resident.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resident.gguf", "streamed.gguf"]
+
+
+def test_cli_quantize_to_gguf_streams(bf16_sharded_bpe, tmp_path):
+    out = tmp_path / "m.gguf"
+    r = _run("quantize", bf16_sharded_bpe, "--to", "gguf", "--type", "Q8_0", "-o", out, "--json")
+    assert json.loads(r.stdout)["streamed"] is True
+    import gguf
+
+    assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors} >= {"Q8_0", "F32"}

@@ -340,7 +340,8 @@ def _quantize_streamed(args, loaded, plan, t_load) -> None:
     from lowbit.streaming import quantize_streamed
 
     r = quantize_streamed(loaded, plan, args.output, force=args.force, resume=args.resume,
-                          progress=args.progress and _is_main(), max_shard_bytes=_shard_bytes(args))
+                          progress=args.progress and _is_main(), max_shard_bytes=_shard_bytes(args),
+                          full_precision=_full_precision_type(args) if args.to == "gguf" else None)
     if not _is_main():
         return
     r.record["seconds"]["load"] = t_load
@@ -394,12 +395,19 @@ def cmd_plan(args):
         print(f"note: {note}")
 
 
+def _full_precision_type(args) -> str | None:
+    """--type F32/F16/BF16 with --to gguf: a GGUF file of the decoded weights in that float type."""
+    from lowbit.export.gguf import FLOAT_TYPES
+
+    t = (args.type or "").upper()
+    return t if t in FLOAT_TYPES else None
+
+
 def _write_output(qm, args):
     """Serialise a QuantizedModel in the requested target format."""
     from lowbit.export import write
 
-    t = (args.type or "").upper()
-    return write(qm, args.to, args.output, force=args.force, full_precision=t if t in ("F32", "F16", "BF16") else None,
+    return write(qm, args.to, args.output, force=args.force, full_precision=_full_precision_type(args),
                  max_shard_bytes=_shard_bytes(args))
 
 

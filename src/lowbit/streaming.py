@@ -1,4 +1,4 @@
-"""Quantize a safetensors checkpoint layer by layer into a lowbit folder, never holding more
+"""Quantize a safetensors checkpoint layer by layer into a lowbit folder or a GGUF file, never holding more
 than one decoder layer's weights: the model's parameters stay on the meta device
 (model.lazy), each layer is read from the shards when the runner reaches it, quantized,
 written as a part file and freed.
@@ -43,7 +43,7 @@ PART_KEY = "lowbit_part"
 
 def resident_reason(recipe: Recipe, container: str) -> str | None:
     """Why a run must hold the whole model in memory; None when it streams."""
-    if container != "native":
+    if container not in ("native", "gguf"):
         return f"--to {container} is written from the whole model (quantize to native, then `lowbit convert`)"
     if recipe.rotate is not None:
         return "a rotation changes every layer at once"
@@ -114,9 +114,9 @@ class _Part:
 
 class _StreamedRun:
     def __init__(self, loaded: LoadedModel, plan: Plan, output, force: bool, resume: bool,
-                 max_shard_bytes: int | None = None):
+                 max_shard_bytes: int | None = None, full_precision: str | None = None):
         self.loaded, self.plan, self.model, self.weights = loaded, plan, loaded.model, loaded.weights
-        self.max_shard_bytes = max_shard_bytes
+        self.max_shard_bytes, self.full_precision = max_shard_bytes, full_precision
         self.final = Path(output)
         if self.final.exists() and not force:
             raise SourceError(f"output {self.final} already exists; choose another --output or pass --force")
@@ -249,7 +249,7 @@ class _StreamedRun:
             record["seconds"]["quantize"] = time.perf_counter() - t0
             finish_record(record, self.plan)
             t0 = time.perf_counter()
-            self._finish(record)
+            self._finish_gguf(record, progress) if self.plan.container == "gguf" else self._finish(record)
             record["seconds"]["write"] = time.perf_counter() - t0
         numel = sum(v[1] for v in self.sizes.values())
         return StreamedResult(self.final, recipe.method, len(self.metas), sum(v[0] for v in self.sizes.values()),
@@ -304,7 +304,11 @@ class _StreamedRun:
                 raise SourceError(f"--resume: {self.partial} lacks layer {i}; drop --resume to start over")
             fallbacks.extend(info["fallbacks"])
         tensors: dict = {}
-        outside = [n for n in self.full_precision_names("") if not n.startswith(self.prefix + ".")]
+        from lowbit.model.lazy import checkpoint_names
+
+        # everything outside the decoder layers, planned or not: a quantized embedding still feeds
+        # calibration in full precision (as in the resident run, which quantizes it after the layers)
+        outside = [n for n in checkpoint_names(self.model) if not n.startswith(self.prefix + ".")]
         state = {"meta_layer": None, "fallbacks_before": len(fallbacks)}
 
         def before_capture():   # what runs before the first layer (the embedding); not an untied head
@@ -353,13 +357,34 @@ class _StreamedRun:
             if impl is None:
                 record.setdefault("rtn_fallback", []).append(t.name)
 
-    def _finish(self, record: dict) -> None:
-        """Merge the parts (and the untouched full-precision tensors, read from the source) into the
-        output folder, then rename it into place."""
+    def _stored_parts(self) -> dict:
+        """Every tensor of the part files, as byte ranges (nothing read)."""
         every = {}
         for part in sorted(self.parts.glob("*.safetensors")):
             stored, _ = stored_tensors(part)
             every.update(stored)
+        return every
+
+    def _finish_gguf(self, record: dict, progress: bool) -> None:
+        """Write the GGUF file tensor by tensor: quantized weights from the parts, full-precision
+        ones from the parts or the source, each read when it is written; then drop the parts."""
+        from types import SimpleNamespace
+
+        from lowbit.export.gguf import _Model, write_gguf
+        from lowbit.export.native import LazyTensors
+        from lowbit.model.quantized import recorded_recipe
+
+        every = self._stored_parts()
+        recipe = recorded_recipe({"method": self.plan.recipe.method, "scheme": self.plan.common_scheme().to_dict(), **record})
+        m = _Model(self.model, self.loaded.tokenizer, LazyTensors(SimpleNamespace(tensors=every), self.metas),
+                   self.loaded.source, recipe, _FloatValues(every, self.weights))
+        write_gguf(m, self.final, full_precision=self.full_precision, force=True, progress=progress)
+        shutil.rmtree(self.partial)
+
+    def _finish(self, record: dict) -> None:
+        """Merge the parts (and the untouched full-precision tensors, read from the source) into the
+        output folder, then rename it into place."""
+        every = self._stored_parts()
         for name in self.full_precision_names(""):
             if name not in every:
                 every[name] = self.weights.tensors[name].converted("F32")
@@ -376,17 +401,34 @@ class _StreamedRun:
         commit_output_dir(self.partial, self.final)
 
 
+class _FloatValues:
+    """name -> float32 value of a tensor lowbit did not quantize: from the part files (what the
+    run computed with) or else the source checkpoint, read when asked for."""
+
+    def __init__(self, parts: dict, weights):
+        self.parts, self.weights = parts, weights
+
+    def __contains__(self, name) -> bool:
+        return name in self.parts or name in self.weights.tensors
+
+    def __getitem__(self, name) -> torch.Tensor:
+        return self.parts[name].read() if name in self.parts else self.weights.read(name)
+
+
 def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = False, resume: bool = False,
-                      progress: bool = True, max_shard_bytes: int | None = None) -> StreamedResult:
-    """Quantize a lazily loaded checkpoint (model.load.load_lazy) under `plan` into the lowbit
-    folder `output`, one decoder layer in memory at a time; resume=True continues a killed run."""
+                      progress: bool = True, max_shard_bytes: int | None = None,
+                      full_precision: str | None = None) -> StreamedResult:
+    """Quantize a lazily loaded checkpoint (model.load.load_lazy) under `plan` into `output`, one
+    decoder layer in memory at a time: a lowbit folder, or (a plan for the gguf container) one
+    GGUF file written tensor by tensor (full_precision: its F32/F16/BF16 decoded variant).
+    resume=True continues a killed run."""
     if loaded.weights is None:
         raise SchemeError("quantize_streamed needs a lazily loaded source (lowbit.model.load.load_lazy)")
     why = resident_reason(plan.recipe, plan.container)
     if why is not None:
         raise SchemeError(f"this run cannot stream: {why}")
     heap.serve_large_from_mmap()
-    run = _StreamedRun(loaded, plan, output, force, resume, max_shard_bytes)
+    run = _StreamedRun(loaded, plan, output, force, resume, max_shard_bytes, full_precision)
     try:
         return run.run(progress)
     except LowbitError:

@@ -27,10 +27,12 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from lowbit.errors import SchemeError, SourceError
 from lowbit.tensor import QuantizedTensor
@@ -142,15 +144,18 @@ class _Model:
 
     model: torch.nn.Module
     tokenizer: object
-    tensors: dict[str, QuantizedTensor]
+    tensors: Mapping[str, QuantizedTensor]
     source: str
     recipe: dict
+    floats: Mapping[str, torch.Tensor] | None = None   # values of parameters left on meta (a streamed run)
 
 
 def _unpack(qm_or_model) -> _Model:
     from lowbit.model.load import LoadedModel
     from lowbit.model.quantized import QuantizedModel
 
+    if isinstance(qm_or_model, _Model):
+        return qm_or_model
     if isinstance(qm_or_model, QuantizedModel):
         from lowbit.model.quantized import recorded_recipe
 
@@ -452,7 +457,7 @@ def _float_array(t: torch.Tensor, type_name: str):
 
     a = t.detach().float().cpu().numpy()
     if type_name == "F32":
-        return a.astype(np.float32), None
+        return a.astype(np.float32, copy=False), None   # no second copy of a large embedding
     if type_name == "F16":
         return a.astype(np.float16), None
     return gguf_quantize(a, GGMLQuantizationType.BF16), GGMLQuantizationType.BF16
@@ -473,27 +478,79 @@ def _type_name_of(qt: QuantizedTensor) -> str | None:
     return GGUF_TYPES[qt.format.name].name if qt.format.name in GGUF_TYPES else None
 
 
-def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_precision: str | None,
-                  name_map, ternary: str = "TQ2_0") -> list[tuple[str, str, object]]:
-    """[(gguf name, type name, QuantizedTensor | torch.Tensor)] in model order, q/k not yet permuted."""
-    config = m.model.config
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    plan, seen = [], set()
+@dataclasses.dataclass
+class _Entry:
+    """One tensor of the file: its name, type and logical shape, and how to read its value (a
+    QuantizedTensor in GGUF blocks, or a float tensor) when it is written."""
+
+    gname: str
+    type_name: str
+    shape: tuple[int, ...]                        # the model's shape of the tensor
+    read: Callable[[], object]
+    block_shape: tuple[int, ...] | None = None    # a quantized weight's (..., rows, cols) as GGUF stores it
+
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+def _value_readers(m: _Model) -> tuple[dict[str, Callable], dict[str, Callable], dict[str, tuple[int, ...]]]:
+    """({name: read float value}, {name: read QuantizedTensor}, {float name: shape}): nothing is read
+    here, so a model whose parameters are on meta (a streamed run: m.floats reads them) is written
+    one tensor at a time. A stacked gate_up becomes its gate and up halves."""
     state = dict(m.model.named_parameters(remove_duplicate=False))
     persistent = set(m.model.state_dict())   # non-persistent buffers (Gemma's embed_scale) are recomputed
     state.update({k: v for k, v in m.model.named_buffers() if k not in state and k in persistent})
-    tensors = dict(m.tensors)
-    for fused in [n for n in list(state) if n.endswith(".experts.gate_up_proj")]:
+    shapes = {n: tuple(v.shape) for n, v in state.items()}
+
+    def float_reader(name):
+        if m.floats is not None and name in m.floats:
+            return lambda: m.floats[name]
+        return lambda: state[name]
+
+    floats = {n: float_reader(n) for n in state}
+    quantized = {n: (lambda n=n: m.tensors[n]) for n in m.tensors}
+    for fused in [n for n in list(floats) if n.endswith(".experts.gate_up_proj")]:
         head = fused[: -len("gate_up_proj")]
-        state[head + "gate_proj"], state[head + "up_proj"] = _split_gate_up(state.pop(fused))
-        if fused in tensors:
-            tensors[head + "gate_proj"], tensors[head + "up_proj"] = _split_gate_up(tensors.pop(fused))
-    m = dataclasses.replace(m, tensors=tensors)
-    names = list(dict.fromkeys(list(state) + list(m.tensors)))
+        shape = shapes.pop(fused)
+        for half, part in enumerate(("gate_proj", "up_proj")):
+            shapes[head + part] = (shape[0], shape[1] // 2, *shape[2:])
+        read = floats.pop(fused)
+        floats[head + "gate_proj"] = lambda read=read: _split_gate_up(read())[0]
+        floats[head + "up_proj"] = lambda read=read: _split_gate_up(read())[1]
+        if fused in quantized:
+            read = quantized.pop(fused)
+            quantized[head + "gate_proj"] = lambda read=read: _split_gate_up(read())[0]
+            quantized[head + "up_proj"] = lambda read=read: _split_gate_up(read())[1]
+    return floats, quantized, shapes
+
+
+def _model_order(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """Names in the order of their modules in the model, a module's weight before its other
+    tensors: the same order whether a Linear was replaced by its quantized module (resident
+    runs) or still holds its parameter (streamed runs)."""
+    position = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    end = len(position)
+
+    def key(name):
+        owner, _, attr = name.rpartition(".")
+        return position.get(owner, end), attr != "weight"
+
+    return sorted(names, key=key)
+
+
+def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_precision: str | None,
+                  name_map, ternary: str = "TQ2_0") -> list[_Entry]:
+    """The file's tensors in model order, q/k not yet permuted. Each quantized tensor is read once
+    here (its GGUF type) and again when it is written; nothing is kept."""
+    config = m.model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    plan, seen = [], set()
+    floats, quantized, shapes = _value_readers(m)
+    names = _model_order(m.model, list(dict.fromkeys(list(floats) + list(quantized))))
     for hf_name in names:
         if "rotary_emb" in hf_name or hf_name.endswith("inv_freq"):
             continue  # recomputed by llama.cpp from rope metadata
-        if hf_name.startswith("lm_head.") and tied and hf_name not in m.tensors:
+        if hf_name.startswith("lm_head.") and tied and hf_name not in quantized:
             continue  # tied head: llama.cpp uses token_embd when output.weight is absent
         gname = _gguf_name(name_map, hf_name)
         if gname is None:
@@ -503,8 +560,13 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
             continue
         seen.add(gname)
         requested = tensor_types.get(hf_name, tensor_types.get(gname))
-        if hf_name in m.tensors:
-            qt = _as_gguf_blocks(m.tensors[hf_name], ternary)
+        if hf_name in quantized:
+            read = lambda read=quantized[hf_name]: _as_gguf_blocks(read(), ternary)  # noqa: E731
+            qt = read()
+            if qt.input_quant is not None:
+                raise SchemeError(f"{hf_name} has quantized inputs, which a GGUF file cannot hold (llama.cpp picks its own "
+                                  "activation types at run time); quantize without activations (a weight-only scheme) "
+                                  "for --to gguf")
             have = _type_name_of(qt)
             want = requested or full_precision or have
             if want is None:
@@ -514,32 +576,33 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
                     "what it cost), or quantize with --format gguf_q4_k (or another gguf_* type), or pass --type "
                     "F32/F16 for a full-precision file of the decoded weights")
             if want in FLOAT_TYPES:
-                plan.append((gname, want, qt.dequantize(torch.float32)))
+                plan.append(_Entry(gname, want, tuple(qt.shape), lambda read=read: read().dequantize(torch.float32)))
             elif want != have:
                 raise SchemeError(f"{hf_name} was quantized as {qt.format.name}; it cannot be written as {want} without "
                                   f"quantizing again; quantize it with --format gguf_{want.lower()} instead")
             else:
-                plan.append((gname, want, qt))
+                plan.append(_Entry(gname, want, tuple(qt.shape), read,
+                                   tuple(qt.shape) if len(qt.shape) == 3 else tuple(qt.codes.shape)))
+            del qt
             continue
-        t = state[hf_name]
-        if t.ndim <= 1 or "norm" in gname:
+        shape = shapes[hf_name]
+        if len(shape) <= 1 or "norm" in gname:
             want = "F32"  # norms and biases: llama.cpp keeps them in F32
         else:
             want = requested or (full_precision or "F32")
         if want not in FLOAT_TYPES:
             raise SchemeError(f"{hf_name} is not quantized; it can be written as {', '.join(FLOAT_TYPES)}, not {want} "
                               "(the exporter never quantizes: quantize it first)")
-        plan.append((gname, want, t))
+        plan.append(_Entry(gname, want, shape, floats[hf_name]))
     return plan
 
 
-def _file_type(plan) -> int:
+def _file_type(plan: list[_Entry]) -> int:
     """general.file_type: the type holding most of the 2-D weights' elements."""
     count: dict[str, int] = {}
-    for gname, type_name, value in plan:
-        shape = value.shape
-        if len(shape) >= 2:
-            count[type_name] = count.get(type_name, 0) + int(np.prod(shape))
+    for e in plan:
+        if len(e.shape) >= 2:
+            count[e.type_name] = count.get(e.type_name, 0) + e.numel()
     main = max(count, key=count.get) if count else "F32"
     return _FILE_TYPES.get(main, 0)
 
@@ -593,13 +656,16 @@ def metadata_bytes(qm_or_model, tensor_shapes: dict[str, tuple[int, ...]], reser
 
 
 def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str] | None = None, *,
-               full_precision: str | None = None, force: bool = False, ternary: str = "TQ2_0") -> Path:
+               full_precision: str | None = None, force: bool = False, ternary: str = "TQ2_0",
+               progress: bool = False) -> Path:
     """Write a QuantizedModel (or a plain LoadedModel) as one GGUF file for llama.cpp.
 
     tensor_types: per tensor (HF or GGUF name) "F32"/"F16"/"BF16", or the GGML name of the type
     it was quantized with; full_precision: write every quantized weight decoded, in that float
     type (F32/F16/BF16), e.g. for a reference file; ternary: the block type of ternary weights
-    (TQ2_0, or TQ1_0: 1.69 instead of 2.06 bits/weight). The file appears at `path` only when complete."""
+    (TQ2_0, or TQ1_0: 1.69 instead of 2.06 bits/weight). The file appears at `path` only when complete.
+    Tensors are read and written one at a time after the header (a lazy `tensors` mapping or
+    `_Model.floats` keeps memory to one tensor)."""
     if ternary not in ("TQ1_0", "TQ2_0"):
         raise SchemeError(f"ternary weights go to TQ1_0 or TQ2_0 blocks, not {ternary!r}")
     import gguf
@@ -609,10 +675,6 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
                           "quantized GGUF types come from quantizing with --format gguf_*")
     tensor_types = dict(tensor_types or {})
     m = _unpack(qm_or_model)
-    with_inputs = [n for n, qt in m.tensors.items() if qt.input_quant is not None]
-    if with_inputs:
-        raise SchemeError(f"{with_inputs[0]} has quantized inputs, which a GGUF file cannot hold (llama.cpp picks its own "
-                          "activation types at run time); quantize without activations (a weight-only scheme) for --to gguf")
     config = m.model.config
     spec = _arch(config)
     final = Path(path)
@@ -622,56 +684,24 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH[spec.gguf_arch.upper()], int(config.num_hidden_layers))
     plan = _plan_tensors(m, spec, tensor_types, full_precision, name_map, ternary)
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     from lowbit.model.targets import _is_conv1d
 
     # Conv1D stores (in, out); GGUF rows are output features
     conv1d = {_gguf_name(name_map, f"{n}.weight") for n, mod in m.model.named_modules() if _is_conv1d(mod)}
 
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    stored = [(e, _stored_shape(e, conv1d)) for e in plan]
     w = gguf.GGUFWriter(tmp, spec.gguf_arch)
     try:
         _add_metadata(w, m, config, spec, _file_type(plan))
-        for gname, type_name, value in plan:
-            heads = None
-            if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
-                heads = n_head if ".attn_q." in gname else n_kv
-            rows = (value.codes if isinstance(value, QuantizedTensor) else value).shape[0]
-            order = None
-            if heads is not None:
-                order = qk_permutation(rows, heads)
-            elif spec.qkv_per_head and ".attn_qkv." in gname:
-                order = qkv_head_order(rows, n_head)
-            elif spec.qkv_per_kv_group and getattr(config, spec.qkv_per_kv_group, False) and ".attn_qkv." in gname:
-                order = qkv_group_order(rows, n_head, n_kv)
-            if isinstance(value, QuantizedTensor):
-                if order is not None:
-                    value = permute_rows(value, order)
-                from lowbit.formats.gguf_blocks import to_gguf_bytes
-
-                data = to_gguf_bytes(value)
-                if len(value.shape) == 3:          # stacked experts: (E, rows, bytes per row)
-                    data = data.reshape(value.shape[0], value.shape[1], -1)
-                elif gname.endswith("ffn_gate_inp_shexp.weight"):   # llama.cpp wants a vector
-                    data = data.reshape(-1)
-                w.add_tensor(gname, np.ascontiguousarray(data), raw_dtype=value.format.ggml_type)
-            else:
-                t = value.detach()
-                if order is not None:
-                    t = t[order]
-                if spec.norm_offset and gname.endswith("norm.weight"):
-                    t = t.float() + spec.norm_offset
-                if gname in conv1d:
-                    t = t.T.contiguous()
-                if gname.endswith("ffn_gate_inp_shexp.weight"):   # (1, hidden) in HF, a vector here
-                    t = t.reshape(-1)
-                arr, raw = _float_array(t, type_name)
-                w.add_tensor(gname, arr, raw_dtype=raw)
-
+        for e, shape in stored:   # the header first: every tensor's name, type and size
+            w.add_tensor_info(e.gname, shape, np.dtype(np.float32), _stored_nbytes(e.type_name, shape),
+                              raw_dtype=gguf.GGMLQuantizationType[e.type_name])
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for e, shape in tqdm(stored, desc="gguf", unit="tensor", disable=not progress):   # then one value at a time
+            w.write_tensor_data(_tensor_bytes(e, e.read(), config, spec, conv1d))
         w.close()
         os.replace(tmp, final)
     except BaseException:
@@ -679,6 +709,63 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
         tmp.unlink(missing_ok=True)
         raise
     return final
+
+
+def _stored_shape(e: _Entry, conv1d: set[str]) -> tuple[int, ...]:
+    """The shape the file gives a tensor (numpy order: a row is the last dimension)."""
+    if e.gname.endswith("ffn_gate_inp_shexp.weight"):   # (1, hidden) in HF, a vector here
+        return (e.numel(),)
+    if e.block_shape is not None:   # a quantized weight's rows are its output features
+        return e.block_shape
+    return tuple(reversed(e.shape)) if e.gname in conv1d else e.shape
+
+
+def _stored_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+    return int(np.prod(shape)) // block * type_size
+
+
+def _tensor_bytes(e: _Entry, value, config, spec: ArchSpec, conv1d: set[str]) -> np.ndarray:
+    """The array written for one tensor: llama.cpp's blocks, or floats, rows permuted for the
+    architecture's rotary layout."""
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    gname = e.gname
+    heads = None
+    if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
+        heads = n_head if ".attn_q." in gname else n_kv
+    rows = (value.codes if isinstance(value, QuantizedTensor) else value).shape[0]
+    order = None
+    if heads is not None:
+        order = qk_permutation(rows, heads)
+    elif spec.qkv_per_head and ".attn_qkv." in gname:
+        order = qkv_head_order(rows, n_head)
+    elif spec.qkv_per_kv_group and getattr(config, spec.qkv_per_kv_group, False) and ".attn_qkv." in gname:
+        order = qkv_group_order(rows, n_head, n_kv)
+    if isinstance(value, QuantizedTensor):
+        if order is not None:
+            value = permute_rows(value, order)
+        from lowbit.formats.gguf_blocks import to_gguf_bytes
+
+        data = to_gguf_bytes(value)
+        if len(value.shape) == 3:          # stacked experts: (E, rows, bytes per row)
+            data = data.reshape(value.shape[0], value.shape[1], -1)
+        elif gname.endswith("ffn_gate_inp_shexp.weight"):   # llama.cpp wants a vector
+            data = data.reshape(-1)
+        return np.ascontiguousarray(data)
+    t = value.detach()
+    if order is not None:
+        t = t[order]
+    if spec.norm_offset and gname.endswith("norm.weight"):
+        t = t.float() + spec.norm_offset
+    if gname in conv1d:
+        t = t.T.contiguous()
+    if gname.endswith("ffn_gate_inp_shexp.weight"):   # (1, hidden) in HF, a vector here
+        t = t.reshape(-1)
+    arr, _ = _float_array(t, e.type_name)
+    return arr
 
 
 # --- import ---------------------------------------------------------------------------------------

@@ -197,7 +197,11 @@ def build_plan(loaded, recipe=None, container: str = "native", progress: bool = 
         from lowbit.methods import is_calibrated
 
         weighted = recipe.imatrix is not None or bool(recipe.method and is_calibrated(recipe.method))
-        schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback, imatrix=weighted)
+        read = None
+        if getattr(loaded, "weights", None) is not None:   # parameters on meta: measured fallbacks read the checkpoint
+            read = lambda t: t.parameter(model).data if not t.parameter(model).is_meta else loaded.weights.read(t.name)  # noqa: E731
+        schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback, imatrix=weighted,
+                                    read=read)
         by_name = {t.name: t for t in targets}
         plan = {}
         for hf, _gname, type_name, reason in rows:
@@ -249,8 +253,8 @@ def _fixed_bytes(loaded, container: str, planned: set[str]) -> int:
         name_map = gguf_name_map(model.config)
         every = _plan_tensors(_unpack(loaded), _arch(model.config), {}, "F32", name_map)
         planned_gguf = {_gguf_name(name_map, hf) for hf in planned}
-        fixed = sum(int(v.numel()) * 4 for g, _, v in every if g not in planned_gguf)
-        return fixed + metadata_bytes(loaded, {g: tuple(v.shape) for g, _, v in every})
+        fixed = sum(e.numel() * 4 for e in every if e.gname not in planned_gguf)
+        return fixed + metadata_bytes(loaded, {e.gname: e.shape for e in every})
     seen, fixed = set(), 0
     for name, t in model.state_dict(keep_vars=True).items():
         key = id(t)   # a tied head is the embedding's Parameter (data pointers say nothing on meta)

@@ -45,7 +45,7 @@ def measured_fallback(W: torch.Tensor, intended: str, llama_cpp_choice: str) -> 
 
 
 def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | None = None,
-                fallback_policy: str = "measured", imatrix: bool = False):
+                fallback_policy: str = "measured", imatrix: bool = False, read=None):
     """The per-weight schemes of a llama.cpp mix (Q4_K_M, ...) for this model.
 
     fallback_policy: "llama.cpp" keeps llama.cpp's fixed fallback table for rows that do not
@@ -53,7 +53,9 @@ def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | No
     than llama.cpp's choice (see measured_fallback). imatrix: the weights will be fitted with an
     importance matrix (llama.cpp's mixes choose some tensors differently then).
     Returns (schemes by HF parameter name, [(name, gguf name, type, fallback reason or None)]).
-    token_embd is included: llama.cpp quantizes it (as the output too when embeddings are tied)."""
+    token_embd is included: llama.cpp quantizes it (as the output too when embeddings are tied).
+    read(target): a weight's values (default: its parameter; a lazily loaded model reads its
+    checkpoint), needed only where a fallback is measured."""
     from lowbit.model.targets import all_weights
 
     config = model.config
@@ -77,7 +79,9 @@ def mix_schemes(model: torch.nn.Module, mix: str, fallbacks: dict[str, str] | No
                                             n_expert=n_expert)
         if reason is not None and fallback_policy == "measured" and type_name != "F16":
             intended = reason.split("(")[1].split(")")[0]
-            type_name, reason = measured_fallback(to_matrix(t.parameter(model).data, t.transposed).float(), intended, type_name)
+            values = read(t) if read is not None else t.parameter(model).data
+            type_name, reason = measured_fallback(to_matrix(values, t.transposed).float(), intended, type_name)
+            del values
         elif fallback_policy not in ("measured", "llama.cpp"):
             raise SchemeError(f"unknown fallback policy {fallback_policy!r}; use 'measured' or 'llama.cpp'")
         fmt = lowbit_format(type_name)
