@@ -414,6 +414,11 @@ class _FloatValues:
     def __getitem__(self, name) -> torch.Tensor:
         return self.parts[name].read() if name in self.parts else self.weights.read(name)
 
+    def read_rows(self, name, r0: int, r1: int) -> torch.Tensor:
+        """Rows r0..r1 of a matrix, in float32 (the GGUF writer's embedding and head, a block at a time)."""
+        stored = self.parts[name] if name in self.parts else self.weights.tensors[name]
+        return stored.read_rows(r0, r1).float()
+
 
 def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = False, resume: bool = False,
                       progress: bool = True, max_shard_bytes: int | None = None,

@@ -488,6 +488,7 @@ class _Entry:
     shape: tuple[int, ...]                        # the model's shape of the tensor
     read: Callable[[], object]
     block_shape: tuple[int, ...] | None = None    # a quantized weight's (..., rows, cols) as GGUF stores it
+    read_rows: Callable[[int, int], torch.Tensor] | None = None   # a float matrix's rows r0..r1, read on demand
 
     def numel(self) -> int:
         return int(np.prod(self.shape)) if self.shape else 1
@@ -593,7 +594,9 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
         if want not in FLOAT_TYPES:
             raise SchemeError(f"{hf_name} is not quantized; it can be written as {', '.join(FLOAT_TYPES)}, not {want} "
                               "(the exporter never quantizes: quantize it first)")
-        plan.append(_Entry(gname, want, shape, floats[hf_name]))
+        rows = m.floats.read_rows if m.floats is not None and hf_name in m.floats and len(shape) == 2 else None
+        plan.append(_Entry(gname, want, shape, floats[hf_name],
+                           read_rows=(lambda r0, r1, n=hf_name, rows=rows: rows(n, r0, r1)) if rows else None))
     return plan
 
 
@@ -701,7 +704,8 @@ def write_gguf(qm_or_model, path: str | os.PathLike, tensor_types: dict[str, str
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for e, shape in tqdm(stored, desc="gguf", unit="tensor", disable=not progress):   # then one value at a time
-            w.write_tensor_data(_tensor_bytes(e, e.read(), config, spec, conv1d))
+            blocks = _RowBlocks.of(e, shape, config, spec, conv1d)
+            w.write_tensor_data(blocks if blocks is not None else _tensor_bytes(e, e.read(), config, spec, conv1d))
         w.close()
         os.replace(tmp, final)
     except BaseException:
@@ -727,23 +731,50 @@ def _stored_nbytes(type_name: str, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape)) // block * type_size
 
 
+def _row_order(gname: str, rows: int, config, spec: ArchSpec) -> torch.Tensor | None:
+    """The permutation of a tensor's rows for the architecture's rotary/fused layout, or None."""
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
+        return qk_permutation(rows, n_head if ".attn_q." in gname else n_kv)
+    if spec.qkv_per_head and ".attn_qkv." in gname:
+        return qkv_head_order(rows, n_head)
+    if spec.qkv_per_kv_group and getattr(config, spec.qkv_per_kv_group, False) and ".attn_qkv." in gname:
+        return qkv_group_order(rows, n_head, n_kv)
+    return None
+
+
+class _RowBlocks:
+    """A float matrix written a block of rows at a time (an embedding or head in F32 is the
+    largest tensor of a streamed run). GGUFWriter.write_tensor_data needs only nbytes and tofile."""
+
+    ROWS_ELEMENTS = 1 << 22
+
+    def __init__(self, e: _Entry, nbytes: int):
+        self.e, self.nbytes = e, nbytes
+
+    @classmethod
+    def of(cls, e: _Entry, shape, config, spec: ArchSpec, conv1d: set[str]) -> "_RowBlocks | None":
+        """Blocks for a float matrix written as stored (no row order, transposition or offset), else None."""
+        if e.read_rows is None or e.block_shape is not None or len(e.shape) != 2 or e.gname in conv1d \
+                or "norm" in e.gname or e.gname.endswith("ffn_gate_inp_shexp.weight") \
+                or _row_order(e.gname, e.shape[0], config, spec) is not None:
+            return None
+        return cls(e, _stored_nbytes(e.type_name, shape))
+
+    def tofile(self, f) -> None:
+        rows, cols = self.e.shape
+        step = max(1, self.ROWS_ELEMENTS // max(1, cols))
+        for r0 in range(0, rows, step):
+            _float_array(self.e.read_rows(r0, min(rows, r0 + step)), self.e.type_name)[0].tofile(f)
+
+
 def _tensor_bytes(e: _Entry, value, config, spec: ArchSpec, conv1d: set[str]) -> np.ndarray:
     """The array written for one tensor: llama.cpp's blocks, or floats, rows permuted for the
     architecture's rotary layout."""
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     gname = e.gname
-    heads = None
-    if spec.permute_qk and (".attn_q." in gname or ".attn_k." in gname):
-        heads = n_head if ".attn_q." in gname else n_kv
     rows = (value.codes if isinstance(value, QuantizedTensor) else value).shape[0]
-    order = None
-    if heads is not None:
-        order = qk_permutation(rows, heads)
-    elif spec.qkv_per_head and ".attn_qkv." in gname:
-        order = qkv_head_order(rows, n_head)
-    elif spec.qkv_per_kv_group and getattr(config, spec.qkv_per_kv_group, False) and ".attn_qkv." in gname:
-        order = qkv_group_order(rows, n_head, n_kv)
+    order = _row_order(gname, rows, config, spec)
     if isinstance(value, QuantizedTensor):
         if order is not None:
             value = permute_rows(value, order)
