@@ -272,6 +272,8 @@ class _StreamedRun:
                         part.add(t.name, self.quantize_read(t, lambda w, tr, t=t: impl.quantize_weight(w, ws[t.name], tr, **extra),
                                                             ws[t.name].make_format()))
                 part.write(key)
+                del part
+                heap.trim()
         return first_missing if self.resumed else None
 
     def quantize_read(self, t, quantize, fmt):
