@@ -339,3 +339,20 @@ def test_cli_quantize_to_gguf_streams(bf16_sharded_bpe, tmp_path):
     import gguf
 
     assert {t.tensor_type.name for t in gguf.GGUFReader(out).tensors} >= {"Q8_0", "F32"}
+
+
+def test_killed_gguf_run_resumes_to_the_same_file(bf16_sharded_bpe, calib, tmp_path):
+    """--to gguf keeps its parts like a folder output: SIGKILL after layer 1, then --resume gives
+    the uninterrupted run's file, and nothing is at the output path in between."""
+    args = ["quantize", bf16_sharded_bpe, "--method", "gptq", "--calib", calib.text, "--samples", "4", "--seqlen", "32",
+            "--to", "gguf", "--type", "Q8_0"]
+    _run(*args, "-o", tmp_path / "whole.gguf")
+    out = tmp_path / "resumed.gguf"
+    cmd = [sys.executable, "-c", _KILLER, "1", "after", "--quiet", *map(str, args), "-o", str(out)]
+    killed = subprocess.run(cmd, capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    r = _run(*args, "-o", out, "--resume", "--json")
+    assert json.loads(r.stdout)["resumed_at_layer"] == 0   # GPTQ redoes a layer whose next inputs were not saved
+    assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+    assert not (tmp_path / f".{out.name}.partial").exists()
