@@ -46,6 +46,31 @@ def test_two_ranks_give_the_bytes_of_one_process(tiny_llama, calib, tmp_path, me
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
 
 
+_SLOW_RANK1 = """
+import os, pathlib, time
+if os.environ.get("RANK") == "1":
+    _unlink = pathlib.Path.unlink
+    def unlink(self, *a, **k):
+        if self.name.startswith("rank1-layer"):
+            time.sleep(1.0)
+        return _unlink(self, *a, **k)
+    pathlib.Path.unlink = unlink
+"""
+
+
+def test_rank0_finishes_only_after_every_rank_dropped_its_hidden_states(tiny_llama, calib, tmp_path):
+    """Rank 1 made slow at deleting its older hidden states (a sitecustomize on its path): rank 0
+    must not remove the folder under it (seen once in CI as a FileNotFoundError in rmtree)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_RANK1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    r = _lowbit("quantize", tiny_llama, "--method", "gptq", "--calib", calib.text, "--samples", "16", "--seqlen", "32",
+                "--group-size", "32", "-o", tmp_path / "out", "--workers", "2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out").is_dir() and not (tmp_path / ".out.partial").exists()
+
+
 def test_refusals_are_one_line(tiny_llama, calib, tmp_path):
     r = _lowbit("quantize", tiny_llama, "--method", "rtn", "--group-size", "32", "-o", tmp_path / "a", "--workers", "2")
     assert r.returncode == 2 and "reads none" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -244,6 +244,8 @@ class _StreamedRun:
         else:
             resumed_at = self._layerwise(layers, inner, ws, impl, opts, progress)
             extra, outer_method = (dataclasses.asdict(opts) if opts is not None else {}), impl
+        # every rank has dropped its older hidden states before rank 0 removes the folder
+        distributed.barrier()
         if self.rank == 0:   # the other ranks only helped calibrate
             self._outside(outer, ws, outer_method, extra, record)
             record["seconds"]["quantize"] = time.perf_counter() - t0
