@@ -168,8 +168,9 @@ def main() -> None:
     ap.add_argument("--only", choices=["rtn", "gptq"], help="one method's rows -> streaming_<method>.{json,md}")
     ap.add_argument("--only-rows", action="store_true", help="only the --row rows")
     ap.add_argument("--name", help="results file name (default streaming[_METHOD])")
-    ap.add_argument("--to", choices=["native", "gguf"], default="native",
-                    help="the output: a lowbit folder (int4 g128 sym), or a GGUF file (Q4_0: int4 sym in blocks of 32)")
+    ap.add_argument("--to", choices=["native", "gguf", "gptq", "awq", "compressed-tensors"], default="native",
+                    help="the output: a lowbit folder (int4 g128 sym), a GGUF file (Q4_0: int4 sym in blocks of 32), "
+                         "or a GPTQ/AWQ/compressed-tensors folder (int4 g128 sym)")
     ap.add_argument("--row", action="append", default=[],
                     help='an extra row as JSON [method, layers, hidden, intermediate, [modes]], e.g. '
                          '\'["gptq", 32, 4096, 11008, ["streamed"]]\' (a 7B-sized checkpoint: 13.5 GB of disk)')
@@ -221,6 +222,9 @@ def _layer_peaks(row: dict) -> str:
     return f"{peaks[0]:.2f} / {later}"
 
 
+OUTPUTS = {"gguf": "one GGUF file, Q4_0 (int4 sym, blocks of 32), written tensor by tensor", "native": "a lowbit folder"}
+
+
 def write_results(results: list[dict], args) -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
@@ -233,7 +237,7 @@ def write_results(results: list[dict], args) -> None:
              f"`python bench/streaming.py{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}"
              f"{' --only-rows' if args.only_rows else ''}{''.join(f' --row {r!r}' for r in args.row)}"
              f"{f' --name {args.name}' if args.name else ''}{f' --to {args.to}' if args.to != 'native' else ''}`. "
-             f"Output: {'one GGUF file, Q4_0 (int4 sym, blocks of 32), written tensor by tensor' if args.to == 'gguf' else 'a lowbit folder'}. "
+             f"Output: {OUTPUTS.get(args.to, f'a {args.to} checkpoint folder, written by its exporter from the parts')}. "
              "Synthetic LLaMA checkpoints, bf16, "
              "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "
              f"the width says otherwise. {meta['scheme']}; {meta['calibration']}. {meta['cores']} cores, shared with "

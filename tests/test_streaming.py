@@ -356,3 +356,59 @@ def test_killed_gguf_run_resumes_to_the_same_file(bf16_sharded_bpe, calib, tmp_p
     assert json.loads(r.stdout)["resumed_at_layer"] == 0   # GPTQ redoes a layer whose next inputs were not saved
     assert out.read_bytes() == (tmp_path / "whole.gguf").read_bytes()
     assert not (tmp_path / f".{out.name}.partial").exists()
+
+
+@pytest.mark.parametrize("method,to,scheme", [("gptq", "gptq", dict(symmetric=True)), ("rtn", "awq", dict(symmetric=False)),
+                                              ("awq", "compressed-tensors", dict(symmetric=False)),
+                                              ("rtn", "compressed-tensors", dict(format="fp8_e4m3", bits=None, group_size=-1))])
+def test_streamed_checkpoint_exports_equal_the_resident_ones(bf16_sharded, calib, tmp_path, monkeypatch, method, to, scheme):
+    """--to gptq|awq|compressed-tensors stream as well: the exporter reads each quantized weight
+    from the parts when it packs it, its packed tensors spill to disk past a bound (set to a few
+    KB here, so every run spills many times), and full-precision tensors are copied from the
+    parts or the source: the same folder, byte for byte, as the resident run's."""
+    from lowbit.api import execute, make_recipe
+    from lowbit.export import safetensors_io, write
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+    from lowbit.streaming import quantize_streamed, resident_reason
+
+    spills = []
+    real = safetensors_io.SpilledTensors.spill
+    monkeypatch.setattr(safetensors_io, "SPILL_BYTES", 4096)
+    monkeypatch.setattr(safetensors_io.SpilledTensors, "spill", lambda self: (spills.append(len(self._held)), real(self))[1])
+    ws = WeightScheme(**{"bits": 4, "group_size": 32, **scheme})
+    recipe = make_recipe(ws, method=method, calibration=calib)
+    assert resident_reason(recipe, to) is None
+    loaded = load_source(bf16_sharded)
+    write(execute(loaded, build_plan(loaded, recipe, to, False), progress=False), to, tmp_path / "resident")
+    resident_spills, spills[:] = len(spills), []
+    result = quantize_streamed(load_lazy(bf16_sharded), build_plan(load_lazy(bf16_sharded), recipe, to, False),
+                               tmp_path / "streamed", progress=False)
+    assert result.weights_quantized == 4 * 7 and resident_spills > 3 and len(spills) == resident_spills
+    assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resident", "streamed"]   # no parts, no spill folders
+
+
+def test_a_plan_the_exporter_refuses_stops_after_the_first_layer(bf16_sharded, tmp_path, monkeypatch):
+    """GPTQ v1 cannot hold an asymmetric INT3 weight: the streamed run stops at its first part,
+    in one line with exit 2, and leaves nothing (no output, no partial folder)."""
+    from lowbit import streaming
+
+    parts = []
+    real = streaming._Part.write
+    monkeypatch.setattr(streaming._Part, "write", lambda self, key: (parts.append(key), real(self, key))[1])
+    r = _run("quantize", bf16_sharded, "--bits", "3", "--group-size", "32", "--to", "gptq", "-o", tmp_path / "out", check=False)
+    assert r.returncode == 2 and "supports 2/4/8-bit weights" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    from lowbit.api import make_recipe
+    from lowbit.errors import SchemeError
+    from lowbit.model.load import load_lazy
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+
+    lazy = load_lazy(bf16_sharded)
+    plan = build_plan(lazy, make_recipe(WeightScheme(bits=3, group_size=32), method="rtn"), "gptq", False)
+    with pytest.raises(SchemeError, match="supports 2/4/8-bit"):
+        streaming.quantize_streamed(lazy, plan, tmp_path / "out", progress=False)
+    assert parts == ["layer-00000"] and list(tmp_path.iterdir()) == []

@@ -1,7 +1,7 @@
-"""Quantize a safetensors checkpoint layer by layer into a lowbit folder or a GGUF file, never holding more
-than one decoder layer's weights: the model's parameters stay on the meta device
-(model.lazy), each layer is read from the shards when the runner reaches it, quantized,
-written as a part file and freed.
+"""Quantize a safetensors checkpoint layer by layer into a lowbit folder, a GGUF file or a
+compressed-tensors/GPTQ/AWQ folder, never holding more than one decoder layer's weights: the
+model's parameters stay on the meta device (model.lazy), each layer is read from the shards
+when the runner reaches it, quantized, written as a part file and freed.
 
 The output is the same, byte for byte, as the resident run's (the same plan, method and
 writer); only memory differs. Parts live in a hidden folder beside the output,
@@ -43,8 +43,10 @@ PART_KEY = "lowbit_part"
 
 def resident_reason(recipe: Recipe, container: str) -> str | None:
     """Why a run must hold the whole model in memory; None when it streams."""
-    if container not in ("native", "gguf"):
-        return f"--to {container} is written from the whole model (quantize to native, then `lowbit convert`)"
+    from lowbit.export import CHECKPOINT_EXPORTERS
+
+    if container not in ("native", "gguf", *CHECKPOINT_EXPORTERS):
+        return f"--to {container} is written from the whole model"
     if recipe.rotate is not None:
         return "a rotation changes every layer at once"
     if recipe.budget is not None:
@@ -109,6 +111,7 @@ class _Part:
     def write(self, key: str) -> None:
         if self.run.rank == 0:
             _atomic_safetensors(self.run.part_path(key), self.tensors, {PART_KEY: json.dumps(self.info, sort_keys=True)})
+            self.run.check_export(key, self.info)
         self.run._remember(self.info)
 
 
@@ -130,6 +133,7 @@ class _StreamedRun:
             self.resumed = resume and (self.partial / RUN_FILE).exists()
         self.metas: dict[str, dict] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
+        self.export_checked = False
 
     def _open_partial(self, identity: dict, resume: bool) -> bool:
         """Check a partial folder to resume (True), or start a new one (False)."""
@@ -191,6 +195,29 @@ class _StreamedRun:
         self._remember(info)
         return info
 
+    def check_export(self, key: str, info: dict) -> None:
+        """A checkpoint format's refusals (export.checkpoint_exporter(..., "check")), run on the
+        first part with quantized weights: a plan its exporter cannot hold stops after one layer,
+        not after the last, and its partial folder goes with it."""
+        from types import SimpleNamespace
+
+        from lowbit.export import checkpoint_exporter
+        from lowbit.export.native import LazyTensors
+        from lowbit.model.quantized import QuantizedModel
+
+        if self.export_checked or not info["tensors"] or self.plan.container in ("native", "gguf"):
+            return
+        self.export_checked = True
+        stored, _ = stored_tensors(self.part_path(key))
+        qm = QuantizedModel(self.model, None, self.plan.common_scheme(), LazyTensors(SimpleNamespace(tensors=stored), info["tensors"]),
+                            {n: self.targets[n] for n in info["tensors"]}, self.loaded.source, self.plan.recipe.method,
+                            {}, self.plan)
+        try:
+            checkpoint_exporter(self.plan.container, "check")(qm)
+        except SchemeError:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            raise
+
     def _remember(self, info: dict) -> None:
         self.metas.update(info["tensors"])
         self.sizes.update({n: tuple(v) for n, v in info["sizes"].items()})
@@ -251,7 +278,12 @@ class _StreamedRun:
             record["seconds"]["quantize"] = time.perf_counter() - t0
             finish_record(record, self.plan)
             t0 = time.perf_counter()
-            self._finish_gguf(record, progress) if self.plan.container == "gguf" else self._finish(record)
+            if self.plan.container == "gguf":
+                self._finish_gguf(record, progress)
+            elif self.plan.container == "native":
+                self._finish(record)
+            else:
+                self._finish_checkpoint(record)
             record["seconds"]["write"] = time.perf_counter() - t0
         numel = sum(v[1] for v in self.sizes.values())
         return StreamedResult(self.final, recipe.method, len(self.metas), sum(v[0] for v in self.sizes.values()),
@@ -385,6 +417,23 @@ class _StreamedRun:
         write_gguf(m, self.final, full_precision=self.full_precision, force=True, progress=progress)
         shutil.rmtree(self.partial)
 
+    def _finish_checkpoint(self, record: dict) -> None:
+        """A compressed-tensors, GPTQ or AWQ folder, written by its exporter from the parts: each
+        quantized weight read when packed (the packed tensors spill to disk past a bound), the
+        full-precision ones copied from the parts or the source."""
+        from types import SimpleNamespace
+
+        from lowbit.export import checkpoint_exporter
+        from lowbit.export.native import LazyTensors
+        from lowbit.model.quantized import QuantizedModel
+
+        every = self._stored_parts()
+        qm = QuantizedModel(self.model, self.loaded.tokenizer, self.plan.common_scheme(),
+                            LazyTensors(SimpleNamespace(tensors=every), self.metas), self.targets, self.loaded.source,
+                            self.plan.recipe.method, record, self.plan, floats=_FloatValues(every, self.weights))
+        checkpoint_exporter(self.plan.container)(qm, self.final, force=True, max_shard_bytes=self.max_shard_bytes)
+        shutil.rmtree(self.partial)
+
     def _finish(self, record: dict) -> None:
         """Merge the parts (and the untouched full-precision tensors, read from the source) into the
         output folder, then rename it into place."""
@@ -418,10 +467,13 @@ class _FloatValues:
     def __getitem__(self, name) -> torch.Tensor:
         return self.parts[name].read() if name in self.parts else self.weights.read(name)
 
+    def stored(self, name):
+        """The value's bytes on disk (a StoredTensor), in the dtype it was stored in."""
+        return self.parts[name] if name in self.parts else self.weights.tensors[name]
+
     def read_rows(self, name, r0: int, r1: int) -> torch.Tensor:
         """Rows r0..r1 of a matrix, in float32 (the GGUF writer's embedding and head, a block at a time)."""
-        stored = self.parts[name] if name in self.parts else self.weights.tensors[name]
-        return stored.read_rows(r0, r1).float()
+        return self.stored(name).read_rows(r0, r1).float()
 
 
 def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = False, resume: bool = False,

@@ -12,13 +12,14 @@ CHECKPOINT_EXPORTERS = {
 }
 
 
-def checkpoint_exporter(name: str):
-    """The export function for a checkpoint format."""
+def checkpoint_exporter(name: str, function: str | None = None):
+    """The export function for a checkpoint format (or another function of its module: `check`,
+    every refusal of the export before anything is packed)."""
     if name not in CHECKPOINT_EXPORTERS:
         raise SchemeError(f"unknown export target {name!r}; choose one of: native, gguf, {', '.join(CHECKPOINT_EXPORTERS)}")
     module, func = CHECKPOINT_EXPORTERS[name]
     try:
-        return getattr(importlib.import_module(module), func)
+        return getattr(importlib.import_module(module), function or func)
     except (ImportError, AttributeError) as e:
         raise SchemeError(f"export to {name} is not available in this installation ({e})") from None
 

@@ -43,28 +43,35 @@ def unpack_awq(packed: torch.Tensor) -> torch.Tensor:
     return nibbles[:, :, inverse].reshape(n, w * 8).contiguous()
 
 
-def export_awq(qm: QuantizedModel, output: str | os.PathLike, force: bool = False,
-               max_shard_bytes: int | None = None):
-    """Write qm as an AWQ GEMM checkpoint (qweight/qzeros/scales)."""
+def check(qm: QuantizedModel) -> int:
+    """Every refusal of export_awq, before anything is packed: the group size."""
     ck.int_tensors(qm, TARGET, (BITS,))
     group_size = ck.uniform_group_size(qm, TARGET)
     if group_size == -1:
         raise SchemeError("AWQ GEMM checkpoints need a positive group size (no per-channel mode); "
                           "quantize with --group-size 128 (or 64/32)")
-    tensors = {}
     for name, qt in qm.tensors.items():
-        module = ck.module_of(name)
-        out_f, in_f = qt.codes.shape
-        if out_f % 8:
-            raise SchemeError(f"AWQ packs 8 outputs per int32: {name} has {out_f} outputs; exclude it from the targets")
-        scale, zero = ck.int_params(qt)  # (out, n_groups)
-        tensors[f"{module}.qweight"] = pack_awq(qt.codes.t().contiguous())
-        tensors[f"{module}.qzeros"] = pack_awq(zero.t().contiguous())
-        tensors[f"{module}.scales"] = scale.t().contiguous()
-    qcfg = {"quant_method": "awq", "bits": BITS, "group_size": group_size, "zero_point": True,
-            "version": "gemm", "modules_to_not_convert": None}
-    return ck.write_checkpoint(qm, output, tensors, qcfg, ck.lowbit_metadata(qm, TARGET), force=force,
-                               max_shard_bytes=max_shard_bytes)
+        if qt.codes.shape[0] % 8:
+            raise SchemeError(f"AWQ packs 8 outputs per int32: {name} has {qt.codes.shape[0]} outputs; "
+                              "exclude it from the targets")
+    return group_size
+
+
+def export_awq(qm: QuantizedModel, output: str | os.PathLike, force: bool = False,
+               max_shard_bytes: int | None = None):
+    """Write qm as an AWQ GEMM checkpoint (qweight/qzeros/scales)."""
+    group_size = check(qm)
+    with ck.tensor_store(output) as tensors:
+        for name, qt in qm.tensors.items():
+            module = ck.module_of(name)
+            scale, zero = ck.int_params(qt)  # (out, n_groups)
+            tensors[f"{module}.qweight"] = pack_awq(qt.codes.t().contiguous())
+            tensors[f"{module}.qzeros"] = pack_awq(zero.t().contiguous())
+            tensors[f"{module}.scales"] = scale.t().contiguous()
+        qcfg = {"quant_method": "awq", "bits": BITS, "group_size": group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": None}
+        return ck.write_checkpoint(qm, output, tensors, qcfg, ck.lowbit_metadata(qm, TARGET), force=force,
+                                   max_shard_bytes=max_shard_bytes)
 
 
 def import_checkpoint(path: str | os.PathLike) -> QuantizedModel:

@@ -9,7 +9,10 @@ here rounds or fits values again.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from safetensors import safe_open
 
 from lowbit.errors import SchemeError, SourceError
 from lowbit.export.native import _full_precision_state, staged_output_dir
-from lowbit.export.safetensors_io import write_sharded
+from lowbit.export.safetensors_io import SpilledTensors, StoredTensor, write_sharded
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.packing import pack, unpack
 from lowbit.model.quantized import QuantizedModel, install_quantized
@@ -143,6 +146,18 @@ def module_of(name: str) -> str:
 
 
 # --- writing ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def tensor_store(output):
+    """Where an exporter puts the tensors it builds: in memory up to a bound, then spilled to a
+    hidden folder beside `output` (a 7B model's packed weights need not fit), removed after."""
+    output = Path(output)
+    folder = output.parent / f".{output.name}.spill-{os.getpid()}"
+    try:
+        yield SpilledTensors(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def lowbit_metadata(qm: QuantizedModel, target: str) -> dict:
     """What lowbit records about the export (read back by the importers)."""
     return {"target": target, "source": qm.source, "method": qm.method, "scheme": qm.scheme.to_dict()}
@@ -159,7 +174,7 @@ def write_checkpoint(qm: QuantizedModel, output, tensors: dict[str, torch.Tensor
         if clash:
             raise SchemeError(f"tensor names clash in the checkpoint: {sorted(clash)[:3]}")
         all_tensors = dict(sorted({**state, **tensors}.items()))
-        all_tensors = {k: v.contiguous() for k, v in all_tensors.items()}
+        all_tensors = {k: v if isinstance(v, StoredTensor) else v.contiguous() for k, v in all_tensors.items()}
         # lowbit's writer: the safetensors library orders metadata keys arbitrarily (not the same bytes twice)
         write_sharded(tmp, all_tensors, {"format": "pt", LOWBIT_META_KEY: json.dumps(meta, sort_keys=True)},
                       max_shard_bytes)

@@ -304,46 +304,61 @@ def _check_targets(qm: QuantizedModel) -> None:
                           "quantize with --exclude for it, or export to gguf/native")
 
 
+def _tensor_args(qm: QuantizedModel, name: str, qt: QuantizedTensor) -> tuple[str, dict, dict | None]:
+    """(format, weight args, input args or None) of one tensor; SchemeError for what CT cannot hold."""
+    plan = getattr(getattr(qm, "plan", None), "tensors", None) or {}
+    ck.module_of(name)
+    spec = qt.input_quant
+    input_args = None if spec is None else _input_args(spec, qt.codes.shape[1], name)
+    ws = plan[name].weights if name in plan else qm.scheme.weights   # the tensor's own scheme
+    fmt, args = _weights_args(qt, ws.effective_group_size(), name, quantized_input=spec is not None)
+    return fmt, args, input_args
+
+
+def check(qm: QuantizedModel) -> None:
+    """Every refusal of export_compressed_tensors, before anything is packed."""
+    _check_targets(qm)
+    for name, qt in qm.tensors.items():
+        _tensor_args(qm, name, qt)
+
+
 def export_compressed_tensors(qm: QuantizedModel, output: str | os.PathLike, force: bool = False,
                               max_shard_bytes: int | None = None):
     """Write qm as a compressed-tensors checkpoint (pack-/int-/float-quantized, nvfp4), with
     each Linear's input quantization (W8A8, FP8, NVFP4 W4A4) as its group's input_activations."""
-    _check_targets(qm)
-    plan = getattr(getattr(qm, "plan", None), "tensors", None) or {}
+    check(qm)   # nothing is written on a refusal
     model_dtype = next(qm.model.parameters()).dtype
-    tensors: dict[str, torch.Tensor] = {}
-    groups: dict[tuple, list[str]] = {}
-    exact: dict[str, float] = {}
-    input_specs: dict[str, dict] = {}
-    for name, qt in qm.tensors.items():  # every check first: nothing is written on a refusal
-        module = ck.module_of(name)
-        spec = qt.input_quant
-        input_args = None if spec is None else _input_args(spec, qt.codes.shape[1], name)
-        ws = plan[name].weights if name in plan else qm.scheme.weights   # the tensor's own scheme
-        fmt, args = _weights_args(qt, ws.effective_group_size(), name, quantized_input=spec is not None)
-        key = (fmt, tuple(args.items()), None if input_args is None else tuple(input_args.items()))
-        groups.setdefault(key, []).append(module)
-        for local, t in _module_tensors(qt, fmt, model_dtype).items():
-            tensors[f"{module}.{local}"] = t
-        if spec is not None:
-            for local, t in _input_tensors(spec).items():
+    with ck.tensor_store(output) as tensors:
+        groups: dict[tuple, list[str]] = {}
+        exact: dict[str, float] = {}
+        input_specs: dict[str, dict] = {}
+        for name, qt in qm.tensors.items():
+            module = ck.module_of(name)
+            spec = qt.input_quant
+            fmt, args, input_args = _tensor_args(qm, name, qt)
+            key = (fmt, tuple(args.items()), None if input_args is None else tuple(input_args.items()))
+            groups.setdefault(key, []).append(module)
+            for local, t in _module_tensors(qt, fmt, model_dtype).items():
                 tensors[f"{module}.{local}"] = t
-            input_specs[name] = dict(spec)
-        if fmt == NVFP4:  # the reciprocal in the file may not invert exactly; keep lowbit's value
-            exact[name] = float(qt.params["global_scale"].double())
-    quantized = {ck.module_of(n) for n in qm.tensors}
-    linear = [n for n, m in qm.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    ignore = [n for n in linear if n not in quantized]
-    cfg = quantization_config(groups, ignore, all_linear=len(groups) == 1)
-    cfg["sparsity_config"] = sparsity_config(qm, sorted(quantized), ignore)
-    _validate(cfg)
-    meta = ck.lowbit_metadata(qm, TARGET)
-    if exact:
-        meta["nvfp4_global_scale"] = exact
-    if input_specs:
-        meta[META_INPUT] = input_specs
-    return ck.write_checkpoint(qm, output, tensors, cfg, meta, force=force,
-                               max_shard_bytes=max_shard_bytes)
+            if spec is not None:
+                for local, t in _input_tensors(spec).items():
+                    tensors[f"{module}.{local}"] = t
+                input_specs[name] = dict(spec)
+            if fmt == NVFP4:  # the reciprocal in the file may not invert exactly; keep lowbit's value
+                exact[name] = float(qt.params["global_scale"].double())
+        quantized = {ck.module_of(n) for n in qm.tensors}
+        linear = [n for n, m in qm.model.named_modules() if isinstance(m, torch.nn.Linear)]
+        ignore = [n for n in linear if n not in quantized]
+        cfg = quantization_config(groups, ignore, all_linear=len(groups) == 1)
+        cfg["sparsity_config"] = sparsity_config(qm, sorted(quantized), ignore)
+        _validate(cfg)
+        meta = ck.lowbit_metadata(qm, TARGET)
+        if exact:
+            meta["nvfp4_global_scale"] = exact
+        if input_specs:
+            meta[META_INPUT] = input_specs
+        return ck.write_checkpoint(qm, output, tensors, cfg, meta, force=force,
+                                   max_shard_bytes=max_shard_bytes)
 
 
 # --- import ---------------------------------------------------------------------------------

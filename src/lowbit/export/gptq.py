@@ -42,45 +42,50 @@ def unpack_along_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return ck.unpack_int32_cols(packed, bits, packed.shape[0] * (32 // bits))
 
 
-def export_gptq(qm: QuantizedModel, output: str | os.PathLike, checkpoint_format: str = "gptq",
-                force: bool = False, max_shard_bytes: int | None = None):
-    """Write qm as a GPTQ checkpoint (qweight/qzeros/scales/g_idx, quantize_config.json)."""
+def check(qm: QuantizedModel, checkpoint_format: str = "gptq") -> tuple[int, int, bool]:
+    """Every refusal of export_gptq, before anything is packed: (bits, group size, sym)."""
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise SchemeError(f"GPTQ checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
     ck.int_tensors(qm, TARGET, BITS)
     group_size = ck.uniform_group_size(qm, TARGET)
-    bits = next(iter(qm.tensors.values())).format.bits
+    bits = {qt.format.bits for qt in qm.tensors.values()}
     sym = {qt.format.symmetric for qt in qm.tensors.values()}
-    if len({qt.format.bits for qt in qm.tensors.values()}) != 1 or len(sym) != 1:
+    if len(bits) != 1 or len(sym) != 1:
         raise SchemeError("GPTQ export needs one bit width and one symmetry for all weights")
-    p = 32 // bits
-    tensors = {}
+    p = 32 // min(bits)
     for name, qt in qm.tensors.items():
-        module = ck.module_of(name)
         out_f, in_f = qt.codes.shape
         if in_f % p or out_f % p:
             raise SchemeError(f"GPTQ packs {p} codes per int32: {name} is {out_f}x{in_f}, both must be "
                               f"multiples of {p}; exclude it from the targets")
-        scale, zero = ck.int_params(qt)  # (out, n_groups)
-        if checkpoint_format == "gptq":
-            if bool((zero == 0).any()):
-                raise SchemeError(f"{name} has a zero-point of 0, which GPTQ v1 (stores zero - 1) cannot hold; "
-                                  "export with checkpoint_format='gptq_v2' or quantize symmetric")
-            stored_zero = zero - 1
-        else:
-            stored_zero = zero
-        tensors[f"{module}.qweight"] = pack_along_rows(qt.codes.t().contiguous(), bits)
-        tensors[f"{module}.qzeros"] = ck.pack_int32_rows(stored_zero.t().contiguous(), bits)
-        tensors[f"{module}.scales"] = scale.t().contiguous()
-        g = in_f if group_size == -1 else group_size
-        tensors[f"{module}.g_idx"] = (torch.arange(in_f) // g).to(torch.int32)
-    qcfg = {"bits": bits, "group_size": group_size, "desc_act": False, "sym": sym.pop(),
-            "true_sequential": True, "static_groups": False, "lm_head": False,
-            "quant_method": "gptq", "checkpoint_format": checkpoint_format,
-            "modules_in_block_to_quantize": None, "damp_percent": 0.01,
-            "meta": {"quantizer": ["lowbit"], "lowbit_method": qm.method}}
-    return ck.write_checkpoint(qm, output, tensors, qcfg, ck.lowbit_metadata(qm, TARGET),
-                               extra_files={"quantize_config.json": qcfg}, force=force, max_shard_bytes=max_shard_bytes)
+        if checkpoint_format == "gptq" and bool((ck.int_params(qt)[1] == 0).any()):
+            raise SchemeError(f"{name} has a zero-point of 0, which GPTQ v1 (stores zero - 1) cannot hold; "
+                              "export with checkpoint_format='gptq_v2' or quantize symmetric")
+    return bits.pop(), group_size, sym.pop()
+
+
+def export_gptq(qm: QuantizedModel, output: str | os.PathLike, checkpoint_format: str = "gptq",
+                force: bool = False, max_shard_bytes: int | None = None):
+    """Write qm as a GPTQ checkpoint (qweight/qzeros/scales/g_idx, quantize_config.json)."""
+    bits, group_size, sym = check(qm, checkpoint_format)
+    with ck.tensor_store(output) as tensors:
+        for name, qt in qm.tensors.items():
+            module = ck.module_of(name)
+            in_f = qt.codes.shape[1]
+            scale, zero = ck.int_params(qt)  # (out, n_groups)
+            stored_zero = zero - 1 if checkpoint_format == "gptq" else zero
+            tensors[f"{module}.qweight"] = pack_along_rows(qt.codes.t().contiguous(), bits)
+            tensors[f"{module}.qzeros"] = ck.pack_int32_rows(stored_zero.t().contiguous(), bits)
+            tensors[f"{module}.scales"] = scale.t().contiguous()
+            g = in_f if group_size == -1 else group_size
+            tensors[f"{module}.g_idx"] = (torch.arange(in_f) // g).to(torch.int32)
+        qcfg = {"bits": bits, "group_size": group_size, "desc_act": False, "sym": sym,
+                "true_sequential": True, "static_groups": False, "lm_head": False,
+                "quant_method": "gptq", "checkpoint_format": checkpoint_format,
+                "modules_in_block_to_quantize": None, "damp_percent": 0.01,
+                "meta": {"quantizer": ["lowbit"], "lowbit_method": qm.method}}
+        return ck.write_checkpoint(qm, output, tensors, qcfg, ck.lowbit_metadata(qm, TARGET),
+                                   extra_files={"quantize_config.json": qcfg}, force=force, max_shard_bytes=max_shard_bytes)
 
 
 def import_checkpoint(path: str | os.PathLike) -> QuantizedModel:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import SourceError
+from lowbit.errors import SchemeError, SourceError
 from lowbit.export.safetensors_io import write_sharded
 from lowbit.model.quantized import QuantizedModel, install_quantized, recorded_recipe
 from lowbit.model.targets import WeightTarget, set_submodule
@@ -25,17 +25,24 @@ WEIGHTS_FILE = "model.safetensors"
 CODES_SUFFIX = ":codes"
 
 
-def _full_precision_state(qm: QuantizedModel) -> dict[str, torch.Tensor]:
-    """Every tensor of the model that is not quantized, each storage once (tied weights)."""
+def _full_precision_state(qm: QuantizedModel) -> dict:
+    """Every tensor of the model that is not quantized, each storage once (tied weights). A value
+    left on the meta device (a streamed run) comes as qm.floats' StoredTensor, in float32 as a
+    resident model holds it, so both write the same bytes."""
     out, seen = {}, set()
-    for name, t in qm.model.state_dict().items():
+    for name, t in qm.model.state_dict(keep_vars=True).items():
         if name in qm.tensors or ".qweight" in name:
             continue
-        key = (t.data_ptr(), t.shape)
+        key = id(t) if t.is_meta else (t.data_ptr(), t.shape)
         if key in seen:
             continue
         seen.add(key)
-        out[name] = t.detach().contiguous()
+        if not t.is_meta:
+            out[name] = t.detach().contiguous()
+        elif getattr(qm, "floats", None) is not None and name in qm.floats:
+            out[name] = qm.floats.stored(name).converted("F32")
+        else:
+            raise SchemeError(f"{name} has no value (left on the meta device with nothing to read it from)")
     return out
 
 

@@ -186,3 +186,47 @@ def write_sharded(folder: str | os.PathLike, tensors: Mapping[str, "torch.Tensor
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return files + [INDEX_FILE]
+
+
+SPILL_BYTES = 256 << 20   # in-memory tensors a SpilledTensors holds before writing them out
+
+
+class SpilledTensors(Mapping):
+    """name -> tensor, for an exporter building more than memory holds: once the tensors in
+    memory pass SPILL_BYTES they are written to a safetensors file in `folder` and kept as
+    StoredTensor ranges. write_safetensors copies either kind byte for byte, so the output is
+    the same whether anything spilled. The caller owns (and removes) `folder`."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self._tensors: dict[str, "torch.Tensor | StoredTensor"] = {}
+        self._held: dict[str, torch.Tensor] = {}
+        self._held_bytes = self._files = 0
+
+    def __setitem__(self, name: str, t: torch.Tensor) -> None:
+        if name in self._tensors:
+            raise KeyError(f"{name} is already stored")
+        self._tensors[name] = self._held[name] = t.detach().contiguous()
+        self._held_bytes += t.numel() * t.element_size()
+        if self._held_bytes > SPILL_BYTES:
+            self.spill()
+
+    def spill(self) -> None:
+        """Write the tensors held in memory to a new file of folder; keep their byte ranges."""
+        if not self._held:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"spill-{self._files:05d}.safetensors"
+        self._files += 1
+        write_safetensors(path, self._held)
+        self._tensors.update(stored_tensors(path)[0])
+        self._held, self._held_bytes = {}, 0
+
+    def __getitem__(self, name):
+        return self._tensors[name]
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)

@@ -21,7 +21,9 @@ class QuantizedModel:
     tensors:  parameter name -> QuantizedTensor (the source of truth for exporters);
     targets:  parameter name -> WeightTarget (layout of each quantized weight);
     recipe:   method, its options, excluded weights, the recipe and plan that ran, timings:
-              recorded in outputs.
+              recorded in outputs;
+    floats:   for a model left on the meta device (a streamed run), name -> StoredTensor of
+              every full-precision value, read when an exporter writes it.
     """
 
     model: torch.nn.Module
@@ -33,6 +35,9 @@ class QuantizedModel:
     method: str
     recipe: dict = dataclasses.field(default_factory=dict)
     plan: object = None   # the lowbit.plan.Plan it was made from (None when loaded from a file)
+    # a streamed run's model is left on the meta device: name -> StoredTensor of each value it kept
+    # in full precision (in the run's parts or the source), for the exporters to copy
+    floats: object = None
 
     @property
     def quantized_bytes(self) -> int:
