@@ -412,3 +412,37 @@ def test_a_plan_the_exporter_refuses_stops_after_the_first_layer(bf16_sharded, t
     with pytest.raises(SchemeError, match="supports 2/4/8-bit"):
         streaming.quantize_streamed(lazy, plan, tmp_path / "out", progress=False)
     assert parts == ["layer-00000"] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("to", ["native", "gguf"])
+def test_streamed_run_weighted_by_an_imatrix_equals_the_resident_one(bf16_sharded_bpe, tmp_path, monkeypatch, to):
+    """--imatrix streams: its entries are matched by name and shape on the meta model, each weight
+    is fitted with its columns' importance as it is read (here 15 rows at a time)."""
+    from lowbit import streaming
+
+    monkeypatch.setattr(streaming, "ROW_BLOCK_ELEMENTS", 1000)
+    from lowbit.api import execute, make_recipe
+    from lowbit.calib import imatrix
+    from lowbit.export import write
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.model.targets import select_targets
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+    from lowbit.streaming import quantize_streamed, resident_reason
+
+    loaded = load_source(bf16_sharded_bpe)
+    windows = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    st = imatrix.collect(loaded.model, select_targets(loaded.model), windows, batch_size=2, progress=False)
+    path = imatrix.write(tmp_path / "im.gguf", st, imatrix.gguf_names(loaded.model), 2, 16, "text.txt")
+    scheme = WeightScheme(format="gguf_iq4_nl", bits=None, group_size=32)
+    recipe = make_recipe(scheme, imatrix=str(path))
+    assert resident_reason(recipe, to) is None
+    suffix = ".gguf" if to == "gguf" else ""
+    resident = write(execute(loaded, build_plan(loaded, recipe, to, False), progress=False), to, tmp_path / f"resident{suffix}")
+    fresh = load_source(bf16_sharded_bpe)
+    plain = write(execute(fresh, build_plan(fresh, make_recipe(scheme), to, False), progress=False), to,
+                  tmp_path / f"plain{suffix}")
+    lazy = load_lazy(bf16_sharded_bpe)
+    quantize_streamed(lazy, build_plan(lazy, recipe, to, False), tmp_path / f"streamed{suffix}", progress=False)
+    read = (lambda p: p.read_bytes()) if to == "gguf" else _files
+    assert read(tmp_path / f"streamed{suffix}") == read(resident) != read(plain)

@@ -139,7 +139,7 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
     else:
         tensors = {}
         extra = dataclasses.asdict(opts) if opts is not None else {}
-        importance = _imatrix_importance(model, targets, recipe.imatrix, record) if recipe.imatrix else {}
+        importance = imatrix_importance(model, targets, recipe.imatrix, record) if recipe.imatrix else {}
         with torch.no_grad():
             for t in tqdm(targets, desc=f"{recipe.method}", disable=not progress, unit="w"):
                 weighted = {"importance": importance[t.name]} if t.name in importance else {}
@@ -155,7 +155,7 @@ def execute(loaded: LoadedModel, plan: Plan, forward_loop=None, progress: bool =
                           loaded.source, recipe.method, record, plan)
 
 
-def _imatrix_importance(model, targets, path: str, record: dict) -> dict:
+def imatrix_importance(model, targets, path: str, record: dict) -> dict:
     """{weight name: per-column importance} from a llama.cpp imatrix file; what was read and which
     targets it has no entry for (they are fitted unweighted, as llama-quantize does) are recorded."""
     from lowbit.calib import imatrix

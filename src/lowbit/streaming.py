@@ -51,8 +51,6 @@ def resident_reason(recipe: Recipe, container: str) -> str | None:
         return "a rotation changes every layer at once"
     if recipe.budget is not None:
         return "a size budget measures every weight's sensitivity first"
-    if recipe.imatrix is not None:
-        return "--imatrix is matched to the whole model's GGUF tensor names"
     if any(s.activations is not None and s.activations.needs_calibration for s in (recipe.scheme, *(g.scheme for g in recipe.groups))):
         return "static activation scales are calibrated on the whole quantized model"
     return None
@@ -265,16 +263,21 @@ class _StreamedRun:
         outer = [t for t in targets if t not in inner]
         record = new_record(self.plan, opts)
         t0 = time.perf_counter()
+        importance = {}
+        if recipe.imatrix is not None:   # names and shapes only: the model may stay on meta
+            from lowbit.api import imatrix_importance
+
+            importance = imatrix_importance(self.model, targets, recipe.imatrix, record)
         if is_calibrated(recipe.method):
             resumed_at = self._calibrated(layers, inner, ws, impl, opts, record, progress)
             extra, outer_method = {}, None
         else:
-            resumed_at = self._layerwise(layers, inner, ws, impl, opts, progress)
+            resumed_at = self._layerwise(layers, inner, ws, impl, opts, progress, importance)
             extra, outer_method = (dataclasses.asdict(opts) if opts is not None else {}), impl
         # every rank has dropped its older hidden states before rank 0 removes the folder
         distributed.barrier()
         if self.rank == 0:   # the other ranks only helped calibrate
-            self._outside(outer, ws, outer_method, extra, record)
+            self._outside(outer, ws, outer_method, extra, record, importance)
             record["seconds"]["quantize"] = time.perf_counter() - t0
             finish_record(record, self.plan)
             t0 = time.perf_counter()
@@ -289,9 +292,10 @@ class _StreamedRun:
         return StreamedResult(self.final, recipe.method, len(self.metas), sum(v[0] for v in self.sizes.values()),
                               numel, resumed_at, record)
 
-    def _layerwise(self, layers, inner, ws, impl, opts, progress) -> int | None:
+    def _layerwise(self, layers, inner, ws, impl, opts, progress, importance: dict) -> int | None:
         """Methods without calibration: one weight read and quantized at a time, a part per layer
-        (the layer's full-precision tensors are copied from the source at the end)."""
+        (the layer's full-precision tensors are copied from the source at the end); importance:
+        an imatrix's per-column weights, by weight name."""
         extra = dataclasses.asdict(opts) if opts is not None else {}
         first_missing = None
         with torch.no_grad():
@@ -303,22 +307,25 @@ class _StreamedRun:
                 part = self.new_part()
                 for t in inner:
                     if t.module_name.startswith(f"{self.prefix}.{i}."):
-                        part.add(t.name, self.quantize_read(t, lambda w, tr, t=t: impl.quantize_weight(w, ws[t.name], tr, **extra),
-                                                            ws[t.name].make_format()))
+                        weighted = {"importance": importance[t.name]} if t.name in importance else {}
+                        quantize = lambda w, tr, t=t, weighted=weighted: impl.quantize_weight(w, ws[t.name], tr, **extra, **weighted)  # noqa: E731
+                        # one importance per expert: the rows of a block must not cross experts
+                        whole = weighted and weighted["importance"].ndim > 1
+                        part.add(t.name, self.quantize_read(t, quantize, ws[t.name].make_format(), whole))
                 part.write(key)
                 del part
                 heap.trim()
         return first_missing if self.resumed else None
 
-    def quantize_read(self, t, quantize, fmt):
+    def quantize_read(self, t, quantize, fmt, whole: bool = False):
         """quantize(w, transposed) of a weight read from the checkpoint; a block of rows at a time
         where that gives the same result (a data-free method, rows the format keeps apart, no
-        tensor-level parameters), so a large matrix is never whole in float32."""
+        tensor-level parameters, not `whole`), so a large matrix is never whole in float32."""
         stored = self.weights.tensors[t.name]
         cols = stored.shape[-1]
         rows = stored.numel // cols if cols else 0
         step = max(1, ROW_BLOCK_ELEMENTS // max(1, cols))
-        if t.transposed or rows <= step or not fmt.rows_independent:
+        if whole or t.transposed or rows <= step or not fmt.rows_independent:
             return quantize(self.weights.read(t.name), t.transposed)
         first = quantize(stored.read_rows(0, step).float(), False)
         if first.group_size == 0 or any(v.ndim != 2 or v.shape[0] != step for v in first.params.values()):
@@ -375,7 +382,7 @@ class _StreamedRun:
                              hooks=hooks, tensors=tensors, fallbacks=fallbacks, cache_decoded=False)
         return first if self.resumed else None
 
-    def _outside(self, outer, ws, impl, extra, record) -> None:
+    def _outside(self, outer, ws, impl, extra, record, importance: dict) -> None:
         """Targets outside the decoder layers (an included embedding or head): the method itself,
         or RTN after a calibrated method (as the resident run does), one part each."""
         from lowbit.methods import rtn
@@ -385,7 +392,8 @@ class _StreamedRun:
             if self.done_part(key) is None:
                 w = self.weights.read(t.name)
                 if impl is not None:
-                    qt = impl.quantize_weight(w, ws[t.name], t.transposed, **extra)
+                    weighted = {"importance": importance[t.name]} if t.name in importance else {}
+                    qt = impl.quantize_weight(w, ws[t.name], t.transposed, **extra, **weighted)
                 else:
                     qt = rtn.quantize_weight(w, scheme_of(ws, t.name), t.transposed)
                 del w

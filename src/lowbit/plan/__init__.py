@@ -199,7 +199,9 @@ def build_plan(loaded, recipe=None, container: str = "native", progress: bool = 
         weighted = recipe.imatrix is not None or bool(recipe.method and is_calibrated(recipe.method))
         read = None
         if getattr(loaded, "weights", None) is not None:   # parameters on meta: measured fallbacks read the checkpoint
-            read = lambda t: t.parameter(model).data if not t.parameter(model).is_meta else loaded.weights.read(t.name)  # noqa: E731
+            def read(t):
+                p = t.parameter(model)
+                return loaded.weights.read(t.name) if p.is_meta else p.data
         schemes, rows = mix_schemes(model, recipe.gguf_mix, fallback_policy=recipe.gguf_fallback, imatrix=weighted,
                                     read=read)
         by_name = {t.name: t for t in targets}
