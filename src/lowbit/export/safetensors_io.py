@@ -188,7 +188,7 @@ def write_sharded(folder: str | os.PathLike, tensors: Mapping[str, "torch.Tensor
     return files + [INDEX_FILE]
 
 
-SPILL_BYTES = 256 << 20   # in-memory tensors a SpilledTensors holds before writing them out
+SPILL_BYTES = 64 << 20   # in-memory tensors a SpilledTensors holds before writing them out
 
 
 class SpilledTensors(Mapping):
