@@ -207,7 +207,8 @@ class _StreamedRun:
             return
         self.export_checked = True
         stored, _ = stored_tensors(self.part_path(key))
-        qm = QuantizedModel(self.model, None, self.plan.common_scheme(), LazyTensors(SimpleNamespace(tensors=stored), info["tensors"]),
+        tensors = LazyTensors(SimpleNamespace(tensors=stored), info["tensors"], codes_on_meta=True)   # checks read no codes
+        qm = QuantizedModel(self.model, None, self.plan.common_scheme(), tensors,
                             {n: self.targets[n] for n in info["tensors"]}, self.loaded.source, self.plan.recipe.method,
                             {}, self.plan)
         try:

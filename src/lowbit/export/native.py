@@ -14,6 +14,7 @@ import torch
 
 from lowbit.errors import SchemeError, SourceError
 from lowbit.export.safetensors_io import write_sharded
+from lowbit.formats import make_format
 from lowbit.model.quantized import QuantizedModel, install_quantized, recorded_recipe
 from lowbit.model.targets import WeightTarget, set_submodule
 from lowbit.scheme import QuantScheme
@@ -139,14 +140,20 @@ class LazyTensors(dict):
     runtime keeps nothing but its packed modules in memory, yet exporters still find every
     tensor."""
 
-    def __init__(self, weights, metas: dict[str, dict]):
+    def __init__(self, weights, metas: dict[str, dict], codes_on_meta: bool = False):
         super().__init__()
         self._weights, self._metas = weights, metas   # model.lazy.CheckpointWeights of the folder
+        self._codes_on_meta = codes_on_meta   # headers only: codes of the right shape, never read
 
     def _read(self, name: str) -> QuantizedTensor:
         meta = self._metas[name]
         t = self._weights.tensors
         params = {p: t[f"{name}:{p}"].read() for p in meta["params"]}
+        if self._codes_on_meta:
+            fmt_cfg = dict(meta["format"])
+            codes = torch.empty(meta["matrix_shape"], dtype=torch.uint8, device="meta")
+            return QuantizedTensor(codes, params, make_format(fmt_cfg.pop("name"), **fmt_cfg), meta["group_size"],
+                                   tuple(meta["shape"]), meta["transposed"], meta.get("input_quant"))
         return QuantizedTensor.from_packed(meta, t[name + CODES_SUFFIX].read(), params)
 
     def __getitem__(self, name):
