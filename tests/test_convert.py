@@ -200,3 +200,20 @@ def test_convert_gguf_q4_0_to_compressed_tensors_and_back(bpe_llama, tmp_path, c
     x = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(first).tensors}
     y = {t.name: np.asarray(t.data).tobytes() for t in gguf.GGUFReader(again).tensors}
     assert x.keys() == y.keys() and all(x[k] == y[k] for k in x)
+
+
+@pytest.mark.parametrize("to,flags", [("gptq", []), ("awq", ["--asym"]), ("compressed-tensors", ["--asym"])])
+def test_convert_a_lowbit_folder_to_a_checkpoint_never_loads_it(bpe_llama, tmp_path, capsys, monkeypatch, to, flags):
+    """A lowbit folder into GPTQ/AWQ/compressed-tensors is read one tensor at a time (the model
+    stays on meta, full-precision tensors are copied as byte ranges): the same folder, byte for
+    byte, as the resident export of the loaded model, with the loader never called."""
+    from lowbit.export import native, write
+
+    folder = tmp_path / "q"
+    assert main(["-q", "quantize", str(bpe_llama), "--bits", "4", "--group-size", "32", *flags, "-o", str(folder)]) == 0
+    write(native.load(folder), to, tmp_path / "resident")
+    monkeypatch.setattr(native, "load", lambda *a, **k: pytest.fail("convert loaded the whole folder"))
+    assert main(["-q", "convert", str(folder), "--to", to, "-o", str(tmp_path / "lazy")]) == 0
+    capsys.readouterr()
+    files = lambda p: {f.name: f.read_bytes() for f in sorted(p.iterdir())}  # noqa: E731
+    assert files(tmp_path / "lazy") == files(tmp_path / "resident")

@@ -671,8 +671,11 @@ def cmd_convert(args):
     from lowbit.errors import SchemeError
     from lowbit.export import write
 
+    from lowbit.export import CHECKPOINT_EXPORTERS
+
     _refuse_existing(args.output, force=args.force)
-    qm = read_quantized(args.input)
+    # a lowbit folder into a checkpoint format: read one tensor at a time, never loaded whole
+    qm = read_quantized(args.input, lazy=args.to in CHECKPOINT_EXPORTERS)
     if args.to == "gguf":
         from lowbit.convert import to_gguf_blocks
         from lowbit.export.gguf import write_gguf

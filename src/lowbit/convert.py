@@ -9,6 +9,7 @@ The other exporters store lowbit's codes and scales as they are, or refuse what 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -32,9 +33,10 @@ IMPORTERS = {"gptq": "lowbit.export.gptq", "awq": "lowbit.export.awq",
              "compressed-tensors": "lowbit.export.compressed_tensors"}
 
 
-def read_quantized(path) -> QuantizedModel:
+def read_quantized(path, lazy: bool = False) -> QuantizedModel:
     """A quantized checkpoint as a QuantizedModel: a lowbit folder, a GGUF file, or a GPTQ / AWQ /
-    compressed-tensors folder (its codes and scales as stored)."""
+    compressed-tensors folder (its codes and scales as stored). lazy=True opens a lowbit folder
+    without reading its weights (export.native.open_lazy: for exporters only)."""
     import importlib
     import json
     from pathlib import Path
@@ -44,9 +46,9 @@ def read_quantized(path) -> QuantizedModel:
 
     resolved, kind = resolve_source(path)
     if kind == "lowbit":
-        from lowbit.export.native import load
+        from lowbit.export.native import load, open_lazy
 
-        return load(resolved)
+        return open_lazy(resolved) if lazy else load(resolved)
     if kind == "gguf":
         from lowbit.export.gguf import import_gguf
 
@@ -123,5 +125,25 @@ def blocks_as_integers(qm: QuantizedModel) -> QuantizedModel:
     values, so checkpoint exporters that store integers take them; other tensors as they are."""
     from lowbit.formats.gguf_map import integer_from_blocks
 
-    tensors = {n: integer_from_blocks(qt) or qt for n, qt in qm.tensors.items()}
-    return dataclasses.replace(qm, tensors=tensors)
+    if type(qm.tensors) is dict:   # resident: convert once (LazyTensors, a dict subclass, stays lazy)
+        return dataclasses.replace(qm, tensors={n: integer_from_blocks(qt) or qt for n, qt in qm.tensors.items()})
+    return dataclasses.replace(qm, tensors=_Mapped(qm.tensors, lambda qt: integer_from_blocks(qt) or qt))
+
+
+class _Mapped(Mapping):
+    """name -> fn(tensors[name]), computed when asked for: a lazily opened model stays lazy."""
+
+    def __init__(self, tensors: Mapping, fn):
+        self._tensors, self._fn = tensors, fn
+
+    def __getitem__(self, name):
+        return self._fn(self._tensors[name])
+
+    def __contains__(self, name):
+        return name in self._tensors
+
+    def __iter__(self):
+        return iter(self._tensors)
+
+    def __len__(self):
+        return len(self._tensors)

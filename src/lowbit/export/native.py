@@ -215,6 +215,26 @@ def load(path: str | os.PathLike, runtime: str = "decoded", compute_dtype: torch
                           recipe["source"], recipe["method"], recipe.get("recipe", {}))
 
 
+def open_lazy(path: str | os.PathLike) -> QuantizedModel:
+    """A lowbit folder as a QuantizedModel that holds none of its weights: the model on the meta
+    device, each quantized tensor read when asked for (LazyTensors), full-precision values as
+    byte ranges of the folder (`floats`). What a checkpoint exporter needs to convert a folder
+    larger than memory, one tensor at a time; it does not run."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lowbit.model.lazy import meta_model
+
+    path = Path(path)
+    recipe = read_recipe(path)
+    metas = recipe["tensors"]
+    targets = {name: WeightTarget(name, m["module"], m["param"], m["kind"], m["transposed"]) for name, m in metas.items()}
+    weights = _weights(path)
+    model = meta_model(AutoConfig.from_pretrained(path))
+    return QuantizedModel(model, AutoTokenizer.from_pretrained(path), QuantScheme.from_dict(recipe["scheme"]),
+                          LazyTensors(weights, metas), targets, recipe["source"], recipe["method"], recipe.get("recipe", {}),
+                          floats=weights)
+
+
 def _load_rest(model: torch.nn.Module, stored: dict, path: Path, assign: bool = False) -> None:
     missing, unexpected = model.load_state_dict(stored, strict=False, assign=assign)
     if unexpected:

@@ -55,6 +55,10 @@ class CheckpointWeights:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
+    def stored(self, name: str) -> StoredTensor:
+        """The tensor's bytes on disk (what an exporter copies without reading it)."""
+        return self.tensors[name]
+
     def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One tensor, converted to dtype. Read with plain file reads, not a memory map: mapped
         pages would count against the process until the map closes."""
