@@ -311,7 +311,7 @@ class _StreamedRun:
                         weighted = {"importance": importance[t.name]} if t.name in importance else {}
                         quantize = lambda w, tr, t=t, weighted=weighted: impl.quantize_weight(w, ws[t.name], tr, **extra, **weighted)  # noqa: E731
                         # one importance per expert: the rows of a block must not cross experts
-                        whole = weighted and weighted["importance"].ndim > 1
+                        whole = bool(weighted) and weighted["importance"].ndim > 1
                         part.add(t.name, self.quantize_read(t, quantize, ws[t.name].make_format(), whole))
                 part.write(key)
                 del part
