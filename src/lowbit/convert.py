@@ -9,7 +9,6 @@ The other exporters store lowbit's codes and scales as they are, or refuse what 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 
 import torch
 from tqdm.auto import tqdm
@@ -123,27 +122,12 @@ def to_gguf_blocks(qm: QuantizedModel, refit: str | None = None,
 def blocks_as_integers(qm: QuantizedModel) -> QuantizedModel:
     """GGUF Q4_0/Q5_0/Q8_0 (and Q4_1/Q5_1) tensors as the lowbit integer formats with the same
     values, so checkpoint exporters that store integers take them; other tensors as they are."""
+    from lowbit.export.native import LazyTensors
     from lowbit.formats.gguf_map import integer_from_blocks
 
-    if type(qm.tensors) is dict:   # resident: convert once (LazyTensors, a dict subclass, stays lazy)
-        return dataclasses.replace(qm, tensors={n: integer_from_blocks(qt) or qt for n, qt in qm.tensors.items()})
-    return dataclasses.replace(qm, tensors=_Mapped(qm.tensors, lambda qt: integer_from_blocks(qt) or qt))
+    def integers(qt):
+        return integer_from_blocks(qt) or qt
 
-
-class _Mapped(Mapping):
-    """name -> fn(tensors[name]), computed when asked for: a lazily opened model stays lazy."""
-
-    def __init__(self, tensors: Mapping, fn):
-        self._tensors, self._fn = tensors, fn
-
-    def __getitem__(self, name):
-        return self._fn(self._tensors[name])
-
-    def __contains__(self, name):
-        return name in self._tensors
-
-    def __iter__(self):
-        return iter(self._tensors)
-
-    def __len__(self):
-        return len(self._tensors)
+    if isinstance(qm.tensors, LazyTensors):   # a lazily opened folder stays lazy
+        return dataclasses.replace(qm, tensors=qm.tensors.mapped(integers))
+    return dataclasses.replace(qm, tensors={n: integers(qt) for n, qt in qm.tensors.items()})

@@ -60,7 +60,7 @@ def check(qm: QuantizedModel) -> int:
 def export_awq(qm: QuantizedModel, output: str | os.PathLike, force: bool = False,
                max_shard_bytes: int | None = None):
     """Write qm as an AWQ GEMM checkpoint (qweight/qzeros/scales)."""
-    group_size = check(qm)
+    group_size = check(ck.headers(qm))
     with ck.tensor_store(output) as tensors:
         for name, qt in qm.tensors.items():
             module = ck.module_of(name)

@@ -10,6 +10,7 @@ here rounds or fits values again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -143,6 +144,15 @@ def module_of(name: str) -> str:
     if not name.endswith(".weight"):
         raise SchemeError(f"cannot export {name}: a checkpoint stores quantized Linear weights named '<module>.weight'")
     return name[: -len(".weight")]
+
+
+def headers(qm: QuantizedModel) -> QuantizedModel:
+    """qm for an exporter's checks, which read shapes, formats and parameters only: tensors read
+    lazily come without their codes, so the checks' passes do not read every weight again."""
+    from lowbit.export.native import LazyTensors
+
+    view = qm.tensors.headers() if isinstance(qm.tensors, LazyTensors) else None
+    return qm if view is None else dataclasses.replace(qm, tensors=view)
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def check(qm: QuantizedModel, checkpoint_format: str = "gptq") -> tuple[int, int
 def export_gptq(qm: QuantizedModel, output: str | os.PathLike, checkpoint_format: str = "gptq",
                 force: bool = False, max_shard_bytes: int | None = None):
     """Write qm as a GPTQ checkpoint (qweight/qzeros/scales/g_idx, quantize_config.json)."""
-    bits, group_size, sym = check(qm, checkpoint_format)
+    bits, group_size, sym = check(ck.headers(qm), checkpoint_format)
     with ck.tensor_store(output) as tensors:
         for name, qt in qm.tensors.items():
             module = ck.module_of(name)

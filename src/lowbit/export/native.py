@@ -140,10 +140,20 @@ class LazyTensors(dict):
     runtime keeps nothing but its packed modules in memory, yet exporters still find every
     tensor."""
 
-    def __init__(self, weights, metas: dict[str, dict], codes_on_meta: bool = False):
+    def __init__(self, weights, metas: dict[str, dict], codes_on_meta: bool = False, transform=None):
         super().__init__()
         self._weights, self._metas = weights, metas   # model.lazy.CheckpointWeights of the folder
         self._codes_on_meta = codes_on_meta   # headers only: codes of the right shape, never read
+        self._transform = transform           # applied to each tensor as it is read
+
+    def mapped(self, fn) -> "LazyTensors":
+        """The same tensors, each passed through fn when read."""
+        return LazyTensors(self._weights, self._metas, self._codes_on_meta, fn)
+
+    def headers(self) -> "LazyTensors | None":
+        """The same tensors with their codes left unread (on meta: shapes, formats and parameters
+        only, what exporters' checks read); None under a transform, which may need the codes."""
+        return None if self._transform is not None else LazyTensors(self._weights, self._metas, True)
 
     def _read(self, name: str) -> QuantizedTensor:
         meta = self._metas[name]
@@ -154,7 +164,8 @@ class LazyTensors(dict):
             codes = torch.empty(meta["matrix_shape"], dtype=torch.uint8, device="meta")
             return QuantizedTensor(codes, params, make_format(fmt_cfg.pop("name"), **fmt_cfg), meta["group_size"],
                                    tuple(meta["shape"]), meta["transposed"], meta.get("input_quant"))
-        return QuantizedTensor.from_packed(meta, t[name + CODES_SUFFIX].read(), params)
+        qt = QuantizedTensor.from_packed(meta, t[name + CODES_SUFFIX].read(), params)
+        return qt if self._transform is None else self._transform(qt)
 
     def __getitem__(self, name):
         return self._read(name)
