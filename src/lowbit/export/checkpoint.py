@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from lowbit.errors import SchemeError, SourceError
 from lowbit.export.native import _full_precision_state, staged_output_dir
-from lowbit.export.safetensors_io import SpilledTensors, StoredTensor, write_sharded
+from lowbit.export.safetensors_io import SpilledTensors, write_sharded
 from lowbit.formats.integer import IntFormat
 from lowbit.formats.packing import pack, unpack
 from lowbit.model.quantized import QuantizedModel, install_quantized
@@ -183,8 +183,7 @@ def write_checkpoint(qm: QuantizedModel, output, tensors: dict[str, torch.Tensor
         clash = set(state) & set(tensors)
         if clash:
             raise SchemeError(f"tensor names clash in the checkpoint: {sorted(clash)[:3]}")
-        all_tensors = dict(sorted({**state, **tensors}.items()))
-        all_tensors = {k: v if isinstance(v, StoredTensor) else v.contiguous() for k, v in all_tensors.items()}
+        all_tensors = dict(sorted({**state, **tensors}.items()))   # both hold contiguous tensors or byte ranges
         # lowbit's writer: the safetensors library orders metadata keys arbitrarily (not the same bytes twice)
         write_sharded(tmp, all_tensors, {"format": "pt", LOWBIT_META_KEY: json.dumps(meta, sort_keys=True)},
                       max_shard_bytes)
