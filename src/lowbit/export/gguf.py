@@ -494,10 +494,15 @@ class _Entry:
         return int(np.prod(self.shape)) if self.shape else 1
 
 
-def _value_readers(m: _Model) -> tuple[dict[str, Callable], dict[str, Callable], dict[str, tuple[int, ...]]]:
-    """({name: read float value}, {name: read QuantizedTensor}, {float name: shape}): nothing is read
-    here, so a model whose parameters are on meta (a streamed run: m.floats reads them) is written
-    one tensor at a time. A stacked gate_up becomes its gate and up halves."""
+def _value_readers(m: _Model) -> tuple[dict[str, Callable], dict[str, Callable], dict[str, Callable],
+                                        dict[str, tuple[int, ...]]]:
+    """({name: read float value}, {name: read QuantizedTensor}, {name: read its header},
+    {float name: shape}): nothing is read here, so a model whose parameters are on meta (a
+    streamed run: m.floats reads them) is written one tensor at a time. A header is the tensor
+    without its codes where they are read lazily (its format, shape and parameters: what picks
+    the GGUF type), else the tensor. A stacked gate_up becomes its gate and up halves."""
+    from lowbit.export.native import LazyTensors
+
     state = dict(m.model.named_parameters(remove_duplicate=False))
     persistent = set(m.model.state_dict())   # non-persistent buffers (Gemma's embed_scale) are recomputed
     state.update({k: v for k, v in m.model.named_buffers() if k not in state and k in persistent})
@@ -509,20 +514,20 @@ def _value_readers(m: _Model) -> tuple[dict[str, Callable], dict[str, Callable],
         return lambda: state[name]
 
     floats = {n: float_reader(n) for n in state}
+    head_tensors = (m.tensors.headers() if isinstance(m.tensors, LazyTensors) else None) or m.tensors
     quantized = {n: (lambda n=n: m.tensors[n]) for n in m.tensors}
+    headers = {n: (lambda n=n: head_tensors[n]) for n in m.tensors}
     for fused in [n for n in list(floats) if n.endswith(".experts.gate_up_proj")]:
         head = fused[: -len("gate_up_proj")]
         shape = shapes.pop(fused)
         for half, part in enumerate(("gate_proj", "up_proj")):
             shapes[head + part] = (shape[0], shape[1] // 2, *shape[2:])
-        read = floats.pop(fused)
-        floats[head + "gate_proj"] = lambda read=read: _split_gate_up(read())[0]
-        floats[head + "up_proj"] = lambda read=read: _split_gate_up(read())[1]
-        if fused in quantized:
-            read = quantized.pop(fused)
-            quantized[head + "gate_proj"] = lambda read=read: _split_gate_up(read())[0]
-            quantized[head + "up_proj"] = lambda read=read: _split_gate_up(read())[1]
-    return floats, quantized, shapes
+        for readers in (floats, quantized, headers):
+            if fused in readers:
+                read = readers.pop(fused)
+                readers[head + "gate_proj"] = lambda read=read: _split_gate_up(read())[0]
+                readers[head + "up_proj"] = lambda read=read: _split_gate_up(read())[1]
+    return floats, quantized, headers, shapes
 
 
 def _model_order(model: torch.nn.Module, names: list[str]) -> list[str]:
@@ -541,12 +546,13 @@ def _model_order(model: torch.nn.Module, names: list[str]) -> list[str]:
 
 def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_precision: str | None,
                   name_map, ternary: str = "TQ2_0") -> list[_Entry]:
-    """The file's tensors in model order, q/k not yet permuted. Each quantized tensor is read once
-    here (its GGUF type) and again when it is written; nothing is kept."""
+    """The file's tensors in model order, q/k not yet permuted. Each quantized tensor's header is
+    read here (its GGUF type; the whole tensor only when it is in memory anyway), the tensor when
+    it is written; nothing is kept."""
     config = m.model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan, seen = [], set()
-    floats, quantized, shapes = _value_readers(m)
+    floats, quantized, headers, shapes = _value_readers(m)
     names = _model_order(m.model, list(dict.fromkeys(list(floats) + list(quantized))))
     for hf_name in names:
         if "rotary_emb" in hf_name or hf_name.endswith("inv_freq"):
@@ -563,7 +569,7 @@ def _plan_tensors(m: _Model, spec: ArchSpec, tensor_types: dict[str, str], full_
         requested = tensor_types.get(hf_name, tensor_types.get(gname))
         if hf_name in quantized:
             read = lambda read=quantized[hf_name]: _as_gguf_blocks(read(), ternary)  # noqa: E731
-            qt = read()
+            qt = _as_gguf_blocks(headers[hf_name](), ternary)
             if qt.input_quant is not None:
                 raise SchemeError(f"{hf_name} has quantized inputs, which a GGUF file cannot hold (llama.cpp picks its own "
                                   "activation types at run time); quantize without activations (a weight-only scheme) "
