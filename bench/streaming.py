@@ -36,10 +36,10 @@ from lowbit.model.load import load_lazy, load_source
 from lowbit.plan import build_plan
 from lowbit.scheme import WeightScheme
 from lowbit.streaming import quantize_streamed
-mode, src, out, method, calib, samples, seqlen, container = sys.argv[1:9]
+mode, src, out, method, calib, samples, seqlen, container, rotate = sys.argv[1:10]
 cal = CalibrationConfig(samples=int(samples), seqlen=int(seqlen), text=calib)
 scheme = WeightScheme("gguf_q4_0", None, -1) if container == "gguf" else WeightScheme(bits=4, group_size=128, symmetric=True)
-recipe = make_recipe(scheme, method=method, calibration=cal)
+recipe = make_recipe(scheme, method=method, calibration=cal, rotate=rotate or None)
 def hwm():
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return int(status["VmHWM"].split()[0]) * 1024
@@ -126,11 +126,11 @@ def make_checkpoint(folder: Path, layers: int, hidden: int = 4096, intermediate:
 
 
 def run_child(mode: str, src: Path, out: Path, method: str, calib: str, samples: int, seqlen: int,
-              container: str = "native") -> dict:
+              container: str = "native", rotate: str = "") -> dict:
     _remove(out)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(out), method, calib, str(samples), str(seqlen),
-                             container],
+                             container, rotate],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0 = time.perf_counter()
     stdout, stderr = proc.communicate()
@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--to", choices=["native", "gguf", "gptq", "awq", "compressed-tensors"], default="native",
                     help="the output: a lowbit folder (int4 g128 sym), a GGUF file (Q4_0: int4 sym in blocks of 32), "
                          "or a GPTQ/AWQ/compressed-tensors folder (int4 g128 sym)")
+    ap.add_argument("--rotate", choices=["hadamard"], help="rotate first (streamed: layer by layer into a hidden "
+                    "float32 checkpoint beside the output, which needs the checkpoint's size x 2 (bf16) of disk)")
     ap.add_argument("--row", action="append", default=[],
                     help='an extra row as JSON [method, layers, hidden, intermediate, [modes]], e.g. '
                          '\'["gptq", 32, 4096, 11008, ["streamed"]]\' (a 7B-sized checkpoint: 13.5 GB of disk)')
@@ -197,9 +199,9 @@ def main() -> None:
         digests = {}
         for mode in modes:
             out = work / (f"out-{mode}.gguf" if args.to == "gguf" else f"out-{mode}")
-            r = run_child(mode, ckpt, out, method, calib, args.samples, args.seqlen, args.to)
+            r = run_child(mode, ckpt, out, method, calib, args.samples, args.seqlen, args.to, args.rotate or "")
             digests[mode] = digest(out)
-            row = {"method": method, "mode": mode, "to": args.to, "layers": layers, "hidden": hidden, "intermediate": inter,
+            row = {"method": method, "mode": mode, "to": args.to, "rotate": args.rotate, "layers": layers, "hidden": hidden, "intermediate": inter,
                    "checkpoint_bytes": size, **r, "rss_over_checkpoint": r["peak_rss_bytes"] / size,
                    "load_average": os.getloadavg()[0]}
             results.append(row)
@@ -236,7 +238,9 @@ def write_results(results: list[dict], args) -> None:
     lines = ["# Layer-streamed vs resident quantization: peak RSS", "",
              f"`python bench/streaming.py{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}"
              f"{' --only-rows' if args.only_rows else ''}{''.join(f' --row {r!r}' for r in args.row)}"
-             f"{f' --name {args.name}' if args.name else ''}{f' --to {args.to}' if args.to != 'native' else ''}`. "
+             f"{f' --name {args.name}' if args.name else ''}{f' --to {args.to}' if args.to != 'native' else ''}"
+             f"{f' --rotate {args.rotate}' if args.rotate else ''}`. "
+             f"{'Rotated first (--rotate hadamard): streamed, layer by layer into a hidden float32 checkpoint; resident, in memory. ' if args.rotate else ''}"
              f"Output: {OUTPUTS.get(args.to, f'a {args.to} checkpoint folder, written by its exporter from the parts')}. "
              "Synthetic LLaMA checkpoints, bf16, "
              "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "

@@ -70,7 +70,6 @@ CASES = [   # (what a user did, argv, words the one line must contain)
     ("a recipe that is a list", ["quantize", "tiny", "--recipe", "list.yaml", "-o", "o"], "mapping"),
     ("a misspelt recipe key", ["quantize", "tiny", "--recipe", "unknown.yaml", "-o", "o"], "schem"),
     ("a recipe and flags", ["quantize", "tiny", "--recipe", "bad.yaml", "--bits", "3", "-o", "o"], "drop --bits"),
-    ("--resume of a run that holds the model", ["quantize", "tiny", *G, "--rotate", "hadamard", "--resume", "-o", "o"], "holds the whole model"),
     ("one worker", ["quantize", "tiny", "--method", "gptq", "--workers", "1", "-o", "o"], "2 or more"),
     ("workers for RTN", ["quantize", "tiny", *G, "--workers", "2", "-o", "o"], "reads none"),
     ("more workers than windows", ["quantize", "tiny", "--method", "gptq", *G, *CAL[:2], "--samples", "1", "--seqlen", "32",

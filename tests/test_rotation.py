@@ -113,7 +113,7 @@ def test_unrotatable_models_are_refused_untouched(name, msg):
         assert torch.equal(p, before[n]), n
 
 
-def test_rotate_cli_writes_a_checkpoint_transformers_loads(tmp_path, tokenizer):
+def test_rotate_cli_writes_a_checkpoint_transformers_loads(tmp_path, tokenizer, capsys):
     from transformers import AutoModelForCausalLM
 
     src = tmp_path / "tied"
@@ -122,11 +122,15 @@ def test_rotate_cli_writes_a_checkpoint_transformers_loads(tmp_path, tokenizer):
     tokenizer.save_pretrained(src)
     out = tmp_path / "rotated"
     assert main(["-q", "rotate", str(src), "-o", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["streamed"] is True   # a safetensors folder: a layer at a time
     rotated = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert not rotated.config.tie_word_embeddings
     assert rotated.lm_head.weight.data_ptr() != rotated.model.embed_tokens.weight.data_ptr()
     ref = _logits(model)
     assert (_logits(rotated) - ref).abs().max() < 1e-4 * ref.abs().max()
+    rotate_model(model)   # the resident rotation's values, bit for bit
+    state = rotated.state_dict()
+    assert all(torch.equal(state[n], p) for n, p in model.state_dict().items())
 
 
 def test_rotated_gptq_reloads_and_records_its_rotation(tiny_llama, tmp_path, calib):

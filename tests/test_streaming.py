@@ -48,8 +48,10 @@ def bf16_sharded_bpe(tmp_path_factory, default_model):
     return folder
 
 
-def _run(*argv, check=True):
-    r = subprocess.run([sys.executable, "-m", "lowbit", "--quiet", *map(str, argv)], capture_output=True, text=True)
+def _run(*argv, check=True, prelude=""):
+    """lowbit's CLI in a fresh process, after the Python statements `prelude`."""
+    main = f"{prelude}\nfrom lowbit.cli import main; raise SystemExit(main({['--quiet', *map(str, argv)]!r}))"
+    r = subprocess.run([sys.executable, "-c", main], capture_output=True, text=True)
     if check and r.returncode != 0:
         raise AssertionError(r.stderr)
     return r
@@ -99,6 +101,147 @@ def test_streamed_output_equals_the_resident_one(bf16_sharded, calib, tmp_path, 
     assert result.weights_quantized == 4 * 7
     assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
     assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.fixture(scope="module")
+def bf16_tied(tmp_path_factory, default_model):
+    """A 2-layer LLaMA whose head is its embedding, with the default's BPE tokenizer, bf16,
+    sharded, norms not all ones."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("bf16-tied")
+    config = LlamaConfig(vocab_size=len(default_model.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+    model.to(torch.bfloat16).save_pretrained(folder, max_shard_size="2MB")
+    default_model.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("source,method,container", [("bf16_sharded", "rtn", "native"), ("bf16_tied", "gptq", "native"),
+                                                     ("bf16_tied", "rtn", "gptq"), ("bf16_sharded_bpe", "rtn", "gguf")])
+def test_rotated_streamed_run_equals_the_resident_one(request, calib, tmp_path, monkeypatch, source, method, container):
+    """--rotate streams: each layer is rotated as it is read into a hidden float32 checkpoint
+    (the embedding and head a few rows at a time), whose values, logit check and quantized
+    output are the resident rotation's, bit for bit; a tied head is untied in both."""
+    import lowbit.methods.rotation as rotation
+    import lowbit.streaming as streaming
+    from lowbit.api import execute, make_recipe
+    from lowbit.export import write as write_output
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+
+    folder = request.getfixturevalue(source)
+    monkeypatch.setattr(rotation, "ROW_BLOCK_ELEMENTS", 7 * 64)
+    scheme = WeightScheme(bits=4, group_size=32, symmetric=True) if container != "gguf" else WeightScheme("gguf_q4_0", None, -1)
+    recipe = make_recipe(scheme, method=method, calibration=calib, rotate="hadamard", rotate_seed=2)
+    assert streaming.resident_reason(recipe, container) is None
+    loaded = load_source(folder)
+    qm = execute(loaded, build_plan(loaded, recipe, container, False), progress=False)
+    suffix = ".gguf" if container == "gguf" else ""
+    write_output(qm, container, tmp_path / f"resident{suffix}")
+    lazy = load_lazy(folder)
+    seen = []
+    real = streaming._rotate_into
+    monkeypatch.setattr(streaming, "_rotate_into", lambda model, *a: (seen.append(model), real(model, *a))[1])
+    streaming.quantize_streamed(lazy, build_plan(lazy, recipe, container, False), tmp_path / f"streamed{suffix}",
+                                progress=False)
+    assert seen and lazy.model._lowbit_rotation == loaded.model._lowbit_rotation
+    assert lazy.model._lowbit_rotation["untied_head"] == (source == "bf16_tied")
+    if container == "gguf":
+        assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "resident.gguf").read_bytes()
+    else:
+        assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"resident{suffix}", f"streamed{suffix}"])
+
+
+def test_a_model_the_rotation_would_change_is_refused_with_nothing_left(bf16_sharded, tmp_path):
+    r = _run("quantize", bf16_sharded, "--group-size", "32", "--rotate", "hadamard", "-o", tmp_path / "o",
+             prelude="import lowbit.methods.rotation as r; r.TOLERANCE = 0.0", check=False)
+    assert r.returncode == 2 and "changed its logits" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("method,to,observer,head", [("rtn", "native", "minmax", False), ("gptq", "compressed-tensors", "mse", False),
+                                                     ("rtn", "native", "percentile", True)])
+def test_static_activation_scales_stream_to_the_resident_bytes(bf16_sharded, calib, tmp_path, method, to, observer, head):
+    """Static input scales stream: after the layers, each layer is read again with its quantized
+    weights from the parts and run on the calibration batches under observers (a static head last,
+    after the final norm): the scales, and so the folders, are the resident run's."""
+    from lowbit.api import execute, make_recipe
+    from lowbit.export import write as write_output
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.scheme import ActivationScheme, QuantScheme, WeightScheme
+    from lowbit.streaming import quantize_streamed, resident_reason
+
+    scheme = QuantScheme(WeightScheme("int", 8, -1, True), ActivationScheme("int", 8, "tensor", False, observer=observer))
+    picks = dict(include=[r"q_proj|down_proj|lm_head"], exclude=[]) if head else {}
+    recipe = make_recipe(scheme, method=method, calibration=calib, **picks)
+    assert resident_reason(recipe, to) is None
+    loaded = load_source(bf16_sharded)
+    plan = build_plan(loaded, recipe, to, False)
+    assert plan.needs_static_activations and ("lm_head.weight" in plan.tensors) == head
+    write_output(execute(loaded, plan, progress=False), to, tmp_path / "resident")
+    lazy = load_lazy(bf16_sharded)
+    quantize_streamed(lazy, build_plan(lazy, recipe, to, False), tmp_path / "streamed", progress=False)
+    assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
+    meta = json.loads((tmp_path / "streamed" / "lowbit.json").read_text()) if to == "native" else None
+    if meta is not None:   # every static scale is there
+        assert all(m["input_quant"]["scale"] > 0 for m in meta["tensors"].values())
+
+
+@pytest.mark.parametrize("source,container,budget", [("bf16_sharded", "native", dict(target_bpw=4.5)),
+                                                     ("bf16_sharded_bpe", "gguf", dict(target_bpw=5.0)),
+                                                     ("bf16_tied", "gguf", dict(target_bpw=5.0))])
+def test_a_size_budget_streams_to_the_resident_plan_and_bytes(request, calib, tmp_path, monkeypatch, source, container, budget):
+    """A size budget's diagonal Fisher runs layer by layer (forward keeping each layer's inputs,
+    backward in reverse from the head, each weight priced as soon as its F is done, the
+    embedding and a tied head last): the same prices, choices and output as the resident run,
+    with no two layers ever real at once."""
+    import lowbit.model.lazy as lazy_mod
+    from lowbit.api import execute, make_recipe
+    from lowbit.export import write as write_output
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.plan.recipe import Budget
+    from lowbit.streaming import quantize_streamed
+
+    folder = request.getfixturevalue(source)
+    recipe = make_recipe("W4A16", method="rtn", calibration=calib, budget=Budget(fisher_windows=3, **budget))
+    loaded = load_source(folder)
+    plan = build_plan(loaded, recipe, container, False)
+    lazy = load_lazy(folder)
+    real = lazy_mod.materialize
+    most = []
+
+    def materialize(model, prefix, weights):   # count the decoder layers holding real weights
+        real(model, prefix, weights)
+        most.append(sum(not next(layer.parameters()).is_meta for layer in model.model.layers))
+
+    monkeypatch.setattr(lazy_mod, "materialize", materialize)
+    streamed_plan = build_plan(lazy, recipe, container, False)
+    monkeypatch.undo()
+    assert max(most) == 1
+    assert streamed_plan.budget == plan.budget
+    assert streamed_plan.summary() == plan.summary()
+    assert len(set(plan.budget["choices"].values())) > 1   # a real mix, not one type everywhere
+    if source == "bf16_tied":   # one tensor for token_embd and the head, priced with both gradients
+        assert "model.embed_tokens.weight" in plan.tensors and "lm_head.weight" not in plan.tensors
+    suffix = ".gguf" if container == "gguf" else ""
+    write_output(execute(loaded, plan, progress=False), container, tmp_path / f"resident{suffix}")
+    quantize_streamed(lazy, streamed_plan, tmp_path / f"streamed{suffix}", progress=False)
+    if container == "gguf":
+        assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "resident.gguf").read_bytes()
+    else:
+        assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
 
 
 @pytest.mark.parametrize("scheme", [
@@ -175,12 +318,14 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-@pytest.mark.parametrize("method,seed,mid", [("gptq", 0, False), ("gptq", 1, True), ("rtn", 2, True)])
-def test_killed_run_resumes_to_the_same_bytes(bf16_sharded, calib, tmp_path, method, seed, mid):
+@pytest.mark.parametrize("method,seed,mid,rotate", [("gptq", 0, False, False), ("gptq", 1, True, False),
+                                                   ("rtn", 2, True, False), ("rtn", 3, False, True)])
+def test_killed_run_resumes_to_the_same_bytes(bf16_sharded, calib, tmp_path, method, seed, mid, rotate):
     """SIGKILL after a random layer's part (or in the middle of writing one), then --resume: the
-    bytes of an uninterrupted run, and no output until the end."""
+    bytes of an uninterrupted run, and no output until the end. A rotated run's finished rotation
+    is reused, not redone."""
     data = ["--calib", calib.text, *CALIB_ARGS] if method == "gptq" else ["--group-size", "32"]
-    args = ["quantize", bf16_sharded, "--method", method, *data, "--bits", "3"]
+    args = ["quantize", bf16_sharded, "--method", method, *data, "--bits", "3", *(["--rotate", "hadamard"] if rotate else [])]
     _run(*args, "-o", tmp_path / "whole")
     at = random.Random(seed).randint(1, 3)
     out = tmp_path / "resumed"
@@ -190,12 +335,15 @@ def test_killed_run_resumes_to_the_same_bytes(bf16_sharded, calib, tmp_path, met
     assert not out.exists()
     partial = tmp_path / f".{out.name}.partial"
     assert len(list((partial / "parts").glob("layer-*.safetensors"))) == (at - 1 if mid else at)
-    r = _run(*args, "-o", out, "--resume", "--json")
+    rotated = tmp_path / f".{out.name}.rotated"
+    assert rotated.exists() == rotate
+    # resuming reuses a finished rotation: rotating again would fail here
+    r = _run(*args, "-o", out, "--resume", "--json", prelude="import lowbit.streaming as s; s._rotate_into = None")
     # a layer written but killed before its outputs were saved (GPTQ's next inputs) is redone
     redo = mid or method == "gptq"
     assert json.loads(r.stdout)["resumed_at_layer"] == (at - 1 if redo else at)
     assert _files(out) == _files(tmp_path / "whole")
-    assert not partial.exists()
+    assert not partial.exists() and not rotated.exists()
 
 
 def test_resume_refuses_a_different_run(bf16_sharded, calib, tmp_path):

@@ -85,8 +85,11 @@ def transform(loaded: LoadedModel, recipe: Recipe) -> dict | None:
     """Apply the recipe's equivalence transforms to the model in place (once); what was done."""
     if recipe.rotate is None:
         return None
-    from lowbit.methods.rotation import rotate_model
+    from lowbit.methods.rotation import prepare_rotation, rotate_model
 
+    if loaded.weights is not None:   # parameters on meta: only the structure now, the values layer by layer
+        prepare_rotation(loaded.model, recipe.rotate, recipe.rotate_seed)   # in the streamed run
+        return None
     return rotate_model(loaded.model, recipe.rotate, recipe.rotate_seed)
 
 

@@ -268,7 +268,6 @@ def _check_experts_are_calibrated(plan, model) -> None:
 def cmd_quantize(args):
     from lowbit.api import execute
     from lowbit.errors import SchemeError
-    from lowbit.export.native import remove_output
 
     _shard_bytes(args)   # checked before any work
     loaded, plan, t_load = _plan_from_args(args, stream=True)
@@ -297,21 +296,29 @@ def cmd_quantize(args):
             print(f"GGUF {plan.recipe.gguf_mix}: {len(fb)} of {len(plan.tensors)} weights fell back to another type "
                   f"(rows not a multiple of the block), e.g. {next(iter(fb.values()), '-')}; recorded in the file", file=sys.stderr)
     out = _write_output(qm, args)
+    _check_max_size(plan, out)
     budget = plan.budget
-    if budget is not None and budget.get("max_bytes") is not None:
-        from lowbit.export import weights_bytes
-
-        size = weights_bytes(out)
-        if size > budget["max_bytes"]:
-            remove_output(out)
-            raise SchemeError(f"the output came out {size} bytes, over --max-size {budget['max_bytes']}, so it was removed; "
-                              "lowbit's size estimate is wrong here: lower --max-size meanwhile and please report it")
     summary = {"output": str(out), "method": qm.method, "scheme": _plan_line(plan),
                "weights_quantized": len(qm.tensors), "kept_full_precision": kept, "bits_per_weight": qm.bits_per_weight,
                "quantized_bytes": qm.quantized_bytes, "seconds": qm.recipe["seconds"]}
     if budget is not None:
         summary["budget"] = budget
     _print(summary, args.json, [[k, v] for k, v in summary.items() if k not in ("kept_full_precision", "budget")], ("", ""))
+
+
+def _check_max_size(plan, out) -> None:
+    """A --max-size budget's output that came out bigger is removed, with an error."""
+    from lowbit.errors import SchemeError
+    from lowbit.export import weights_bytes
+    from lowbit.export.native import remove_output
+
+    budget = plan.budget
+    if budget is not None and budget.get("max_bytes") is not None:
+        size = weights_bytes(out)
+        if size > budget["max_bytes"]:
+            remove_output(out)
+            raise SchemeError(f"the output came out {size} bytes, over --max-size {budget['max_bytes']}, so it was removed; "
+                              "lowbit's size estimate is wrong here: lower --max-size meanwhile and please report it")
 
 
 def _is_main() -> bool:
@@ -344,6 +351,7 @@ def _quantize_streamed(args, loaded, plan, t_load) -> None:
                           full_precision=_full_precision_type(args) if args.to == "gguf" else None)
     if not _is_main():
         return
+    _check_max_size(plan, r.output)
     r.record["seconds"]["load"] = t_load
     kept = r.record["kept_full_precision"]
     if args.progress:
@@ -441,17 +449,26 @@ def _refuse_existing(*paths, force: bool) -> None:
 def cmd_rotate(args):
     from lowbit.export.native import staged_output_dir
     from lowbit.methods.rotation import rotate_model
-    from lowbit.model.load import load_source
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.streaming import ROTATION_FILE, rotate_streamed
 
     out = Path(args.output)
     _refuse_existing(out, force=args.force)
-    loaded = load_source(args.source)
-    info = rotate_model(loaded.model, args.kind, args.seed)
+    loaded = load_lazy(args.source)   # a safetensors folder is rotated a layer at a time
+    if loaded is None:
+        loaded = load_source(args.source)
+        info = rotate_model(loaded.model, args.kind, args.seed)
     with staged_output_dir(out, args.force) as tmp:
-        loaded.model.save_pretrained(tmp)
+        if loaded.weights is not None:
+            rotate_streamed(loaded, args.kind, args.seed, tmp, progress=args.progress)
+            info = loaded.model._lowbit_rotation
+            (tmp / ROTATION_FILE).unlink()
+            loaded.model.config.save_pretrained(tmp)
+        else:
+            loaded.model.save_pretrained(tmp)
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
-    summary = {"output": str(out), **info}
+    summary = {"output": str(out), **info, "streamed": loaded.weights is not None}
     _print(summary, args.json, [[k, v] for k, v in summary.items()], ("", ""))
 
 

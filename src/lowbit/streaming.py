@@ -37,6 +37,7 @@ from lowbit.tensor import QuantizedTensor
 
 ROW_BLOCK_ELEMENTS = 1 << 22   # weights read and quantized per step by data-free methods
 RUN_FILE = "run.json"
+ROTATION_FILE = "rotation.json"   # written last into a rotated checkpoint: what was done, and from what
 HIDDEN_DIR = "hidden"     # rank{r}-layer{i}.safetensors: rank r's inputs of layer i + 1
 PART_KEY = "lowbit_part"
 
@@ -47,12 +48,6 @@ def resident_reason(recipe: Recipe, container: str) -> str | None:
 
     if container not in ("native", "gguf", *CHECKPOINT_EXPORTERS):
         return f"--to {container} is written from the whole model"
-    if recipe.rotate is not None:
-        return "a rotation changes every layer at once"
-    if recipe.budget is not None:
-        return "a size budget measures every weight's sensitivity first"
-    if any(s.activations is not None and s.activations.needs_calibration for s in (recipe.scheme, *(g.scheme for g in recipe.groups))):
-        return "static activation scales are calibrated on the whole quantized model"
     return None
 
 
@@ -79,13 +74,18 @@ def _atomic_safetensors(path: Path, tensors: dict, metadata: dict) -> None:
     os.replace(tmp, path)
 
 
-def _identity(loaded: LoadedModel, plan: Plan) -> dict:
-    """What a partial folder must match to be resumed: the source files and the plan."""
+def _source_identity(loaded: LoadedModel) -> dict:
+    """The source path and its files' sizes and times."""
     from importlib.metadata import version
 
     files = {t.file.name: [t.file.stat().st_size, t.file.stat().st_mtime_ns] for t in loaded.weights.tensors.values()}
-    return {"source": loaded.source, "files": dict(sorted(files.items())), "recipe": plan.recipe.to_dict(),
-            "plan": plan.summary(), "lowbit": version("lowbit"), "ranks": distributed.world()[1]}
+    return {"source": loaded.source, "files": dict(sorted(files.items())), "lowbit": version("lowbit")}
+
+
+def _identity(loaded: LoadedModel, plan: Plan) -> dict:
+    """What a partial folder must match to be resumed: the source files and the plan."""
+    return {**_source_identity(loaded), "recipe": plan.recipe.to_dict(), "plan": plan.summary(),
+            "ranks": distributed.world()[1]}
 
 
 class _Part:
@@ -100,7 +100,7 @@ class _Part:
         from lowbit.nn.act_quant import input_quant_spec
 
         act = self.run.plan.tensors[name].activations
-        if act is not None:
+        if act is not None and not act.needs_calibration:   # static scales are added after every layer
             qt = dataclasses.replace(qt, input_quant=input_quant_spec(act, None))
         stored, self.info["tensors"][name] = tensor_entries(name, qt, self.run.targets[name])
         self.info["sizes"][name] = [qt.nbytes, qt.numel]
@@ -119,8 +119,6 @@ class _StreamedRun:
         self.loaded, self.plan, self.model, self.weights = loaded, plan, loaded.model, loaded.weights
         self.max_shard_bytes, self.full_precision = max_shard_bytes, full_precision
         self.final = Path(output)
-        if self.final.exists() and not force:
-            raise SourceError(f"output {self.final} already exists; choose another --output or pass --force")
         self.partial = self.final.parent / f".{self.final.name}.partial"
         self.parts = self.partial / "parts"
         self.rank = distributed.world()[0]
@@ -263,6 +261,8 @@ class _StreamedRun:
         inner = [t for t in targets if t.module_name.startswith(self.prefix + ".")]
         outer = [t for t in targets if t not in inner]
         record = new_record(self.plan, opts)
+        if getattr(self.model, "_lowbit_rotation", None) is not None:
+            record["rotation"] = self.model._lowbit_rotation
         t0 = time.perf_counter()
         importance = {}
         if recipe.imatrix is not None:   # names and shapes only: the model may stay on meta
@@ -280,6 +280,8 @@ class _StreamedRun:
         if self.rank == 0:   # the other ranks only helped calibrate
             self._outside(outer, ws, outer_method, extra, record, importance)
             record["seconds"]["quantize"] = time.perf_counter() - t0
+            if self.plan.needs_static_activations:
+                self._static_activations(layers, inner, outer, record, progress)
             finish_record(record, self.plan)
             t0 = time.perf_counter()
             if self.plan.container == "gguf":
@@ -402,6 +404,79 @@ class _StreamedRun:
             if impl is None:
                 record.setdefault("rtn_fallback", []).append(t.name)
 
+    @torch.no_grad()
+    def _static_activations(self, layers, inner, outer, record: dict, progress: bool) -> None:
+        """Static input scales, as the resident run calibrates them on the weight-quantized
+        model, one layer in memory: the calibration windows' inputs of layer 0, then each layer
+        read, its weights replaced by their quantized values from the parts, run on every batch
+        with observers on the Linears that take a static scale."""
+        from types import SimpleNamespace
+
+        from lowbit.calib.activations import InputRange, clip_absmax
+        from lowbit.calib.runner import _layer_output, capture_layer_inputs
+        from lowbit.export.native import LazyTensors
+        from lowbit.model.lazy import checkpoint_names
+        from lowbit.model.quantized import install_quantized
+        from lowbit.nn.act_quant import input_quant_spec
+
+        static = {n: t.activations for n, t in self.plan.tensors.items()
+                  if t.activations is not None and t.activations.needs_calibration}
+        quantized = LazyTensors(SimpleNamespace(tensors=self._stored_parts()), self.metas)
+
+        def install(ts):   # the weight-quantized model the resident run observes: no input quantization yet
+            for t in ts:
+                install_quantized(self.model, t, dataclasses.replace(quantized[t.name], input_quant=None))
+
+        cal = self.plan.recipe.calibration
+        windows = cal.windows(self.loaded.tokenizer)
+        head = getattr(self.model.get_output_embeddings(), "weight", None)
+        embedding = self.model.get_input_embeddings().weight
+        outside = [n for n in checkpoint_names(self.model) if not n.startswith(self.prefix + ".")]
+        materialize_parameters(self.model, [n for n in outside if self.model.get_parameter(n) is not head
+                                            or head is embedding], self.weights)
+        install([t for t in outer if t.kind != "linear"])   # a quantized embedding, in place; a head runs last
+        batches = capture_layer_inputs(self.model, layers[0], windows, cal.batch_size)
+        release(self.model)
+        ranges = {n: InputRange() for n in static}
+        for i in tqdm(range(len(layers)), desc="activation ranges", disable=not progress, unit="layer"):
+            meta_layer = copy.deepcopy(layers[i])
+            materialize(self.model, f"{self.prefix}.{i}", self.weights)
+            mine = [t for t in inner if t.module_name.startswith(f"{self.prefix}.{i}.")]
+            install(mine)
+            handles = [self.model.get_submodule(t.module_name).register_forward_pre_hook(
+                lambda _m, args, r=ranges[t.name], keep=static[t.name].observer != "minmax": r.add(args[0], keep))
+                for t in mine if t.name in static]
+            batches = [(_layer_output(layers[i](h, **kw)), kw) for h, kw in batches]
+            for h in handles:
+                h.remove()
+            layers[i] = meta_layer
+            heap.trim()
+        heads = [t for t in outer if t.name in static]
+        if heads:   # a static head: it reads the final norm of the last layer's outputs
+            from lowbit.model.arch import FINAL_NORMS
+
+            final = next((self.model.get_submodule(n) for n in FINAL_NORMS if _has_module(self.model, n)), None)
+            if final is None:
+                raise SchemeError(f"a static input scale for {heads[0].name} needs the model's final norm, which lowbit "
+                                  f"does not find ({', '.join(FINAL_NORMS)}); give it a dynamic one, or exclude it")
+            kept = {t.module_name: copy.deepcopy(self.model.get_submodule(t.module_name)) for t in heads}   # on meta
+            materialize_parameters(self.model, outside, self.weights)
+            install(heads)
+            handles = [self.model.get_submodule(t.module_name).register_forward_pre_hook(
+                lambda _m, args, r=ranges[t.name], keep=static[t.name].observer != "minmax": r.add(args[0], keep))
+                for t in heads]
+            for h, _ in batches:
+                self.model.get_submodule(heads[0].module_name)(final(h))
+            for h in handles:
+                h.remove()
+            for name, module in kept.items():
+                parent, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent) if parent else self.model, child, module)
+            release(self.model)
+        for n, act in static.items():
+            self.metas[n]["input_quant"] = input_quant_spec(act, clip_absmax(ranges[n], act))
+        record["activation_calibration"] = "calibration windows"
+
     def _stored_parts(self) -> dict:
         """Every tensor of the part files, as byte ranges (nothing read)."""
         every = {}
@@ -463,6 +538,14 @@ class _StreamedRun:
         commit_output_dir(self.partial, self.final)
 
 
+def _has_module(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 class _FloatValues:
     """name -> float32 value of a tensor lowbit did not quantize: from the part files (what the
     run computed with) or else the source checkpoint, read when asked for."""
@@ -485,24 +568,148 @@ class _FloatValues:
         return self.stored(name).read_rows(r0, r1).float()
 
 
+@torch.no_grad()
+def rotate_streamed(loaded: LoadedModel, kind: str, seed: int, folder, resume: bool = False,
+                    progress: bool = True) -> LoadedModel:
+    """Rotate a lazily loaded checkpoint (methods.rotation) one decoder layer at a time into a
+    float32 safetensors checkpoint in `folder` (with an index), and return the model opened
+    lazily on it. The values are the resident rotation's, bit for bit (the same functions on the
+    same float32 weights). The logit check runs the probe through each layer before and after
+    it is rotated, so it needs no second copy of anything. resume=True reuses a finished
+    rotation of the same source; a RotationError leaves nothing behind."""
+    from lowbit.methods.rotation import prepare_rotation
+    from lowbit.model.lazy import CheckpointWeights
+
+    folder = Path(folder)
+    model, weights = loaded.model, loaded.weights
+    rot = prepare_rotation(model, kind, seed)
+    identity = {**_source_identity(loaded), "kind": kind, "seed": seed}
+    rank = distributed.world()[0]
+    done = folder / ROTATION_FILE
+    if rank == 0 and not (resume and done.exists() and json.loads(done.read_text()).get("identity") == identity):
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        try:
+            info = _rotate_into(model, weights, rot, folder, progress)
+        except BaseException as e:
+            if isinstance(e, LowbitError):
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+        _atomic_json(done, {"identity": identity, "info": info})
+    distributed.barrier()
+    model._lowbit_rotation = json.loads(done.read_text())["info"]
+    return dataclasses.replace(loaded, weights=CheckpointWeights(folder))
+
+
+def _atomic_json(path: Path, value) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _rotate_into(model, weights, rot, folder: Path, progress: bool) -> dict:
+    from lowbit.calib.runner import _layer_output, capture_layer_inputs
+    from lowbit.methods.rotation import check_norms, logit_change, probe_ids, rotate_embedding, rotate_head, rotate_layer
+    from lowbit.model.lazy import INDEX_FILE, checkpoint_names
+
+    params = checkpoint_names(model)
+    name_of = {id(p): n for n, p in params.items()}
+    emb_name, head_name = name_of[id(rot.emb.weight)], name_of[id(rot.head.weight)]
+    # a head untied for the rotation has no tensor of its own in the source: it starts as the embedding
+    head_source = emb_name if rot.info["untied_head"] else head_name
+    index: dict[str, str] = {}
+
+    def write(file: str, names: list[str]) -> None:
+        tensors = {n: model.get_parameter(n).detach().contiguous() for n in names}
+        _atomic_safetensors(folder / file, tensors, {"format": "pt"})
+        index.update({n: file for n in names})
+
+    def read(names: list[str], source: dict | None = None) -> None:
+        for n in names:
+            module, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(module), attr,
+                    torch.nn.Parameter(weights.read((source or {}).get(n, n)), requires_grad=False))
+
+    def drop(names: list[str]) -> None:
+        for n in names:
+            module, _, attr = n.rpartition(".")
+            setattr(model.get_submodule(module), attr, torch.nn.Parameter(params[n].data, requires_grad=False))
+
+    norm_params = [name_of[id(norm.weight)] for norm in rot.norms()]
+    read(norm_params)
+    check_norms(rot)   # every norm before anything is written
+    ids = probe_ids(model)
+    read([emb_name])
+    (hidden, kwargs), = capture_layer_inputs(model, rot.layers[0], ids, 1)
+    rotate_embedding(rot)
+    (rotated, kwargs_r), = capture_layer_inputs(model, rot.layers[0], ids, 1)
+    write("model-embedding.safetensors", [emb_name])
+    drop([emb_name])
+    for i in tqdm(range(len(rot.layers)), desc="rotate", disable=not progress, unit="layer"):
+        mine = [n for n in params if n.startswith(f"{rot.layers_name}.{i}.")]
+        read([n for n in mine if n not in norm_params])
+        hidden = _layer_output(rot.layers[i](hidden, **kwargs))
+        rotate_layer(rot, i)
+        rotated = _layer_output(rot.layers[i](rotated, **kwargs_r))
+        write(f"model-layer-{i:05d}.safetensors", mine)
+        drop(mine)
+        heap.trim()
+    outside = [n for n in params if n not in index and n != head_name]   # the final norm
+    read([head_name], {head_name: head_source})
+    before = _head_logits(model, rot, hidden)
+    rotate_head(rot)
+    after = _head_logits(model, rot, rotated)
+    rot.info["max_relative_logit_change"] = logit_change(before, after, model)
+    write("model-head.safetensors", sorted({*outside, head_name}))
+    drop([head_name, *outside])
+    _atomic_json(folder / INDEX_FILE, {"metadata": {}, "weight_map": dict(sorted(index.items()))})
+    return rot.info
+
+
+def _head_logits(model, rot, hidden: torch.Tensor) -> torch.Tensor:
+    """What the model's forward makes of the last layer's output: the final norm, the head and,
+    where the config has one, the logit soft-cap."""
+    logits = rot.head(rot.final(hidden))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.double()
+
+
 def quantize_streamed(loaded: LoadedModel, plan: Plan, output, force: bool = False, resume: bool = False,
                       progress: bool = True, max_shard_bytes: int | None = None,
                       full_precision: str | None = None) -> StreamedResult:
     """Quantize a lazily loaded checkpoint (model.load.load_lazy) under `plan` into `output`, one
     decoder layer in memory at a time: a lowbit folder, or (a plan for the gguf container) one
     GGUF file written tensor by tensor (full_precision: its F32/F16/BF16 decoded variant).
-    resume=True continues a killed run."""
+    resume=True continues a killed run. A recipe's rotation is applied first, layer by layer,
+    into a hidden float32 checkpoint beside the output (`.NAME.rotated/`), read by the run and
+    removed with it."""
     if loaded.weights is None:
         raise SchemeError("quantize_streamed needs a lazily loaded source (lowbit.model.load.load_lazy)")
     why = resident_reason(plan.recipe, plan.container)
     if why is not None:
         raise SchemeError(f"this run cannot stream: {why}")
+    output = Path(output)
+    if output.exists() and not force:
+        raise SourceError(f"output {output} already exists; choose another --output or pass --force")
     heap.serve_large_from_mmap()
+    rotated = None
+    if plan.recipe.rotate is not None and getattr(loaded.model, "_lowbit_rotation", None) is None:
+        rotated = output.parent / f".{output.name}.rotated"
+        loaded = rotate_streamed(loaded, plan.recipe.rotate, plan.recipe.rotate_seed, rotated, resume, progress)
     run = _StreamedRun(loaded, plan, output, force, resume, max_shard_bytes, full_precision)
     try:
-        return run.run(progress)
+        result = run.run(progress)
     except LowbitError:
         # bad input found on the way leaves nothing behind; a crash or a kill keeps the parts for --resume
         if not run.resumed and run.rank == 0:
             shutil.rmtree(run.partial, ignore_errors=True)
+            if rotated is not None:
+                shutil.rmtree(rotated, ignore_errors=True)
         raise
+    distributed.barrier()   # every rank has read the rotated weights it needs
+    if rotated is not None and run.rank == 0:
+        shutil.rmtree(rotated)
+    return result

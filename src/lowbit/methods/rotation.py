@@ -19,19 +19,35 @@ against the original's before anything is quantized.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from lowbit.errors import SchemeError
 from lowbit.hadamard import rotation
-from lowbit.model.arch import FINAL_NORMS, ROTATION_LAYOUTS, RotationLayout, _get, _set_weight_matrix, weight_matrix
+from lowbit.model.arch import FINAL_NORMS, ROTATION_LAYOUTS, RotationLayout, _get, weight_matrix
 
 KINDS = ("hadamard",)
 # relative logit change a float32 rotation may leave (double-precision products, one rounding to fp32)
 TOLERANCE = 1e-3
+# elements of the embedding and head transformed per step (float64 temporaries of 32 MB)
+ROW_BLOCK_ELEMENTS = 1 << 22
 
 
 class RotationError(SchemeError):
     """The model cannot be rotated exactly (say why and what would)."""
+
+
+def _row_blocks(W: torch.Tensor) -> list[torch.Tensor]:
+    """Views of W's rows, about ROW_BLOCK_ELEMENTS at a time."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, W.shape[1]))
+    return [W[r: r + step] for r in range(0, W.shape[0], step)]
+
+
+def _column_blocks(W: torch.Tensor) -> list[torch.Tensor]:
+    """Views of W's columns, about ROW_BLOCK_ELEMENTS at a time."""
+    step = max(1, ROW_BLOCK_ELEMENTS // max(1, W.shape[0]))
+    return [W[:, c: c + step] for c in range(0, W.shape[1], step)]
 
 
 def _unit_value(norm: torch.nn.Module) -> float:
@@ -70,7 +86,8 @@ def _fold_norm(norm: torch.nn.Module, readers: list[torch.nn.Module]) -> None:
     unit = _unit_value(norm)
     g = norm.weight.data.double() + (1.0 - unit)
     for m in readers:
-        _set_weight_matrix(m, weight_matrix(m).double() * g[None, :])
+        for blk in _row_blocks(weight_matrix(m)):
+            blk.copy_((blk.double() * g[None, :]).to(blk.dtype))
     norm.weight.data.fill_(unit)
 
 
@@ -105,12 +122,19 @@ def _layout(layer: torch.nn.Module, where: str) -> RotationLayout:
                         "quantize without --rotate")
 
 
+# Every transform below works in place on float64 copies of a block of rows or columns at a
+# time, the same blocks resident or streamed, so a 7B layer needs no full-size float64 copies.
+
 def _rotate_inputs(m: torch.nn.Module, Q: torch.Tensor) -> None:
-    _set_weight_matrix(m, weight_matrix(m).double() @ Q)
+    """W <- W·Q (rows are independent)."""
+    for blk in _row_blocks(weight_matrix(m)):
+        blk.copy_((blk.double() @ Q).to(blk.dtype))
 
 
 def _rotate_outputs(m: torch.nn.Module, Q: torch.Tensor) -> None:
-    _set_weight_matrix(m, Q.T @ weight_matrix(m).double())
+    """W <- Qᵀ·W (columns are independent), b <- b·Q."""
+    for blk in _column_blocks(weight_matrix(m)):
+        blk.copy_((Q.T @ blk.double()).to(blk.dtype))
     b = getattr(m, "bias", None)
     if isinstance(b, torch.Tensor):
         b.data.copy_((b.data.double() @ Q).to(b.dtype))
@@ -122,27 +146,156 @@ def _head_dim(config, width: int) -> int:
 
 
 def _rotate_values(v: torch.nn.Module, o: torch.nn.Module, H: torch.Tensor, hd: int) -> None:
-    Wv, Wo = weight_matrix(v).double(), weight_matrix(o).double()
-    Wv = torch.cat([H.T @ blk for blk in Wv.split(hd, 0)], 0)
-    Wo = torch.cat([blk @ H for blk in Wo.split(hd, 1)], 1)
-    _set_weight_matrix(v, Wv)
-    _set_weight_matrix(o, Wo)
+    """Per head h: v_proj rows W_v,h <- Hᵀ·W_v,h, o_proj columns W_o,h <- W_o,h·H."""
+    for head in weight_matrix(v).split(hd, 0):
+        for blk in _column_blocks(head):
+            blk.copy_((H.T @ blk.double()).to(blk.dtype))
+    for head in weight_matrix(o).split(hd, 1):
+        for blk in _row_blocks(head):
+            blk.copy_((blk.double() @ H).to(blk.dtype))
     b = getattr(v, "bias", None)
     if isinstance(b, torch.Tensor):
         b.data.copy_(torch.cat([blk @ H for blk in b.data.double().split(hd)]).to(b.dtype))
 
 
-def _probe_logits(model: torch.nn.Module) -> torch.Tensor:
+def probe_ids(model: torch.nn.Module) -> torch.Tensor:
+    """The tokens whose logits must not change."""
     vocab = model.get_input_embeddings().weight.shape[0]
-    ids = (torch.arange(24) * 7919 % vocab)[None, :]
+    return (torch.arange(24) * 7919 % vocab)[None, :]
+
+
+def _probe_logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
-        return model(ids, use_cache=False).logits.double()
+        return model(probe_ids(model), use_cache=False).logits.double()
 
 
 def check_kind(kind: str) -> None:
     if kind not in KINDS:
         raise SchemeError(f"--rotate {kind}: lowbit has {', '.join(KINDS)} rotations (learned, SpinQuant-style "
                           "rotations are not implemented); use --rotate hadamard")
+
+
+@dataclasses.dataclass
+class Rotation:
+    """What rotating a model needs, found from its structure alone (the model may be on meta):
+    its embedding, head and final norm, its decoder layers and their layouts, the residual
+    rotation Q and the per-head one H (None without a value/output pair)."""
+
+    emb: torch.nn.Module
+    head: torch.nn.Module
+    final: torch.nn.Module
+    layers_name: str
+    layers: torch.nn.ModuleList
+    layouts: list[RotationLayout]
+    Q: torch.Tensor
+    H: torch.Tensor | None
+    info: dict
+
+    def norms(self) -> list[torch.nn.Module]:
+        """Every norm on the stream (each must be x / rms(x) · weight)."""
+        return [layer.get_submodule(n) for lay, layer in zip(self.layouts, self.layers) for n, _ in lay.reads] + [self.final]
+
+
+def plan_rotation(model: torch.nn.Module, kind: str = "hadamard", seed: int = 0) -> Rotation:
+    """The rotation of this model, or a RotationError for a structure it cannot rotate exactly.
+    Reads no weight values (norms are checked by `check_norms`)."""
+    check_kind(kind)
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    final = next((model.get_submodule(n) for n in FINAL_NORMS if _get(model, n) is not None), None)
+    if emb is None or head is None or final is None:
+        raise RotationError(f"{type(model).__name__}: lowbit finds no input embedding, output head or final norm "
+                            f"({', '.join(FINAL_NORMS)}) to rotate; quantize without --rotate")
+    layers_name, layers = _decoder_layers(model)
+    layouts = [_layout(layer, f"{layers_name}.{i}") for i, layer in enumerate(layers)]
+    # nothing else may touch the stream (GPT-2's position embeddings, OPT's projections)
+    known = [emb, head, final, layers]
+    stray = sorted(n for n, p in model.named_parameters()
+                   if not any(p is q for m in known for q in m.parameters()))
+    if stray:
+        raise RotationError(f"{stray[0]} is outside the decoder layers, embeddings, head and final norm; "
+                            "lowbit's rotation does not know where it acts; quantize without --rotate")
+    Q, how = rotation(emb.weight.shape[1], seed)
+    info = {"kind": kind, "seed": seed, "residual": how, "untied_head": False}
+    H = None
+    values = next(((lay, layer) for lay, layer in zip(layouts, layers) if lay.values is not None), None)
+    if values is not None:
+        o = values[1].get_submodule(values[0].values[1])
+        H, info["per_head"] = rotation(_head_dim(model.config, weight_matrix(o).shape[1]), seed + 1)
+    return Rotation(emb, head, final, layers_name, layers, layouts, Q, H, info)
+
+
+def prepare_rotation(model: torch.nn.Module, kind: str = "hadamard", seed: int = 0) -> Rotation:
+    """The rotation of a model whose weights are not read yet (parameters on meta), its head
+    untied once: the plan is built on this structure, the streamed run fills in the values
+    (streaming.rotate_streamed)."""
+    rot = getattr(model, "_lowbit_rotation_plan", None)
+    if rot is None or (rot.info["kind"], rot.info["seed"]) != (kind, seed):
+        rot = plan_rotation(model, kind, seed)
+        untie_head(model, rot)
+        model._lowbit_rotation_plan = rot
+    return rot
+
+
+def check_norms(rot: Rotation, norms: list[torch.nn.Module] | None = None) -> None:
+    """Each norm (default: all of them, read) must commute with the rotation once folded."""
+    for norm in rot.norms() if norms is None else norms:
+        _unit_value(norm)
+
+
+def untie_head(model: torch.nn.Module, rot: Rotation) -> None:
+    """Give the head its own weight (on meta too): it will read g-scaled, rotated features that
+    the embedding does not hold."""
+    head, emb = rot.head, rot.emb
+    if head.weight is not emb.weight:
+        return
+    head.weight = torch.nn.Parameter(head.weight.data.clone(), requires_grad=head.weight.requires_grad)
+    rot.info["untied_head"] = True
+    config = model.config
+    for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
+        c.tie_word_embeddings = False
+
+
+
+
+def rotate_embedding(rot: Rotation) -> None:
+    """E <- E·Q, a block of rows at a time."""
+    for blk in _row_blocks(rot.emb.weight.data):
+        blk.copy_((blk.double() @ rot.Q).to(blk.dtype))
+
+
+def rotate_head(rot: Rotation) -> None:
+    """Fold the final norm's gain into the head, then W <- W·Q, a block of rows at a time."""
+    unit = _unit_value(rot.final)
+    g = rot.final.weight.data.double() + (1.0 - unit)
+    W = weight_matrix(rot.head)
+    for blk in _row_blocks(W):
+        blk.copy_(((blk.double() * g[None, :]).to(blk.dtype).double() @ rot.Q).to(blk.dtype))
+    rot.final.weight.data.fill_(unit)
+
+
+def rotate_layer(rot: Rotation, i: int) -> None:
+    """Fold layer i's norms into its readers, rotate its readers and writers (R1) and its
+    value/output pair per head (R2). The layer's weights must be real."""
+    lay, layer = rot.layouts[i], rot.layers[i]
+    for norm_name, readers in lay.reads:
+        mods = [layer.get_submodule(r) for r in readers]
+        _fold_norm(layer.get_submodule(norm_name), mods)
+        for m in mods:
+            _rotate_inputs(m, rot.Q)
+    for w in lay.writes:
+        _rotate_outputs(layer.get_submodule(w), rot.Q)
+    if lay.values is not None:
+        v, o = (layer.get_submodule(n) for n in lay.values)
+        _rotate_values(v, o, rot.H, rot.H.shape[0])
+
+
+def logit_change(before: torch.Tensor, after: torch.Tensor, model: torch.nn.Module) -> float:
+    """The relative change the rotation made to the probe's logits; a RotationError past TOLERANCE."""
+    change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
+    if change > TOLERANCE:
+        raise RotationError(f"rotating {type(model).__name__} changed its logits by {change:.2g} (relative); some "
+                            "op in its layers does not commute with the rotation; quantize without --rotate")
+    return change
 
 
 @torch.no_grad()
@@ -153,56 +306,14 @@ def rotate_model(model: torch.nn.Module, kind: str = "hadamard", seed: int = 0) 
     check_kind(kind)
     if getattr(model, "_lowbit_rotation", None) is not None:
         return model._lowbit_rotation
-    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-    final = next((model.get_submodule(n) for n in FINAL_NORMS if _get(model, n) is not None), None)
-    if emb is None or head is None or final is None:
-        raise RotationError(f"{type(model).__name__}: lowbit finds no input embedding, output head or final norm "
-                            f"({', '.join(FINAL_NORMS)}) to rotate; quantize without --rotate")
-    layers_name, layers = _decoder_layers(model)
-    layouts = [_layout(layer, f"{layers_name}.{i}") for i, layer in enumerate(layers)]
-    for lay, layer in zip(layouts, layers):   # check every norm before changing anything
-        for norm_name, _ in lay.reads:
-            _unit_value(layer.get_submodule(norm_name))
-    _unit_value(final)
-    # nothing else may touch the stream (GPT-2's position embeddings, OPT's projections)
-    known = [emb, head, final, layers]
-    stray = sorted(n for n, p in model.named_parameters()
-                   if not any(p is q for m in known for q in m.parameters()))
-    if stray:
-        raise RotationError(f"{stray[0]} is outside the decoder layers, embeddings, head and final norm; "
-                            "lowbit's rotation does not know where it acts; quantize without --rotate")
-    width = emb.weight.shape[1]
-    config = model.config
+    rot = plan_rotation(model, kind, seed)
+    check_norms(rot)   # every norm before changing anything
     before = _probe_logits(model)
-    Q, how = rotation(width, seed)
-    info = {"kind": kind, "seed": seed, "residual": how, "untied_head": False}
-    if head.weight is emb.weight:   # the head will read g-scaled features the embedding does not hold
-        head.weight = torch.nn.Parameter(head.weight.data.clone(), requires_grad=head.weight.requires_grad)
-        info["untied_head"] = True
-        for c in {id(config): config, id(config.get_text_config()): config.get_text_config()}.values():
-            c.tie_word_embeddings = False
-    _fold_norm(final, [head])
-    emb.weight.data.copy_((emb.weight.data.double() @ Q).to(emb.weight.dtype))
-    _rotate_inputs(head, Q)
-    hd = None
-    for lay, layer in zip(layouts, layers):
-        for norm_name, readers in lay.reads:
-            mods = [layer.get_submodule(r) for r in readers]
-            _fold_norm(layer.get_submodule(norm_name), mods)
-            for m in mods:
-                _rotate_inputs(m, Q)
-        for w in lay.writes:
-            _rotate_outputs(layer.get_submodule(w), Q)
-        if lay.values is not None:
-            v, o = (layer.get_submodule(n) for n in lay.values)
-            hd = _head_dim(config, weight_matrix(o).shape[1])
-            H, info["per_head"] = rotation(hd, seed + 1)
-            _rotate_values(v, o, H, hd)
-    after = _probe_logits(model)
-    change = float((after - before).abs().max() / before.abs().max().clamp_min(1e-12))
-    info["max_relative_logit_change"] = change
-    if change > TOLERANCE:
-        raise RotationError(f"rotating {type(model).__name__} changed its logits by {change:.2g} (relative); some "
-                            "op in its layers does not commute with the rotation; quantize without --rotate")
-    model._lowbit_rotation = info
-    return info
+    untie_head(model, rot)
+    rotate_head(rot)
+    rotate_embedding(rot)
+    for i in range(len(rot.layers)):
+        rotate_layer(rot, i)
+    rot.info["max_relative_logit_change"] = logit_change(before, _probe_logits(model), model)
+    model._lowbit_rotation = rot.info
+    return rot.info

@@ -80,6 +80,7 @@ def meta_model(config) -> torch.nn.Module:
 
     with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
+    model.tie_weights()   # empty-weight construction leaves a tied head untied
     model.eval()
     return model
 
@@ -99,13 +100,16 @@ def lazy_weights(model: torch.nn.Module, folder: Path) -> CheckpointWeights | No
     would have to convert them (then the model is loaded whole); a shape that disagrees with the
     config is a SourceError."""
     weights = CheckpointWeights(folder)
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and emb is not None and head.weight is emb.weight:
+        head_name = next(f"{n}.weight" for n, m in model.named_modules() if m is head)
+        if head_name in weights:   # a tied config with a head of its own in the file: transformers unties it too
+            head.weight = torch.nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
     params = checkpoint_names(model)
     if any(name not in weights for name in params):
         return None
     buffers = {n for n, _ in model.named_buffers()}
-    extra = [n for n in weights.tensors if n not in params and n not in buffers]
-    tied_extra = [n for n in extra if n == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False)]
-    if len(extra) > len(tied_extra):
+    if any(n not in params and n not in buffers for n in weights.tensors):
         return None
     for name, p in params.items():
         shape = weights.tensors[name].shape

@@ -272,7 +272,7 @@ def _fixed_bytes(loaded, container: str, planned: set[str]) -> int:
 def _budget_plan(loaded, recipe: Recipe, targets, container, base_act, scale_bytes, entry, progress):
     """Per-tensor schemes chosen under recipe.budget (Fisher-priced knapsack)."""
     from lowbit.calib.fisher import diagonal_fisher
-    from lowbit.plan.budget import BUDGET_TYPES, Candidate, allocate, price_candidates
+    from lowbit.plan.budget import BUDGET_TYPES, Candidate, allocate, price_candidates, price_tensor
     from lowbit.plan.recipe import DEFAULT_INT_CANDIDATES
 
     b = recipe.budget
@@ -300,9 +300,23 @@ def _budget_plan(loaded, recipe: Recipe, targets, container, base_act, scale_byt
     if loaded.tokenizer is None:
         raise SchemeError("a size budget measures sensitivity on calibration text: pass the model's tokenizer")
     windows = recipe.calibration.windows(loaded.tokenizer)[: b.fisher_windows]
-    fisher = diagonal_fisher(model, windows, targets, recipe.calibration.seed, progress)
-    options = price_candidates(model, fisher, targets, candidates, nbytes, fits, progress)
-    del fisher
+    if loaded.weights is not None:   # parameters on meta: one layer at a time, each priced when its F is done
+        import tempfile
+
+        from lowbit.calib.fisher import layerwise_fisher
+
+        options = {}
+
+        def consume(t, W, F):
+            options[t.name] = price_tensor(t, W, F, candidates, nbytes, fits)
+
+        with tempfile.TemporaryDirectory(prefix="lowbit-fisher-") as work:
+            layerwise_fisher(model, loaded.weights, windows, targets, consume, work, recipe.calibration.seed, progress)
+        options = {t.name: options[t.name] for t in targets}
+    else:
+        fisher = diagonal_fisher(model, windows, targets, recipe.calibration.seed, progress)
+        options = price_candidates(model, fisher, targets, candidates, nbytes, fits, progress)
+        del fisher
     numel = sum(to_matrix(t.parameter(model).data, t.transposed).numel() for t in targets)
     if b.target_bpw is not None:
         data_budget = int(b.target_bpw * numel / 8)

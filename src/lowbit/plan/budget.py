@@ -133,22 +133,25 @@ def price_candidates(model: torch.nn.Module, fisher: dict[str, torch.Tensor], ta
     -> whether the container can hold rows of `cols` in that candidate."""
     from tqdm.auto import tqdm
 
+    return {t.name: price_tensor(t, t.parameter(model).data, fisher[t.name], candidates, nbytes, fits)
+            for t in tqdm(targets, desc="pricing schemes", disable=not progress, unit="tensor")}
+
+
+def price_tensor(t, weight: torch.Tensor, fisher: torch.Tensor, candidates: list[Candidate], nbytes, fits) -> list[Choice]:
+    """One target's choices, from its weight and its diagonal Fisher (both in the parameter's layout)."""
     from lowbit.calib.fisher import predicted_kld
     from lowbit.tensor import quantize_tensor, to_matrix
 
-    options: dict[str, list[Choice]] = {}
-    for t in tqdm(targets, desc="pricing schemes", disable=not progress, unit="tensor"):
-        W = to_matrix(t.parameter(model).data, t.transposed).float()
-        F = to_matrix(fisher[t.name], t.transposed)
-        rows, cols = W.shape
-        choices = []
-        for c in candidates:
-            if not fits(c, cols):
-                continue
-            qt = quantize_tensor(W, c.scheme)
-            choices.append(Choice(c.label, nbytes(c, rows, cols), predicted_kld(F, qt.dequantize_matrix() - W)))
-        if not choices:
-            raise SchemeError(f"{t.name}: no candidate scheme fits rows of {cols} columns; add one whose group "
-                              f"divides {cols} (e.g. a block-32 type or a per-channel scheme)")
-        options[t.name] = choices
-    return options
+    W = to_matrix(weight, t.transposed).float()
+    F = to_matrix(fisher, t.transposed)
+    rows, cols = W.shape
+    choices = []
+    for c in candidates:
+        if not fits(c, cols):
+            continue
+        qt = quantize_tensor(W, c.scheme)
+        choices.append(Choice(c.label, nbytes(c, rows, cols), predicted_kld(F, qt.dequantize_matrix() - W)))
+    if not choices:
+        raise SchemeError(f"{t.name}: no candidate scheme fits rows of {cols} columns; add one whose group "
+                          f"divides {cols} (e.g. a block-32 type or a per-channel scheme)")
+    return choices
