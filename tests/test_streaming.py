@@ -80,6 +80,21 @@ def test_writer_matches_the_safetensors_library(tmp_path):
     assert torch.equal(again["a"], tensors["a"])
 
 
+def test_checkpoint_reads_convert_a_block_of_rows_at_a_time(bf16_sharded, monkeypatch):
+    """A big tensor is converted to float32 a few rows at a time, to the same values."""
+    import lowbit.model.lazy as lazy_mod
+
+    weights = lazy_mod.CheckpointWeights(bf16_sharded)
+    name = "model.layers.0.mlp.down_proj.weight"
+    whole = weights.tensors[name].read().float()
+    monkeypatch.setattr(lazy_mod, "READ_BLOCK_ELEMENTS", 7 * 160)   # 7 rows of 160 per step
+    seen = []
+    real = type(weights.tensors[name]).read_rows
+    monkeypatch.setattr(type(weights.tensors[name]), "read_rows", lambda self, a, b: (seen.append(b - a), real(self, a, b))[1])
+    assert torch.equal(weights.read(name), whole) and weights.read(name).dtype == torch.float32
+    assert max(seen) == 7 and len(seen) >= 2 * (96 // 7)
+
+
 @pytest.mark.parametrize("method,extra", [("rtn", []), ("gptq", []), ("awq", []),
                                           ("hqq", ["--zero-point", "float"])])
 def test_streamed_output_equals_the_resident_one(bf16_sharded, calib, tmp_path, method, extra):

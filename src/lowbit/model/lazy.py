@@ -19,6 +19,7 @@ from lowbit.export.safetensors_io import StoredTensor, stored_tensors
 from lowbit.model.files import check_json
 
 INDEX_FILE = "model.safetensors.index.json"
+READ_BLOCK_ELEMENTS = 1 << 22   # elements converted per step when a tensor is read
 
 
 class CheckpointWeights:
@@ -60,9 +61,19 @@ class CheckpointWeights:
         return self.tensors[name]
 
     def read(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """One tensor, converted to dtype. Read with plain file reads, not a memory map: mapped
-        pages would count against the process until the map closes."""
-        return self.tensors[name].read().to(dtype)
+        """One tensor, converted to dtype a block of rows at a time (a bf16 embedding never
+        exists whole beside its float32 copy). Read with plain file reads, not a memory map:
+        mapped pages would count against the process until the map closes."""
+        stored = self.tensors[name]
+        cols = stored.shape[-1] if stored.shape else 1
+        rows = stored.numel // cols if cols else 0
+        step = max(1, READ_BLOCK_ELEMENTS // max(1, cols))
+        if rows <= step:
+            return stored.read().to(dtype)
+        out = torch.empty((rows, cols), dtype=dtype)
+        for r in range(0, rows, step):
+            out[r: r + step] = stored.read_rows(r, min(rows, r + step))
+        return out.reshape(stored.shape)
 
 
 @contextlib.contextmanager
