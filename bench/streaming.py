@@ -36,10 +36,12 @@ from lowbit.model.load import load_lazy, load_source
 from lowbit.plan import build_plan
 from lowbit.scheme import WeightScheme
 from lowbit.streaming import quantize_streamed
-mode, src, out, method, calib, samples, seqlen, container, rotate = sys.argv[1:10]
+mode, src, out, method, calib, samples, seqlen, container, rotate, budget = sys.argv[1:11]
 cal = CalibrationConfig(samples=int(samples), seqlen=int(seqlen), text=calib)
 scheme = WeightScheme("gguf_q4_0", None, -1) if container == "gguf" else WeightScheme(bits=4, group_size=128, symmetric=True)
-recipe = make_recipe(scheme, method=method, calibration=cal, rotate=rotate or None)
+from lowbit.plan.recipe import Budget
+extra = {"budget": Budget(target_bpw=float(budget), fisher_windows=int(samples))} if budget else {}
+recipe = make_recipe(scheme, method=method, calibration=cal, rotate=rotate or None, **extra)
 def hwm():
     status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
     return int(status["VmHWM"].split()[0]) * 1024
@@ -126,11 +128,11 @@ def make_checkpoint(folder: Path, layers: int, hidden: int = 4096, intermediate:
 
 
 def run_child(mode: str, src: Path, out: Path, method: str, calib: str, samples: int, seqlen: int,
-              container: str = "native", rotate: str = "") -> dict:
+              container: str = "native", rotate: str = "", budget: str = "") -> dict:
     _remove(out)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, mode, str(src), str(out), method, calib, str(samples), str(seqlen),
-                             container, rotate],
+                             container, rotate, budget],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     t0 = time.perf_counter()
     stdout, stderr = proc.communicate()
@@ -173,6 +175,8 @@ def main() -> None:
                          "or a GPTQ/AWQ/compressed-tensors folder (int4 g128 sym)")
     ap.add_argument("--rotate", choices=["hadamard"], help="rotate first (streamed: layer by layer into a hidden "
                     "float32 checkpoint beside the output, which needs the checkpoint's size x 2 (bf16) of disk)")
+    ap.add_argument("--budget", type=float, help="plan under a size budget of this many bits per weight (the "
+                    "streamed run's diagonal Fisher runs layer by layer over --samples windows)")
     ap.add_argument("--row", action="append", default=[],
                     help='an extra row as JSON [method, layers, hidden, intermediate, [modes]], e.g. '
                          '\'["gptq", 32, 4096, 11008, ["streamed"]]\' (a 7B-sized checkpoint: 13.5 GB of disk)')
@@ -199,9 +203,10 @@ def main() -> None:
         digests = {}
         for mode in modes:
             out = work / (f"out-{mode}.gguf" if args.to == "gguf" else f"out-{mode}")
-            r = run_child(mode, ckpt, out, method, calib, args.samples, args.seqlen, args.to, args.rotate or "")
+            r = run_child(mode, ckpt, out, method, calib, args.samples, args.seqlen, args.to, args.rotate or "",
+                          str(args.budget) if args.budget else "")
             digests[mode] = digest(out)
-            row = {"method": method, "mode": mode, "to": args.to, "rotate": args.rotate, "layers": layers, "hidden": hidden, "intermediate": inter,
+            row = {"method": method, "mode": mode, "to": args.to, "rotate": args.rotate, "budget_bpw": args.budget, "layers": layers, "hidden": hidden, "intermediate": inter,
                    "checkpoint_bytes": size, **r, "rss_over_checkpoint": r["peak_rss_bytes"] / size,
                    "load_average": os.getloadavg()[0]}
             results.append(row)
@@ -239,7 +244,8 @@ def write_results(results: list[dict], args) -> None:
              f"`python bench/streaming.py{' --quick' if args.quick else ''}{f' --only {args.only}' if args.only else ''}"
              f"{' --only-rows' if args.only_rows else ''}{''.join(f' --row {r!r}' for r in args.row)}"
              f"{f' --name {args.name}' if args.name else ''}{f' --to {args.to}' if args.to != 'native' else ''}"
-             f"{f' --rotate {args.rotate}' if args.rotate else ''}`. "
+             f"{f' --rotate {args.rotate}' if args.rotate else ''}{f' --budget {args.budget}' if args.budget else ''}`. "
+             f"{f'A size budget of {args.budget} bits per weight (diagonal Fisher over {args.samples} x {args.seqlen} tokens; streamed: layer by layer). ' if args.budget else ''}"
              f"{'Rotated first (--rotate hadamard): streamed, layer by layer into a hidden float32 checkpoint; resident, in memory. ' if args.rotate else ''}"
              f"Output: {OUTPUTS.get(args.to, f'a {args.to} checkpoint folder, written by its exporter from the parts')}. "
              "Synthetic LLaMA checkpoints, bf16, "
