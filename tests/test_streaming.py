@@ -259,6 +259,75 @@ def test_a_size_budget_streams_to_the_resident_plan_and_bytes(request, calib, tm
         assert _files(tmp_path / "resident") == _files(tmp_path / "streamed")
 
 
+@pytest.fixture(scope="module")
+def per_expert_moe(tmp_path_factory, default_model):
+    """Tiny Mixtral and Qwen2-MoE checkpoints as transformers saves them (one tensor per expert,
+    12 experts so that 10 and 11 sort after 2), bf16, sharded, with a BPE tokenizer."""
+    from transformers import MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    common = dict(vocab_size=len(default_model.tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=256,
+                  tie_word_embeddings=False)
+    folders = {}
+    for kind, model in [("mixtral", lambda: MixtralForCausalLM(MixtralConfig(num_local_experts=12, **common))),
+                        ("qwen2_moe", lambda: Qwen2MoeForCausalLM(Qwen2MoeConfig(
+                            num_experts=12, moe_intermediate_size=32, shared_expert_intermediate_size=64, **common)))]:
+        torch.manual_seed(4)
+        m = model().eval()
+        with torch.no_grad():   # experts and routers that matter
+            for name, p in m.named_parameters():
+                if "experts" in name or "gate" in name:
+                    p.normal_(0, 0.05)
+        folders[kind] = tmp_path_factory.mktemp(f"per-expert-{kind}")
+        m.to(torch.bfloat16).save_pretrained(folders[kind], max_shard_size="2MB")
+        default_model.tokenizer.save_pretrained(folders[kind])
+    return folders
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_per_expert_checkpoints_stream_as_the_stacked_experts_transformers_loads(per_expert_moe, calib, tmp_path, kind):
+    """A checkpoint with one tensor per expert opens lazily under transformers' own conversion
+    mapping (renamed keys, experts stacked, gate and up concatenated), as byte ranges: each
+    stacked tensor reads as transformers' loaded parameter, whole or by rows; GPTQ (experts
+    calibrated on their routed tokens) and a GGUF export stream to the resident run's bytes."""
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.api import execute, make_recipe
+    from lowbit.export import write as write_output
+    from lowbit.export.safetensors_io import PiecedTensor
+    from lowbit.model.load import load_lazy, load_source
+    from lowbit.plan import build_plan
+    from lowbit.scheme import WeightScheme
+    from lowbit.streaming import quantize_streamed
+
+    folder = per_expert_moe[kind]
+    lazy = load_lazy(folder)
+    assert lazy is not None
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).state_dict()
+    assert sorted(lazy.weights.tensors) == sorted(ref)
+    stacked = [n for n, t in lazy.weights.tensors.items() if isinstance(t, PiecedTensor)]
+    assert len(stacked) == 2 * 2   # gate_up_proj and down_proj of both layers
+    for n in lazy.weights.tensors:
+        assert torch.equal(lazy.weights.read(n), ref[n]), n
+    t = lazy.weights.tensors[stacked[0]]
+    assert torch.equal(t.read_rows(7, 200), ref[stacked[0]].reshape(-1, t.shape[-1])[7:200].bfloat16())
+    for method, container, scheme in [("gptq", "native", WeightScheme(bits=4, group_size=32)),
+                                      ("rtn", "gguf", WeightScheme("gguf_q4_0", None, -1))]:
+        recipe = make_recipe(scheme, method=method, calibration=calib)
+        loaded = load_source(folder)
+        suffix = ".gguf" if container == "gguf" else ""
+        write_output(execute(loaded, build_plan(loaded, recipe, container, False), progress=False), container,
+                     tmp_path / f"resident-{method}{suffix}")
+        lazy = load_lazy(folder)
+        plan = build_plan(lazy, recipe, container, False)
+        assert {n for n in stacked} <= set(plan.tensors)   # the stacked experts are quantized
+        quantize_streamed(lazy, plan, tmp_path / f"streamed-{method}{suffix}", progress=False)
+        if container == "gguf":
+            assert (tmp_path / f"streamed-{method}.gguf").read_bytes() == (tmp_path / f"resident-{method}.gguf").read_bytes()
+        else:
+            assert _files(tmp_path / f"resident-{method}") == _files(tmp_path / f"streamed-{method}")
+
+
 @pytest.mark.parametrize("scheme", [
     dict(format="int", bits=3, group_size=32, symmetric=False), dict(format="int", bits=8, group_size=-1),
     dict(format="int", bits=4, group_size=0),                  # per-tensor scale: quantized whole

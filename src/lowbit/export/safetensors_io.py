@@ -96,6 +96,57 @@ class StoredTensor:
                     out.write(torch.frombuffer(view[:got], dtype=src).to(dst).view(torch.uint8).numpy().data)
 
 
+@dataclasses.dataclass(frozen=True)
+class PiecedTensor:
+    """A tensor whose bytes are other stored tensors' bytes one after another (each a whole
+    number of rows of the (numel / last dim, last dim) view): per-expert checkpoint tensors
+    read as the stacked experts a model holds, without copying anything. Reads and writes as a
+    StoredTensor does."""
+
+    pieces: tuple[StoredTensor, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def file(self) -> Path:
+        return self.pieces[0].file
+
+    @property
+    def dtype(self) -> str:
+        return self.pieces[0].dtype
+
+    @property
+    def out_dtype(self) -> str:
+        return self.pieces[0].out_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.pieces)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def read(self) -> torch.Tensor:
+        return torch.cat([p.read().reshape(-1, self.shape[-1]) for p in self.pieces]).reshape(self.shape)
+
+    def read_rows(self, r0: int, r1: int) -> torch.Tensor:
+        out, start = [], 0
+        for p in self.pieces:
+            rows = p.numel // self.shape[-1]
+            lo, hi = max(r0, start), min(r1, start + rows)
+            if lo < hi:
+                out.append(p.read_rows(lo - start, hi - start))
+            start += rows
+        return torch.cat(out) if out else torch.empty((0, self.shape[-1]), dtype=_dtypes()[self.dtype])
+
+    def converted(self, dtype: str) -> "PiecedTensor":
+        return PiecedTensor(tuple(p.converted(dtype) for p in self.pieces), self.shape)
+
+    def write_to(self, out) -> None:
+        for p in self.pieces:
+            p.write_to(out)
+
+
 def stored_tensors(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     """The tensors of a safetensors file as byte ranges (nothing read), and its metadata."""
     path = Path(path)
@@ -110,7 +161,7 @@ def stored_tensors(path: str | os.PathLike) -> tuple[dict[str, StoredTensor], di
 
 
 def _entry(t, names) -> tuple[str, tuple[int, ...], int]:
-    if isinstance(t, StoredTensor):
+    if isinstance(t, (StoredTensor, PiecedTensor)):
         return t.out_dtype, t.shape, t.nbytes
     if t.dtype not in names:
         raise TypeError(f"safetensors cannot store {t.dtype}")
@@ -118,7 +169,7 @@ def _entry(t, names) -> tuple[str, tuple[int, ...], int]:
 
 
 def _write_tensor(out, t) -> None:
-    if isinstance(t, StoredTensor):
+    if isinstance(t, (StoredTensor, PiecedTensor)):
         t.write_to(out)
         return
     flat = t.detach().reshape(-1).contiguous().cpu()

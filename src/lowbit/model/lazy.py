@@ -118,6 +118,11 @@ def lazy_weights(model: torch.nn.Module, folder: Path) -> CheckpointWeights | No
             head.weight = torch.nn.Parameter(torch.empty_like(emb.weight, device="meta"), requires_grad=False)
     params = checkpoint_names(model)
     if any(name not in weights for name in params):
+        converted = _converted_tensors(model, weights.tensors)
+        if converted is None:
+            return None
+        weights.tensors = converted
+    if any(name not in weights for name in params):
         return None
     buffers = {n for n, _ in model.named_buffers()}
     if any(n not in params and n not in buffers for n in weights.tensors):
@@ -128,6 +133,53 @@ def lazy_weights(model: torch.nn.Module, folder: Path) -> CheckpointWeights | No
             raise SourceError(f"{weights.tensors[name].file.name}: {name} has shape {list(shape)}, but config.json "
                               f"gives {list(p.shape)}; the weights and the config are from different models")
     return weights
+
+
+def _converted_tensors(model: torch.nn.Module, tensors: dict) -> dict | None:
+    """The checkpoint's tensors under the names transformers gives them while loading (its own
+    conversion mapping: renamed keys; per-expert tensors stacked, gate and up concatenated), as
+    byte ranges (PiecedTensor), or None where the mapping needs an operation other than those
+    byte-preserving ones (the model is then loaded whole)."""
+    import re
+
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (Concatenate, MergeModulelist, WeightConverter, WeightRenaming,
+                                                 rename_source_key)
+
+    from lowbit.export.safetensors_io import PiecedTensor
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    if len(renamings) + len(converters) != len(transforms):
+        return None
+    meta = dict(model.state_dict(keep_vars=True))
+    out: dict = {}
+    groups: dict[str, tuple] = {}   # target -> (converter, {source pattern: [(expert, tensor)]})
+    for key, t in tensors.items():
+        target, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None:
+            out[target] = t
+            continue
+        conv = next(c for c in converters if pattern in c.source_patterns)
+        found = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+        if found is None or not found.groups():
+            return None
+        groups.setdefault(target, (conv, {}))[1].setdefault(pattern, []).append((int(found.group(1)), t))
+    for target, (conv, by_pattern) in groups.items():
+        ops = [(type(op), getattr(op, "dim", None)) for op in conv.operations]
+        if ops not in ([(MergeModulelist, 0)], [(MergeModulelist, 0), (Concatenate, 1)]):
+            return None
+        lists = [[t for _, t in sorted(by_pattern.get(p, []), key=lambda et: et[0])] for p in conv.source_patterns]
+        experts = len(lists[0])
+        if not experts or any(len(ts) != experts for ts in lists) or target not in meta:
+            return None
+        # stacked along a new dim 0, then (with Concatenate(dim=1)) each expert's pieces one after another
+        pieces = tuple(ts[e] for e in range(experts) for ts in lists)
+        if len({(p.dtype, p.shape[-1]) for p in pieces}) != 1 or sum(p.numel for p in pieces) != meta[target].numel():
+            return None
+        out[target] = PiecedTensor(pieces, tuple(meta[target].shape))
+    return out
 
 
 def materialize(model: torch.nn.Module, prefix: str, weights: CheckpointWeights) -> None:
