@@ -3,9 +3,10 @@ parameters live on the meta device and are read from the (memory-mapped) shards 
 of the model is needed, then released. This is what lets a model larger than memory be
 quantized layer by layer.
 
-Only checkpoints whose tensor names are the model's parameter names stream; architectures
-that transformers converts at load time (per-expert tensors fused into stacked experts, renamed
-keys) are loaded whole instead, which `lazy_weights` reports as None."""
+Checkpoints whose tensor names are the model's parameter names stream, and so do those that
+transformers converts at load time by renaming keys and stacking per-expert tensors (read as
+byte ranges in the stacked order); any other conversion loads the model whole instead, which
+`lazy_weights` reports as None."""
 
 from __future__ import annotations
 
