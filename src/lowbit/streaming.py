@@ -421,11 +421,17 @@ class _StreamedRun:
 
         static = {n: t.activations for n, t in self.plan.tensors.items()
                   if t.activations is not None and t.activations.needs_calibration}
+        ranges = {n: InputRange() for n in static}
         quantized = LazyTensors(SimpleNamespace(tensors=self._stored_parts()), self.metas)
 
         def install(ts):   # the weight-quantized model the resident run observes: no input quantization yet
             for t in ts:
                 install_quantized(self.model, t, dataclasses.replace(quantized[t.name], input_quant=None))
+
+        def observe(ts):   # pre-hooks recording the inputs of the targets that take a static scale
+            return [self.model.get_submodule(t.module_name).register_forward_pre_hook(
+                lambda _m, args, r=ranges[t.name], keep=static[t.name].observer != "minmax": r.add(args[0], keep))
+                for t in ts if t.name in static]
 
         cal = self.plan.recipe.calibration
         windows = cal.windows(self.loaded.tokenizer)
@@ -437,15 +443,12 @@ class _StreamedRun:
         install([t for t in outer if t.kind != "linear"])   # a quantized embedding, in place; a head runs last
         batches = capture_layer_inputs(self.model, layers[0], windows, cal.batch_size)
         release(self.model)
-        ranges = {n: InputRange() for n in static}
         for i in tqdm(range(len(layers)), desc="activation ranges", disable=not progress, unit="layer"):
             meta_layer = copy.deepcopy(layers[i])
             materialize(self.model, f"{self.prefix}.{i}", self.weights)
             mine = [t for t in inner if t.module_name.startswith(f"{self.prefix}.{i}.")]
             install(mine)
-            handles = [self.model.get_submodule(t.module_name).register_forward_pre_hook(
-                lambda _m, args, r=ranges[t.name], keep=static[t.name].observer != "minmax": r.add(args[0], keep))
-                for t in mine if t.name in static]
+            handles = observe(mine)
             batches = [(_layer_output(layers[i](h, **kw)), kw) for h, kw in batches]
             for h in handles:
                 h.remove()
@@ -462,9 +465,7 @@ class _StreamedRun:
             kept = {t.module_name: copy.deepcopy(self.model.get_submodule(t.module_name)) for t in heads}   # on meta
             materialize_parameters(self.model, outside, self.weights)
             install(heads)
-            handles = [self.model.get_submodule(t.module_name).register_forward_pre_hook(
-                lambda _m, args, r=ranges[t.name], keep=static[t.name].observer != "minmax": r.add(args[0], keep))
-                for t in heads]
+            handles = observe(heads)
             for h, _ in batches:
                 self.model.get_submodule(heads[0].module_name)(final(h))
             for h in handles:
@@ -592,9 +593,8 @@ def rotate_streamed(loaded: LoadedModel, kind: str, seed: int, folder, resume: b
         folder.mkdir(parents=True)
         try:
             info = _rotate_into(model, weights, rot, folder, progress)
-        except BaseException as e:
-            if isinstance(e, LowbitError):
-                shutil.rmtree(folder, ignore_errors=True)
+        except LowbitError:   # a model it cannot rotate leaves nothing; a crash keeps nothing reusable either
+            shutil.rmtree(folder, ignore_errors=True)
             raise
         _atomic_json(done, {"identity": identity, "info": info})
     distributed.barrier()
