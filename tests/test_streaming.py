@@ -623,8 +623,8 @@ def test_streamed_checkpoint_exports_equal_the_resident_ones(bf16_sharded, calib
 
 
 def test_a_plan_the_exporter_refuses_stops_after_the_first_layer(bf16_sharded, tmp_path, monkeypatch):
-    """GPTQ v1 cannot hold an asymmetric INT3 weight: the streamed run stops at its first part,
-    in one line with exit 2, and leaves nothing (no output, no partial folder)."""
+    """GPTQ v1 cannot hold an asymmetric INT3 weight: the streamed run stops at the first part
+    holding one, in one line with exit 2, and leaves nothing (no output, no partial folder)."""
     from lowbit import streaming
 
     parts = []
@@ -644,6 +644,16 @@ def test_a_plan_the_exporter_refuses_stops_after_the_first_layer(bf16_sharded, t
     with pytest.raises(SchemeError, match="supports 2/4/8-bit"):
         streaming.quantize_streamed(lazy, plan, tmp_path / "out", progress=False)
     assert parts == ["layer-00000"] and list(tmp_path.iterdir()) == []
+    # every part is checked: INT3 only from layer 2 on stops there
+    from lowbit.plan.recipe import SchemeGroup
+    from lowbit.scheme import QuantScheme
+
+    parts.clear()
+    late = SchemeGroup("late", (r"layers\.[23]\.",), QuantScheme(WeightScheme(bits=3, group_size=32)))
+    plan = build_plan(lazy, make_recipe(WeightScheme(bits=4, group_size=32), method="rtn", groups=(late,)), "gptq", False)
+    with pytest.raises(SchemeError, match="supports 2/4/8-bit"):
+        streaming.quantize_streamed(lazy, plan, tmp_path / "out", progress=False)
+    assert parts == ["layer-00000", "layer-00001", "layer-00002"] and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("to", ["native", "gguf"])

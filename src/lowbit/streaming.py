@@ -129,7 +129,6 @@ class _StreamedRun:
             self.resumed = resume and (self.partial / RUN_FILE).exists()
         self.metas: dict[str, dict] = {}
         self.sizes: dict[str, tuple[int, int]] = {}
-        self.export_checked = False
 
     def _open_partial(self, identity: dict, resume: bool) -> bool:
         """Check a partial folder to resume (True), or start a new one (False)."""
@@ -192,18 +191,18 @@ class _StreamedRun:
         return info
 
     def check_export(self, key: str, info: dict) -> None:
-        """A checkpoint format's refusals (export.checkpoint_exporter(..., "check")), run on the
-        first part with quantized weights: a plan its exporter cannot hold stops after one layer,
-        not after the last, and its partial folder goes with it."""
+        """A checkpoint format's refusals (export.checkpoint_exporter(..., "check")), run on each
+        part with quantized weights as it is written (headers only, no codes read): a plan its
+        exporter cannot hold stops at the first layer it reaches that the format refuses, not
+        after the last, and its partial folder goes with it."""
         from types import SimpleNamespace
 
         from lowbit.export import checkpoint_exporter
         from lowbit.export.native import LazyTensors
         from lowbit.model.quantized import QuantizedModel
 
-        if self.export_checked or not info["tensors"] or self.plan.container in ("native", "gguf"):
+        if not info["tensors"] or self.plan.container in ("native", "gguf"):
             return
-        self.export_checked = True
         stored, _ = stored_tensors(self.part_path(key))
         tensors = LazyTensors(SimpleNamespace(tensors=stored), info["tensors"], codes_on_meta=True)   # checks read no codes
         qm = QuantizedModel(self.model, None, self.plan.common_scheme(), tensors,
