@@ -246,7 +246,7 @@ def write_results(results: list[dict], args) -> None:
              f"{f' --name {args.name}' if args.name else ''}{f' --to {args.to}' if args.to != 'native' else ''}"
              f"{f' --rotate {args.rotate}' if args.rotate else ''}{f' --budget {args.budget}' if args.budget else ''}`. "
              f"{f'A size budget of {args.budget} bits per weight (diagonal Fisher over {args.samples} x {args.seqlen} tokens; streamed: layer by layer). ' if args.budget else ''}"
-             f"{'Rotated first (--rotate hadamard): streamed, layer by layer into a hidden float32 checkpoint; resident, in memory. ' if args.rotate else ''}"
+             f"{'Rotated first (--rotate hadamard): streamed, layer by layer into a hidden float32 checkpoint (the first layer peak includes that whole pass); resident, in memory. ' if args.rotate else ''}"
              f"Output: {OUTPUTS.get(args.to, f'a {args.to} checkpoint folder, written by its exporter from the parts')}. "
              "Synthetic LLaMA checkpoints, bf16, "
              "random weights (N(0, 0.02)), vocab 49152 (SmolLM2's tokenizer), untied head; 7B layer shapes unless "
