@@ -172,6 +172,14 @@ def layerwise_fisher(model: torch.nn.Module, weights, windows: torch.Tensor, tar
         mine = by_layer.get(i, [])
         as_trainable([t.name for t in mine])
         fisher = {t.name: None for t in mine}
+
+        def square_into(p, name):   # as each gradient is complete: its square added, the gradient freed
+            fisher[name] = torch.zeros_like(p.grad) if fisher[name] is None else fisher[name]
+            fisher[name].addcmul_(p.grad, p.grad)
+            p.grad = None
+
+        hooks = [t.parameter(model).register_post_accumulate_grad_hook(lambda p, name=t.name: square_into(p, name))
+                 for t in mine]
         inputs = load("input", i)
         path("input", i).unlink()
         with torch.enable_grad():
@@ -179,12 +187,8 @@ def layerwise_fisher(model: torch.nn.Module, weights, windows: torch.Tensor, tar
                 h.requires_grad_(True)
                 _layer_output(layers[i](h, **kw)).backward(grads[w])
                 grads[w] = h.grad
-                for t in mine:
-                    p = t.parameter(model)
-                    if p.grad is not None:
-                        fisher[t.name] = torch.zeros_like(p.grad) if fisher[t.name] is None else fisher[t.name]
-                        fisher[t.name].addcmul_(p.grad, p.grad)
-                        p.grad = None
+        for hook in hooks:
+            hook.remove()
         del inputs
         for t in mine:
             p = t.parameter(model)
