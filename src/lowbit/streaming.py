@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from lowbit import heap
 from lowbit.calib import distributed
 from lowbit.errors import LowbitError, SchemeError, SourceError
-from lowbit.export.native import (RECIPE_FILE, WEIGHTS_FILE, WEIGHTS_METADATA, commit_output_dir, recipe_document,
+from lowbit.export.native import (RECIPE_FILE, WEIGHTS_METADATA, commit_output_dir, recipe_document,
                                   tensor_entries)
 from lowbit.export.safetensors_io import stored_tensors, write_safetensors, write_sharded
 from lowbit.model.lazy import materialize, materialize_parameters, release
@@ -242,6 +242,18 @@ class _StreamedRun:
         module, _, attr = name.rpartition(".")
         return getattr(self.model.get_submodule(module), attr).detach().contiguous()
 
+    def read_before_layers(self) -> list[str]:
+        """Read every parameter outside the decoder layers except an untied head (what runs
+        before the first layer: the embedding); returns the names of all those outside."""
+        from lowbit.model.lazy import checkpoint_names
+
+        outside = [n for n in checkpoint_names(self.model) if not n.startswith(self.prefix + ".")]
+        head = getattr(self.model.get_output_embeddings(), "weight", None)
+        embedding = self.model.get_input_embeddings().weight
+        materialize_parameters(self.model, [n for n in outside if self.model.get_parameter(n) is not head
+                                            or head is embedding], self.weights)
+        return outside
+
     # the run --------------------------------------------------------------------------------
     def run(self, progress: bool) -> StreamedResult:
         from lowbit.api import finish_record, new_record
@@ -349,18 +361,12 @@ class _StreamedRun:
                 raise SourceError(f"--resume: {self.partial} lacks layer {i}; drop --resume to start over")
             fallbacks.extend(info["fallbacks"])
         tensors: dict = {}
-        from lowbit.model.lazy import checkpoint_names
-
-        # everything outside the decoder layers, planned or not: a quantized embedding still feeds
-        # calibration in full precision (as in the resident run, which quantizes it after the layers)
-        outside = [n for n in checkpoint_names(self.model) if not n.startswith(self.prefix + ".")]
         state = {"meta_layer": None, "fallbacks_before": len(fallbacks)}
 
-        def before_capture():   # what runs before the first layer (the embedding); not an untied head
-            head = getattr(self.model.get_output_embeddings(), "weight", None)
-            embedding = self.model.get_input_embeddings().weight
-            materialize_parameters(self.model, [n for n in outside if self.model.get_parameter(n) is not head
-                                                or head is embedding], self.weights)
+        def before_capture():
+            # a quantized embedding still feeds calibration in full precision (as in the resident
+            # run, which quantizes it after the layers)
+            self.read_before_layers()
 
         def before_layer(i):
             state["meta_layer"] = copy.deepcopy(layers[i])
@@ -414,7 +420,6 @@ class _StreamedRun:
         from lowbit.calib.activations import InputRange, clip_absmax
         from lowbit.calib.runner import _layer_output, capture_layer_inputs
         from lowbit.export.native import LazyTensors
-        from lowbit.model.lazy import checkpoint_names
         from lowbit.model.quantized import install_quantized
         from lowbit.nn.act_quant import input_quant_spec
 
@@ -434,11 +439,7 @@ class _StreamedRun:
 
         cal = self.plan.recipe.calibration
         windows = cal.windows(self.loaded.tokenizer)
-        head = getattr(self.model.get_output_embeddings(), "weight", None)
-        embedding = self.model.get_input_embeddings().weight
-        outside = [n for n in checkpoint_names(self.model) if not n.startswith(self.prefix + ".")]
-        materialize_parameters(self.model, [n for n in outside if self.model.get_parameter(n) is not head
-                                            or head is embedding], self.weights)
+        outside = self.read_before_layers()
         install([t for t in outer if t.kind != "linear"])   # a quantized embedding, in place; a head runs last
         batches = capture_layer_inputs(self.model, layers[0], windows, cal.batch_size)
         release(self.model)
