@@ -79,7 +79,7 @@ def layerwise_fisher(model: torch.nn.Module, weights, windows: torch.Tensor, tar
 
     from safetensors.torch import load_file, save_file
 
-    from lowbit.calib.runner import _layer_output, capture_layer_inputs, find_decoder_layers
+    from lowbit.calib.runner import _layer_output, capture_layer_inputs, find_decoder_layers, run_to_first_layer
     from lowbit.errors import SchemeError
     from lowbit.model.arch import FINAL_NORMS, _get
     from lowbit.model.lazy import _replace_everywhere, checkpoint_names, materialize, materialize_parameters, release
@@ -204,7 +204,7 @@ def layerwise_fisher(model: torch.nn.Module, weights, windows: torch.Tensor, tar
     fisher_emb = torch.zeros_like(model.get_input_embeddings().weight)
     with torch.enable_grad():
         for w in range(n):
-            h = _first_layer_input(model, layers[0], windows[w: w + 1])
+            h, _ = run_to_first_layer(model, layers[0], windows[w: w + 1])
             h.backward(grads[w])
             g = model.get_input_embeddings().weight.grad
             model.get_input_embeddings().weight.grad = None
@@ -215,23 +215,3 @@ def layerwise_fisher(model: torch.nn.Module, weights, windows: torch.Tensor, tar
     consume(emb_target, model.get_input_embeddings().weight.detach(), fisher_emb.div_(n_tokens))
     release(model)
 
-
-def _first_layer_input(model: torch.nn.Module, first_layer: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The hidden states the model hands its first decoder layer, with their graph (gradients
-    reach the embedding)."""
-    from lowbit.calib.runner import _StopForward
-
-    got = []
-
-    def hook(_module, args, kwargs):
-        got.append(args[0] if args else kwargs["hidden_states"])
-        raise _StopForward
-
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        model(ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    return got[0]

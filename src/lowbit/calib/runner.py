@@ -290,26 +290,34 @@ def find_decoder_layers(model: torch.nn.Module, targets: list[WeightTarget]) -> 
     return best
 
 
+def run_to_first_layer(model: torch.nn.Module, first_layer: torch.nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(hidden_states, kwargs) that the model passes to its first decoder layer for `ids`, the
+    forward stopped there (under autograd the hidden states keep their graph to the embedding)."""
+    got = []
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        got.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return got[0]
+
+
 @torch.no_grad()
 def capture_layer_inputs(model: torch.nn.Module, first_layer: torch.nn.Module, windows: torch.Tensor,
                          batch_size: int) -> list[tuple[torch.Tensor, dict]]:
     """(hidden_states, kwargs) that the model passes to its first decoder layer, per batch."""
     captured = []
-
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _StopForward
-
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for i in range(0, windows.shape[0], batch_size):
-            try:
-                model(windows[i: i + batch_size], use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
+    for i in range(0, windows.shape[0], batch_size):
+        hidden, kwargs = run_to_first_layer(model, first_layer, windows[i: i + batch_size])
+        captured.append((hidden.detach(), kwargs))
     return captured
 
 
