@@ -149,10 +149,9 @@ def module_of(name: str) -> str:
 def headers(qm: QuantizedModel) -> QuantizedModel:
     """qm for an exporter's checks, which read shapes, formats and parameters only: tensors read
     lazily come without their codes, so the checks' passes do not read every weight again."""
-    from lowbit.export.native import LazyTensors
+    from lowbit.export.native import tensor_headers
 
-    view = qm.tensors.headers() if isinstance(qm.tensors, LazyTensors) else None
-    return qm if view is None else dataclasses.replace(qm, tensors=view)
+    return dataclasses.replace(qm, tensors=tensor_headers(qm.tensors))
 
 
 # --- writing ---------------------------------------------------------------------------------

@@ -501,7 +501,7 @@ def _value_readers(m: _Model) -> tuple[dict[str, Callable], dict[str, Callable],
     streamed run: m.floats reads them) is written one tensor at a time. A header is the tensor
     without its codes where they are read lazily (its format, shape and parameters: what picks
     the GGUF type), else the tensor. A stacked gate_up becomes its gate and up halves."""
-    from lowbit.export.native import LazyTensors
+    from lowbit.export.native import tensor_headers
 
     state = dict(m.model.named_parameters(remove_duplicate=False))
     persistent = set(m.model.state_dict())   # non-persistent buffers (Gemma's embed_scale) are recomputed
@@ -514,7 +514,7 @@ def _value_readers(m: _Model) -> tuple[dict[str, Callable], dict[str, Callable],
         return lambda: state[name]
 
     floats = {n: float_reader(n) for n in state}
-    head_tensors = (m.tensors.headers() if isinstance(m.tensors, LazyTensors) else None) or m.tensors
+    head_tensors = tensor_headers(m.tensors)
     quantized = {n: (lambda n=n: m.tensors[n]) for n in m.tensors}
     headers = {n: (lambda n=n: head_tensors[n]) for n in m.tensors}
     for fused in [n for n in list(floats) if n.endswith(".experts.gate_up_proj")]:

@@ -226,6 +226,14 @@ def load(path: str | os.PathLike, runtime: str = "decoded", compute_dtype: torch
                           recipe["source"], recipe["method"], recipe.get("recipe", {}))
 
 
+def tensor_headers(tensors):
+    """`tensors` as its exporters' type choices and checks read them: lazily read tensors without
+    their codes (LazyTensors.headers), anything else (already in memory, or under a transform
+    that needs the codes) as it is."""
+    view = tensors.headers() if isinstance(tensors, LazyTensors) else None
+    return tensors if view is None else view
+
+
 def open_lazy(path: str | os.PathLike) -> QuantizedModel:
     """A lowbit folder as a QuantizedModel that holds none of its weights: the model on the meta
     device, each quantized tensor read when asked for (LazyTensors), full-precision values as
