@@ -46,6 +46,8 @@ LOWBIT_ROWS = [
     ("int8", dict(kind="int8")),
     ("int8 R128", dict(kind="int8", residual=128)),
     ("int8 g32 R128", dict(kind="int8", granularity="group", residual=128)),
+    # min-max ranges (a scale and a minimum per 32 channels), as HQQ's int8 cache stores them
+    ("int8 g32 asym R128", dict(kind="int8", granularity="group", symmetric=False, residual=128)),
     ("int8 per-head", dict(kind="int8", granularity="head")),
     ("fp8", dict(kind="fp8")),
     ("fp8 R128", dict(kind="fp8", residual=128)),
@@ -61,7 +63,7 @@ LOWBIT_ROWS = [
 PEER_ROWS = [
     ("hf-fp8 (per tensor)", "fp8", {}, ("fp8", "fp8 R128")),
     ("hf-hqq int8 g32", "hqq", dict(nbits=8, q_group_size=32, axis_key=1, axis_value=1),
-     ("int8", "int8 R128", "int8 g32 R128")),
+     ("int8", "int8 R128", "int8 g32 R128", "int8 g32 asym R128")),
     ("hf-quanto int4 g32", "quanto", dict(nbits=4, q_group_size=32), ("int4", "int4 R128", "kivi4")),
     ("hf-hqq int4 g32", "hqq", dict(nbits=4, q_group_size=32, axis_key=1, axis_value=1), ("int4", "int4 R128", "kivi4")),
     ("hf-quanto int2 g32", "quanto", dict(nbits=2, q_group_size=32), ("kivi2", "kivi2 plain")),

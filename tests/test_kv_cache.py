@@ -126,6 +126,26 @@ def test_int4_groups_match_formula_and_pack_two_per_byte():
     assert int(codes[0, 0, 0, 0]) == int(first[0]) | (int(first[1]) << 4)
 
 
+@pytest.mark.parametrize("granularity", ["token", "group"])
+def test_asymmetric_int8_matches_minmax_formula_one_code_per_byte(granularity):
+    x = _states(outlier_channel=5) + 0.7     # off-center: the case min-max ranges are for
+    spec = KVCacheSpec("int8", granularity=granularity, group_size=16, symmetric=False, sink=0, new_tokens="stored")
+    layer = _LAYERS[spec.layer_kind](spec)
+    layer.update(x[..., :7, :], -x[..., :7, :])
+    k, v = layer.update(x[..., 7:, :], -x[..., 7:, :])
+    groups = 4 if granularity == "group" else 1
+    shaped = (2, 3, 11, groups, 64 // groups)
+    assert torch.equal(k, _minmax_reference(x.reshape(shaped), 8, -1).reshape(x.shape))
+    assert torch.equal(v, _minmax_reference(-x.reshape(shaped), 8, -1).reshape(x.shape))
+    assert layer.stored["k_codes"].dtype == torch.uint8 and layer.stored["k_codes"].shape == x.shape
+    assert layer.stored["k_scale"].shape == layer.stored["k_min"].shape == (2, 3, 11, groups)
+    # on off-center states a min-max range beats the symmetric absmax one
+    sym = _LAYERS["int8"](dataclasses.replace(spec, symmetric=True))
+    ks, _ = sym.update(x, -x)
+    assert (k - x).square().sum() < 0.5 * (ks - x).square().sum()
+    assert spec.label() == ("int8 g16 asym" if granularity == "group" else "int8 per-token asym") + " read-back"
+
+
 def test_pack_roundtrip():
     for bits in (2, 4):
         c = torch.randint(0, 2 ** bits, (3, 5, 64), dtype=torch.uint8)
@@ -176,11 +196,15 @@ def test_kivi_window_zero_keeps_only_the_partial_block():
 
 # ---- measured bytes -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["none", "int8", "fp8", "int4", "kivi2", "kivi4", "int8-g32"])
+@pytest.mark.parametrize("kind", ["none", "int8", "fp8", "int4", "kivi2", "kivi4", "int8-g32", "int8-g32-asym",
+                                  "int8-asym"])
 def test_measured_bytes_equal_expected_count(model, kind):
     ids = _ids(batch=2, n=40)
     spec = (KVCacheSpec(kind) if kind == "none" else KVCacheSpec("int8", residual=8, granularity="group")
-            if kind == "int8-g32" else KVCacheSpec(kind, residual=8, block=8))
+            if kind == "int8-g32" else
+            KVCacheSpec("int8", residual=8, granularity="group", symmetric=False) if kind == "int8-g32-asym" else
+            KVCacheSpec("int8", residual=8, symmetric=False) if kind == "int8-asym" else
+            KVCacheSpec(kind, residual=8, block=8))
     cache = QuantizedKVCache(spec, model.config)
     _prefill_then_decode(model, ids, cache, prefill=21)
     L, H, D, B, T = 2, 2, 64, 2, 40
@@ -192,6 +216,8 @@ def test_measured_bytes_equal_expected_count(model, kind):
         "none": 2 * T * D * 4,                                          # what the fp32 model computes
         "int8": 2 * (q * D + q * 2) + fp16_kept, "fp8": 2 * (q * D + q * 2) + fp16_kept,
         "int8-g32": 2 * (q * D + q * 2 * 2) + fp16_kept,
+        "int8-g32-asym": 2 * (q * D + q * 2 * 2 * 2) + fp16_kept,     # a scale and a minimum per group
+        "int8-asym": 2 * (q * D + q * 2 * 2) + fp16_kept,             # ... per token
         "int4": 2 * (q * D // 2 + q * (D // 32) * 2 * 2) + fp16_kept,
         # 39 tokens after the sink: 24 quantized (3 blocks of 8), 15 in the window (8 <= window < 16)
         "kivi2": (24 * D // 4 + 3 * D * 2 * 2) + (24 * D // 4 + 24 * 2 * 2 * 2) + 2 * (1 + 15) * D * 2,
@@ -342,6 +368,10 @@ def test_eval_cli_kv(tiny_llama, capsys):
     assert main(["eval", str(tiny_llama), *base[1:], "--kv", "int8"]) == 0
     rc = json.loads(capsys.readouterr().out)
     assert rc["kld"] == r8["kld"] and rc["top1"] == r8["top1"]
+    # int8 with a min-max range per 8 channels: a scale and a minimum per group (head_dim 24: 3 groups)
+    assert main(base + ["--kv", "int8", "--kv-group", "8", "--kv-asym"]) == 0
+    ra = json.loads(capsys.readouterr().out)
+    assert ra["kv_cache_bytes"] == 2 * 2 * 2 * (63 * 24 + 63 * 3 * 2 * 2 + 24 * 2) and ra["kld"] != r8["kld"]
 
 
 def test_eval_cli_bad_input(tiny_llama, capsys):
@@ -435,6 +465,10 @@ def test_full_precision_refuses_sink_and_window_and_mse_needs_asymmetric_ranges(
         KVCacheSpec("none", residual=4)
     with pytest.raises(SchemeError, match="absmax"):
         KVCacheSpec("int8", clip="mse")
+    assert KVCacheSpec("int8", symmetric=False, clip="mse").clip == "mse"
+    for bad in (dict(kind="fp8"), dict(kind="int4"), dict(kind="int8", granularity="head")):
+        with pytest.raises(SchemeError, match="drop --kv-asym"):
+            KVCacheSpec(symmetric=False, **bad)
     assert KVCacheSpec("kivi2").clip == "mse" and KVCacheSpec("kivi4").clip == "minmax"
     assert (KVCacheSpec("kivi2").residual, KVCacheSpec("int4").residual, KVCacheSpec("int8").sink) == (128, 0, 1)
     assert KVCacheSpec("kivi2").label() == "kivi2 G32 g32 R128 sink1 mse"

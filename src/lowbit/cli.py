@@ -30,12 +30,16 @@ def _add_kv_flags(parser, help_kv: str) -> None:
     parser.add_argument("--kv-sink", type=int, help="first tokens kept in full precision, the attention sink (default 1)")
     parser.add_argument("--kv-clip", choices=("minmax", "mse"), help="int4/kivi ranges: min-max, or the clipped range "
                                                                      "of least squared error (default: mse for kivi2)")
+    parser.add_argument("--kv-group", type=int, help="channels per scale along head_dim: int8/fp8 get a scale per "
+                                                     "group instead of per token; int4/kivi values (default 32)")
+    parser.add_argument("--kv-asym", action="store_true", default=None,
+                        help="int8: min-max ranges (a scale and a minimum) instead of absmax scales")
 
 
 def _kv_spec(args):
     """The KVCacheSpec the --kv flags name, or None without --kv."""
     if args.kv is None:
-        for flag in ("kv_residual", "kv_sink", "kv_clip"):
+        for flag in ("kv_residual", "kv_sink", "kv_clip", "kv_group", "kv_asym"):
             if getattr(args, flag, None) is not None:
                 from lowbit.errors import SchemeError
 
@@ -43,7 +47,13 @@ def _kv_spec(args):
         return None
     from lowbit.runtime.kv_cache import KVCacheSpec
 
-    return KVCacheSpec(args.kv, residual=args.kv_residual, sink=args.kv_sink, clip=args.kv_clip)
+    grouped = {}
+    if args.kv_group is not None:
+        grouped["group_size"] = args.kv_group
+        if args.kv in ("int8", "fp8"):
+            grouped["granularity"] = "group"
+    return KVCacheSpec(args.kv, residual=args.kv_residual, sink=args.kv_sink, clip=args.kv_clip,
+                       symmetric=not args.kv_asym, **grouped)
 
 # --act spellings -> activation schemes (static ones take --act-observer)
 _ACT_CHOICES = ("none", "int8", "int8-static", "int4", "fp8", "fp8-static", "nvfp4", "nvfp4-dynamic", "mxfp8", "mxfp4")

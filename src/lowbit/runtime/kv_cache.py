@@ -12,6 +12,9 @@ run on it. Kinds (`KVCacheSpec.kind`):
 - ``int8`` / ``fp8``: symmetric, a scale per token per head (absmax over head_dim), or with
   ``granularity="group"`` one per token per ``group_size`` channels, or ``granularity="head"`` one
   scale per head, fitted on the first states stored (the prefill) and frozen;
+  With ``symmetric=False`` (int8 only) each token's range is its min-max instead, stored as an
+  fp16 scale and fp16 minimum per token (or per group), codes one per byte: keys sit off zero in
+  some channels, so a symmetric range wastes part of its levels (HQQ's int8 cache is asymmetric);
 - ``int4``: asymmetric groups of ``group_size`` (32) channels along head_dim, two codes per byte;
 - ``kivi2``: KIVI-2 (Liu et al. 2024): 2-bit, keys per channel over blocks of ``block`` (G, 32)
   tokens, values per token in groups of ``group_size`` along head_dim, and a full-precision
@@ -68,6 +71,7 @@ class KVCacheSpec:
     residual_dtype: str = "float16"  # sink and window: float16 | bfloat16 | same (the model's dtype, exact)
     sink: int | None = None         # first tokens kept in full precision
     clip: str | None = None         # int4/KIVI ranges: "minmax" | "mse" (see kv_quant)
+    symmetric: bool = True          # int8: absmax scales (True) or min-max ranges with a minimum
     new_tokens: str = "exact"       # "exact" | "stored": how an update's own tokens are read
 
     def __post_init__(self):
@@ -100,8 +104,12 @@ class KVCacheSpec:
             raise SchemeError(f"KV residual dtype must be one of {', '.join(_RESIDUAL_DTYPES)}, got {self.residual_dtype!r}")
         if self.clip not in Q.CLIPS:
             raise SchemeError(f"KV range clip must be one of {', '.join(Q.CLIPS)}, got {self.clip!r}")
-        if self.clip == "mse" and kind in ("int8", "fp8"):
-            raise SchemeError(f"--kv-clip mse searches asymmetric ranges (int4, kivi2, kivi4); {kind} uses absmax scales")
+        if not self.symmetric and (kind != "int8" or self.granularity == "head"):
+            raise SchemeError(f"an asymmetric KV cache is int8 per token or per group; {kind} "
+                              f"{'per head ' if kind == 'int8' else ''}is symmetric: drop --kv-asym")
+        if self.clip == "mse" and kind in ("int8", "fp8") and self.symmetric:
+            raise SchemeError(f"--kv-clip mse searches asymmetric ranges (int4, kivi2, kivi4, int8 with --kv-asym); "
+                              f"{kind} uses absmax scales")
         if self.new_tokens not in ("exact", "stored"):
             raise SchemeError(f"KV new_tokens must be 'exact' or 'stored', got {self.new_tokens!r}")
 
@@ -117,6 +125,8 @@ class KVCacheSpec:
             return "full precision"
         if self.kind in ("int8", "fp8"):
             parts = [f"{self.kind} g{self.group_size}" if self.granularity == "group" else f"{self.kind} per-{self.granularity}"]
+            if not self.symmetric:
+                parts.append("asym")
         elif self.kind == "int4":
             parts = [f"int4 g{self.group_size} asym"]
         else:
@@ -136,11 +146,16 @@ class KVCacheSpec:
         rd = _RESIDUAL_DTYPES[self.residual_dtype]
         return Q.kv_bytes_per_head(self.kind, tokens, head_dim, granularity=self.granularity,
                                    group_size=self.group_size, block=self.block, residual=self.residual,
-                                   sink=self.sink, full_bytes=full_bytes,
+                                   sink=self.sink, symmetric=self.symmetric, full_bytes=full_bytes,
                                    residual_bytes=full_bytes if rd is None else rd.itemsize)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def layer_kind(self) -> str:
+        """The storage layout: the kind, or "int8-asym" for min-max int8."""
+        return self.kind if self.symmetric else self.kind + "-asym"
 
 
 _LAYERS: dict[str, type["KVLayer"]] = {}
@@ -355,9 +370,13 @@ class Int4Layer(QuantizedLayer):
     kind = "int4"
     bits = 4
 
+    def _group(self, head_dim: int) -> int:
+        return self.spec.group_size
+
     def _store(self, key_states, value_states):
+        group = self._group(key_states.shape[-1])
         for name, x in (("k", key_states), ("v", value_states)):
-            codes, scale, minimum = Q.quantize_token_groups(x, self.bits, self.spec.group_size, self.spec.clip)
+            codes, scale, minimum = Q.quantize_token_groups(x, self.bits, group, self.spec.clip)
             self._cat(name + "_codes", codes)      # (B, H, T, D/2) uint8
             self._cat(name + "_scale", scale)      # (B, H, T, D/group) fp16
             self._cat(name + "_min", minimum)      # (B, H, T, D/group) fp16
@@ -365,6 +384,17 @@ class Int4Layer(QuantizedLayer):
     def _decode(self):
         return tuple(Q.dequantize_token_groups(self.stored[n + "_codes"], self.stored[n + "_scale"],
                                                self.stored[n + "_min"], self.bits, self.dtype) for n in ("k", "v"))
+
+
+class Int8AsymLayer(Int4Layer):
+    """int8 with min-max ranges per token (over head_dim) or per group of channels: one code per
+    byte, an fp16 scale and minimum per range."""
+
+    kind = "int8-asym"
+    bits = 8
+
+    def _group(self, head_dim: int) -> int:
+        return self.spec.group_size if self.spec.granularity == "group" else head_dim
 
 
 class KiviLayer(QuantizedLayer):
@@ -417,7 +447,7 @@ class QuantizedKVCache(Cache):
         elif spec_fields:
             spec = dataclasses.replace(spec, **spec_fields)
         self.spec = spec
-        layer_cls = _LAYERS[spec.kind]
+        layer_cls = _LAYERS[spec.layer_kind]
         if config is None:
             super().__init__(layer_class_to_replicate=functools.partial(layer_cls, spec))
             return

@@ -5,8 +5,8 @@ token axis at -2, so codes and scales of new tokens are appended with one `torch
 
 - absmax (int8, fp8 E4M3): symmetric, one fp16 scale per (token, head) over head_dim, or one per
   head over the tokens and head_dim of the prefill (then frozen: later tokens saturate to it);
-- minmax groups (int4, KIVI values): asymmetric, one fp16 scale and fp16 minimum per group of
-  `group` channels of one token; codes packed along head_dim (two per byte at 4 bits, four at 2);
+- minmax groups (int4, KIVI values, asymmetric int8): one fp16 scale and fp16 minimum per group
+  of `group` channels of one token; codes packed along head_dim (two per byte at 4 bits, four at 2);
 - channel blocks (KIVI keys): asymmetric, one fp16 scale and minimum per channel over a block of
   `block` tokens (keys have outlier channels, so they are grouped per channel, KIVI section 3).
 
@@ -180,13 +180,14 @@ def kivi_split(tokens: int, residual: int, block: int) -> tuple[int, int]:
 
 
 def kv_bytes_per_head(kind: str, tokens: int, head_dim: int, *, granularity: str = "token", group_size: int = 32,
-                      block: int = 32, residual: int = 128, sink: int = 0, full_bytes: int = 2,
-                      residual_bytes: int = 2) -> int:
+                      block: int = 32, residual: int = 128, sink: int = 0, symmetric: bool = True,
+                      full_bytes: int = 2, residual_bytes: int = 2) -> int:
     """Bytes one KV head of one layer holds for `tokens` tokens of one sequence, keys and values,
     codes and fp16 scales: the single source of truth the cache's measured bytes are checked against.
     The first `sink` tokens and the full-precision window (`residual` most recent tokens, leaving
     it in whole `block`s for KIVI, one token at a time otherwise) take `residual_bytes` per element;
-    `full_bytes`: element size of an unquantized cache."""
+    `full_bytes`: element size of an unquantized cache. symmetric=False (int8): a scale and a
+    minimum per token or group."""
     s = torch.finfo(SCALE_DTYPE).bits // 8
     d = head_dim
     if kind == "none":
@@ -197,6 +198,8 @@ def kv_bytes_per_head(kind: str, tokens: int, head_dim: int, *, granularity: str
     kept = 2 * (n_sink + r) * d * residual_bytes
     if kind in ("int8", "fp8"):
         per = q * d + {"token": q * s, "group": q * (d // group_size) * s, "head": s if q else 0}[granularity]
+        if not symmetric:   # the minimum beside each scale
+            per += {"token": q * s, "group": q * (d // group_size) * s, "head": 0}[granularity]
     elif kind == "int4":
         per = q * d // 2 + q * (d // group_size) * 2 * s
     elif kivi:
