@@ -253,6 +253,11 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _kld(v: float) -> str:
+    """Three significant digits: int8 caches differ in the sixth decimal."""
+    return f"{v:.3g}"
+
+
 def _markdown(meta: dict, rows: list[dict]) -> str:
     p = meta["protocol"]
     lines = [f"# KV cache quantization on {meta['model_name']}", "",
@@ -274,8 +279,8 @@ def _markdown(meta: dict, rows: list[dict]) -> str:
         below = ""
         if r.get("below_peers_kld") is not None:
             below = f"{'yes' if r['below_peers_kld'] else 'NO'} / {'yes' if r['below_peers_kld_decode'] else 'NO'}"
-        lines.append(f"| {label} | {impl} | {r['kld']:.5f} | {r['kld_p99']:.4f} | {r['top1']:.4f} | {r['kld_decode']:.5f} | "
-                     f"{r['top1_decode']:.4f} | {r['kld_single_token']:.5f} | {r['ppl']:.3f} | {r['ratio_fp16']:.3f} | {target} | "
+        lines.append(f"| {label} | {impl} | {_kld(r['kld'])} | {r['kld_p99']:.4f} | {r['top1']:.4f} | {_kld(r['kld_decode'])} | "
+                     f"{r['top1_decode']:.4f} | {_kld(r['kld_single_token'])} | {r['ppl']:.3f} | {r['ratio_fp16']:.3f} | {target} | "
                      f"{below} | {r['seconds']:.0f} |")
     if meta["peer_errors"]:
         lines += ["", "Peers that did not run: " + "; ".join(f"{k}: {v}" for k, v in meta["peer_errors"].items())]
