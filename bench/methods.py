@@ -91,6 +91,10 @@ CONFIGS = [
     ("sparsegpt", dict(format="int", bits=8, group_size=-1, symmetric=True), {"sparsity": "2:4"}),
     ("aqlm", dict(format="aqlm_2x8", bits=None, group_size=-1), {}),
     ("rtn", dict(format="aqlm_2x8", bits=None, group_size=-1), {}),
+    # QuIP#-style E8P lattice at 2 bits, beside GPTQ's int2 with the same storage per row
+    ("quip", dict(format="e8p", bits=None, group_size=-1), {}),
+    ("rtn", dict(format="e8p", bits=None, group_size=-1), {}),
+    ("gptq", dict(format="int", bits=2, group_size=-1, symmetric=False, observer="mse"), {}),
 ]
 
 
@@ -119,6 +123,9 @@ SPARSITY_ROWS = [
 
 # `--rows codebooks`: 2-bit AQLM-style additive codebooks beside 2-bit GPTQ
 CODEBOOK_ROWS = ["aqlm|aqlm_2x8 per-channel", "rtn|aqlm_2x8 per-channel", "gptq|int2 g32 asym"]
+
+# `--rows lattice`: QuIP#-style E8P (incoherence + BlockLDLQ) beside its own nearest rounding and 2-bit GPTQ
+LATTICE_ROWS = ["quip|e8p per-channel", "rtn|e8p per-channel", "gptq|int2 per-channel asym mse", "gptq|int2 g32 asym"]
 
 # `--rows rotation`: rotated rows beside the same rows unrotated, and LLM.int8 beside W8A8
 ROTATION_ROWS = [
@@ -149,6 +156,12 @@ ROW_SET_NOTES = {
         "under the Hessian's diagonal, codebooks and scales by Adam on the layer's output error (methods/aqlm.py; "
         "AQLM's full beam search and end-to-end fine-tuning are not done); rtn: the format's own k-means and "
         "nearest codes, no calibration.", ""],
+    "lattice": [
+        "e8p rows: every 8 weights of the incoherent W̃ = Uᵀ W V (seeded random-sign Hadamards; 576 = 16 · Paley "
+        "36, 1536 = 128 · Paley 12) are one 16-bit word into QuIP#'s E8P codebook (2^16 points of E8 + 1/4), times "
+        "an fp16 scale per row; bits/weight counts codes, scales and the two seeds. quip: BlockLDLQ rounding against "
+        "the rotated Hessian (methods/quip.py; QuIP#'s fine-tuning is not done); rtn: nearest codewords. int2 "
+        "per-channel asym: 2 bits plus an fp16 scale and zero per row, e8p's storage.", ""],
     "rotation": [
         "Rotated rows: norms folded, then a randomized Hadamard on the residual stream (576 = 16 · Paley 36) and "
         "per head on V/O (QuaRot R1 + R2, no online rotations), before the method; logits of the rotated "
@@ -280,7 +293,7 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     sets = {"activations": ACTIVATION_ROWS, "rotation": ROTATION_ROWS, "sparsity": SPARSITY_ROWS,
-            "codebooks": CODEBOOK_ROWS}
+            "codebooks": CODEBOOK_ROWS, "lattice": LATTICE_ROWS}
     if args.rows and all(r in sets for r in args.rows):   # named row sets: their rows, one table
         args.name = args.name or "_".join(args.rows)
         args.rows = [row for r in args.rows for row in sets[r]]

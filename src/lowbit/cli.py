@@ -88,6 +88,9 @@ def _scheme_from_args(args):
         # the codebook setting names the format (a bad setting is refused by the method's options)
         fmt = method_options("aqlm", _parse_options(args.opt)).format_name()
         return QuantScheme(WeightScheme(fmt, None, -1)), None
+    if (not args.scheme and getattr(args, "method", None) == "quip" and args.format == "int" and args.bits is None
+            and args.act is None):
+        return QuantScheme(WeightScheme("e8p", None, -1)), None   # the method's own format
     if args.scheme:
         if args.act is not None:
             raise SchemeError(f"--scheme {args.scheme} already fixes the activations; drop --act, or spell the weights "
@@ -174,7 +177,7 @@ def _add_scheme_flags(p):
     p.add_argument("--scheme", help="preset (weights and activations, as compressed-tensors names them): W4A16, "
                                     "W4A16_G32_ASYM, W3A16_G32, W8A16, W8A8, W8A8_STATIC, W4A8, FP8, FP8_DYNAMIC, "
                                     "FP8_WEIGHT, NF4, MXFP4, MXFP4A16, MXFP8, MXFP8A16, NVFP4, NVFP4A16, TERNARY")
-    p.add_argument("--format", default="int", help="int | fp8_e4m3 | fp8_e5m2 | fp4 | nf4 | mxfp4 | mxfp8 | nvfp4 | ternary | gguf_* (default int)")
+    p.add_argument("--format", default="int", help="int | fp8_e4m3 | fp8_e5m2 | fp4 | nf4 | mxfp4 | mxfp8 | nvfp4 | ternary | gguf_* | aqlm_2x8 | aqlm_1x16 | e8p (default int)")
     p.add_argument("--bits", type=int, default=None, help="bits for --format int (2-8, default 4)")
     p.add_argument("--group-size", type=int, default=128, help="group size along the input dim; -1 per channel, 0 per tensor (default 128)")
     p.add_argument("--asym", action="store_true", help="asymmetric (zero-point) integer quantization")
@@ -1057,7 +1060,7 @@ def _add_plan_flags(q):
     q.add_argument("--recipe", help="a YAML recipe (method, scheme, targets, groups, budget, ...) instead of the flags below")
     q.add_argument("--method", default="rtn", help="rtn | gptq | awq | smoothquant | hqq | llm_int8 (scheme LLM_INT8) | "
                                                     "sparsegpt | wanda (--opt sparsity=2:4) | aqlm (--opt codebooks=2 "
-                                                    "--opt codebook_bits=8)")
+                                                    "--opt codebook_bits=8) | quip (2-bit E8P lattice, format e8p)")
     _add_scheme_flags(q)
     q.add_argument("--act", choices=_ACT_CHOICES, default=None,
                    help="input (activation) quantization with --format: int8 (per-token dynamic), int8-static (per "

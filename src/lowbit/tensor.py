@@ -146,7 +146,7 @@ class QuantizedTensor:
         a large matrix's parameters would be several times the matrix)."""
         p, (rows, cols) = self.float_params(), self.codes.shape
         step = max(1, _ENCODE_ELEMENTS // max(1, cols))
-        if rows <= step:
+        if rows <= step or not self.format.decodes_row_blocks:
             return self.format.decode(self.codes, expand_groups(p, cols, self.group_size))
         out = torch.empty(rows, cols, dtype=torch.float32)
         for r in range(0, rows, step):
@@ -208,7 +208,7 @@ def encode_matrix(fmt: Format, W: torch.Tensor, p: Params, group_size: int,
         pp = p if rows is None else {k: (v[rows] if v.ndim == 2 else v) for k, v in p.items()}
         return fmt.encode((W if rows is None else W[rows]).float(), expand_params(pp, gidx), **kw)
 
-    if W.shape[0] <= step:
+    if W.shape[0] <= step or not fmt.decodes_row_blocks:   # (a rotation across rows: encode whole)
         return enc(None)
     return torch.cat([enc(slice(r, r + step)) for r in range(0, W.shape[0], step)])
 

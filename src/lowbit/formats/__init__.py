@@ -11,5 +11,6 @@ from lowbit.formats import ternary  # noqa: F401  (registers "ternary")
 from lowbit.formats import gguf_blocks  # noqa: F401  (registers "gguf_q8_0" ... "gguf_q6_k")
 from lowbit.formats import gguf_iq  # noqa: F401  (registers "gguf_iq3_s" ... "gguf_iq1_s")
 from lowbit.formats import codebook  # noqa: F401  (registers "aqlm_2x8", "aqlm_1x16")
+from lowbit.formats import e8p  # noqa: F401  (registers "e8p")
 
 __all__ = ["FORMATS", "Format", "Params", "make_format"]

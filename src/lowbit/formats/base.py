@@ -47,6 +47,12 @@ class Format:
         parameters (a per-tensor scale) are detected by the caller."""
         return True
 
+    @property
+    def decodes_row_blocks(self) -> bool:
+        """Whether a block of rows decodes from its own codes and parameters (False where a
+        transform mixes rows, as E8P's incoherence rotation does: decode the whole matrix)."""
+        return True
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("name"):

@@ -21,6 +21,7 @@ REGISTRY = {
     "sparsegpt": "lowbit.methods.sparsegpt",
     "wanda": "lowbit.methods.wanda",
     "aqlm": "lowbit.methods.aqlm",
+    "quip": "lowbit.methods.quip",
 }
 
 

@@ -99,6 +99,14 @@ class Recipe:
             if other:
                 raise SchemeError(f"--method aqlm stores {want} (its --opt codebooks/codebook_bits); the scheme says "
                                   f"{other[0]}: pass --format {want} or drop --format")
+        lattice = [s.weights.format for s in (self.scheme, *(g.scheme for g in self.groups)) if s.weights.format == "e8p"]
+        if lattice and self.method not in ("quip", "rtn"):
+            raise SchemeError(f"e8p encodes 8 weights at a time: use --method quip (or rtn), not {self.method}")
+        if self.method == "quip":
+            other = [s.weights.format for s in (self.scheme, *(g.scheme for g in self.groups)) if s.weights.format != "e8p"]
+            if other:
+                raise SchemeError(f"--method quip stores e8p (2 bits per weight); the scheme says {other[0]}: "
+                                  "pass --format e8p or drop --format")
         if self.rotate is not None:
             from lowbit.methods.rotation import check_kind
 

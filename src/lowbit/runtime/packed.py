@@ -239,7 +239,9 @@ class PackedLinear(torch.nn.Module):
     def _init_decode(self, qt: QuantizedTensor) -> None:
         rows, cols = qt.codes.shape
         self.format, self.group_size = qt.format, qt.group_size
-        self.chunk_rows = max(1, min(rows, SCRATCH_ELEMENTS // max(1, cols)))
+        # a format whose decode mixes rows (E8P's rotation) decodes whole: its scratch is the matrix
+        self.chunk_rows = (max(1, min(rows, SCRATCH_ELEMENTS // max(1, cols))) if qt.format.decodes_row_blocks
+                           else rows)
         self.code_bits = qt.format.code_bits
         n_chunks = -(-rows // self.chunk_rows)
         self.chunks = []    # (packed codes, params) per row chunk: nothing dense at rest
