@@ -57,23 +57,31 @@ def test_aqlm_method_beats_its_formats_own_rounding_and_int2(tokenizer, calib):
     assert err["aqlm"] < err["rtn"] and err["aqlm"] < err["int2"]
 
 
-def test_aqlm_cli_reloads_and_bad_input_is_one_line(tiny_llama, tmp_path, calib, capsys):
+def quantize_reload_and_refuse(tiny_llama, tmp_path, calib, capsys, method, fmt, bad_cases):
+    """`lowbit quantize --method METHOD` of the tiny model: the decoded and packed runtimes agree, every
+    tensor is FMT, and each bad case (argv, message) is one error line with nothing written. The folder."""
     out = tmp_path / "q"
-    assert main(["-q", "quantize", str(tiny_llama), "--method", "aqlm", "--calib", calib.text, "--samples", "4",
+    assert main(["-q", "quantize", str(tiny_llama), "--method", method, "--calib", calib.text, "--samples", "4",
                  "--seqlen", "32", "-o", str(out)]) == 0
     qm = lowbit.load(out, runtime="decoded")
     packed = lowbit.load(out, compute_dtype=torch.float32)
     ids = torch.tensor([[3, 14, 15, 9, 26, 53]])
     with torch.no_grad():
         assert torch.allclose(qm.model(ids).logits, packed.model(ids).logits, atol=1e-4)
-    assert {qt.format.name for qt in qm.tensors.values()} == {"aqlm_2x8"}
-    for argv, msg in [(["--method", "aqlm", "--opt", "codebooks=3"], "2x8 and 1x16"),
-                      (["--method", "gptq", "--format", "aqlm_2x8"], "--method aqlm"),
-                      (["--method", "aqlm", "--format", "int", "--bits", "2"], "--format aqlm_2x8")]:
+    assert {qt.format.name for qt in qm.tensors.values()} == {fmt}
+    for argv, msg in bad_cases:
         bad = tmp_path / "bad"
         assert main(["quantize", str(tiny_llama), *argv, "--samples", "2", "--seqlen", "16", "-o", str(bad)]) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("lowbit: error:") and msg in last and not bad.exists()
+    return out
+
+
+def test_aqlm_cli_reloads_and_bad_input_is_one_line(tiny_llama, tmp_path, calib, capsys):
+    quantize_reload_and_refuse(tiny_llama, tmp_path, calib, capsys, "aqlm", "aqlm_2x8", [
+        (["--method", "aqlm", "--opt", "codebooks=3"], "2x8 and 1x16"),
+        (["--method", "gptq", "--format", "aqlm_2x8"], "--method aqlm"),
+        (["--method", "aqlm", "--format", "int", "--bits", "2"], "--format aqlm_2x8")])
 
 
 def test_rows_not_a_multiple_of_eight_are_refused():

@@ -15,6 +15,7 @@ from lowbit.errors import SchemeError
 from lowbit.formats.e8p import E8P, NORM12, OPT_SCALE, abs_grid, decode_words, nearest_words
 from lowbit.hadamard import rotation
 from lowbit.methods import quip
+from tests.test_aqlm import quantize_reload_and_refuse
 from tests.test_awq_smoothquant import _logits, _run, build
 
 ALL = torch.arange(1 << 16)
@@ -137,21 +138,9 @@ def test_quip_method_beats_the_formats_plain_rounding(tokenizer, calib):
 
 
 def test_quip_cli_reloads_packed_and_bad_input_is_one_line(tiny_llama, tmp_path, calib, capsys):
-    out = tmp_path / "q"
-    assert main(["-q", "quantize", str(tiny_llama), "--method", "quip", "--calib", calib.text, "--samples", "4",
-                 "--seqlen", "32", "-o", str(out)]) == 0
-    qm = lowbit.load(out, runtime="decoded")
-    packed = lowbit.load(out, compute_dtype=torch.float32)
-    ids = torch.tensor([[3, 14, 15, 9, 26, 53]])
-    with torch.no_grad():
-        assert torch.allclose(qm.model(ids).logits, packed.model(ids).logits, atol=1e-4)
-    assert {qt.format.name for qt in qm.tensors.values()} == {"e8p"}
-    for argv, msg in [(["--method", "gptq", "--format", "e8p"], "--method quip (or rtn)"),
-                      (["--method", "quip", "--format", "int", "--bits", "2"], "--format e8p")]:
-        bad = tmp_path / "bad"
-        assert main(["quantize", str(tiny_llama), *argv, "--samples", "2", "--seqlen", "16", "-o", str(bad)]) == 2
-        last = capsys.readouterr().err.strip().splitlines()[-1]
-        assert last.startswith("lowbit: error:") and msg in last and not bad.exists()
+    out = quantize_reload_and_refuse(tiny_llama, tmp_path, calib, capsys, "quip", "e8p", [
+        (["--method", "gptq", "--format", "e8p"], "--method quip (or rtn)"),
+        (["--method", "quip", "--format", "int", "--bits", "2"], "--format e8p")])
     for to in ("gguf", "compressed-tensors", "gptq", "awq"):     # only lowbit decodes U W̃ Vᵀ
         dest = tmp_path / f"out-{to}"
         assert main(["export", str(out), "--to", to, "-o", str(dest)]) == 2
