@@ -748,7 +748,6 @@ def cmd_eval(args):
     from lowbit.eval.layers import LayerError
     from lowbit.eval.report import candidate_record, check_context, eval_windows, load_candidate, resolve_reference, source_candidate
     from lowbit.model.load import load_source
-    from lowbit.runtime.kv_cache import KVCacheSpec
 
     data, extra = None, {}
     if args.domains:
