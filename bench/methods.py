@@ -93,6 +93,7 @@ CONFIGS = [
     ("rtn", dict(format="aqlm_2x8", bits=None, group_size=-1), {}),
     # QuIP#-style E8P lattice at 2 bits, beside GPTQ's int2 with the same storage per row
     ("quip", dict(format="e8p", bits=None, group_size=-1), {}),
+    ("quip", dict(format="e8p", bits=None, group_size=-1, rotate="hadamard"), {}),
     ("rtn", dict(format="e8p", bits=None, group_size=-1), {}),
     ("gptq", dict(format="int", bits=2, group_size=-1, symmetric=False, observer="mse"), {}),
 ]
@@ -125,7 +126,8 @@ SPARSITY_ROWS = [
 CODEBOOK_ROWS = ["aqlm|aqlm_2x8 per-channel", "rtn|aqlm_2x8 per-channel", "gptq|int2 g32 asym"]
 
 # `--rows lattice`: QuIP#-style E8P (incoherence + BlockLDLQ) beside its own nearest rounding and 2-bit GPTQ
-LATTICE_ROWS = ["quip|e8p per-channel", "rtn|e8p per-channel", "gptq|int2 per-channel asym mse", "gptq|int2 g32 asym"]
+LATTICE_ROWS = ["quip|e8p per-channel", "quip|e8p per-channel rotated", "rtn|e8p per-channel",
+                "gptq|int2 per-channel asym mse", "gptq|int2 g32 asym", "gptq|int2 g32 asym rotated"]
 
 # `--rows rotation`: rotated rows beside the same rows unrotated, and LLM.int8 beside W8A8
 ROTATION_ROWS = [
