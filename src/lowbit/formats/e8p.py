@@ -122,7 +122,8 @@ def check_row(cols: int, name: str = "the weight") -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _rotation(n: int, seed: int) -> torch.Tensor:
+def rotation_matrix(n: int, seed: int) -> torch.Tensor:
+    """The n x n orthogonal float64 rotation a seed names (`hadamard.rotation`)."""
     from lowbit.hadamard import rotation
 
     return rotation(n, seed)[0]
@@ -130,13 +131,13 @@ def _rotation(n: int, seed: int) -> torch.Tensor:
 
 def incoherent(W: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
     """W̃ = Uᵀ W V (float64) for the rotations the seeds name."""
-    U, V = _rotation(W.shape[0], seeds[0]), _rotation(W.shape[1], seeds[1])
+    U, V = rotation_matrix(W.shape[0], seeds[0]), rotation_matrix(W.shape[1], seeds[1])
     return U.T @ W.double() @ V
 
 
 def coherent(Wt: torch.Tensor, seeds: tuple[int, int]) -> torch.Tensor:
     """W = U W̃ Vᵀ (float64): the inverse of `incoherent`."""
-    U, V = _rotation(Wt.shape[0], seeds[0]), _rotation(Wt.shape[1], seeds[1])
+    U, V = rotation_matrix(Wt.shape[0], seeds[0]), rotation_matrix(Wt.shape[1], seeds[1])
     return U @ Wt.double() @ V.T
 
 

@@ -22,7 +22,8 @@ import torch
 
 from lowbit.calib.runner import StatsRequest
 from lowbit.errors import SchemeError
-from lowbit.formats.e8p import DIM, E8P, OPT_SCALE, check_row, decode_words, incoherent, nearest_words, seed_params
+from lowbit.formats.e8p import (DIM, E8P, OPT_SCALE, check_row, decode_words, incoherent, nearest_words, rotation_matrix,
+                                seed_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +69,7 @@ def quantize_matrix(W: torch.Tensor, H: torch.Tensor, name: str, options: Option
     check_row(cols, name)
     seeds = seeds_for(name, options.seed)
     Wt = incoherent(W, seeds)
-    from lowbit.formats.e8p import _rotation
-
-    V = _rotation(cols, seeds[1])
+    V = rotation_matrix(cols, seeds[1])
     Ht = V.T @ H.double() @ V
     scale = (Wt.pow(2).mean(1, keepdim=True).sqrt() / OPT_SCALE).clamp_min(1e-8).half().float()
     words = block_ldlq(Wt, Ht, scale, options.damp)
