@@ -78,39 +78,26 @@ def decode_words(words: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_words(X: torch.Tensor) -> torch.Tensor:
-    """(N,) 16-bit words of the codewords nearest to each row of X (N, 8) (ties: lower pattern,
-    then the -1/4 shift)."""
+    """(N,) 16-bit words of the codewords nearest to each row of X (N, 8) (ties: the -1/4 shift,
+    then the lower pattern)."""
     A = abs_grid()
     a2 = A.pow(2).sum(1)
     out = torch.empty(X.shape[0], dtype=torch.long)
     for i in range(0, X.shape[0], _CHUNK):
         x = X[i: i + _CHUNK].float()
-        best_d, best = None, None
-        for shift_bit, shift in ((0, -0.25), (1, 0.25)):
-            y = x - shift
-            ay, neg = y.abs(), y < 0
-            s = 1 - 2 * neg.float()
-            d = ay.pow(2).sum(1, keepdim=True) - 2 * ay @ A.T + a2            # signs = the target's
-            odd = torch.remainder((s @ A.T).round(), 2) != 0
-            cost = ay[:, None, :] * A[None, :, :]                             # (n, 256, 8)
-            flip_cost, flip_at = cost.min(-1)
-            d = d + torch.where(odd, 4 * flip_cost, torch.zeros_like(flip_cost))
-            dmin, idx = d.min(1)
-            if best_d is None:
-                best_d, best = dmin, (idx, s, odd, flip_at, torch.zeros_like(idx) + shift_bit)
-                continue
-            take = dmin < best_d
-            best_d = torch.where(take, dmin, best_d)
-            best = (torch.where(take, idx, best[0]), torch.where(take[:, None], s, best[1]),
-                    torch.where(take[:, None], odd, best[2]), torch.where(take[:, None], flip_at, best[3]),
-                    torch.where(take, shift_bit, best[4]))
-        idx, s, odd, flip_at, shift_bit = best
-        rows = torch.arange(idx.shape[0])
-        s = s.clone()
-        flip = odd[rows, idx]
-        j = flip_at[rows, idx]
-        s[rows[flip], j[flip]] *= -1
-        sign_bits = ((s[:, : DIM - 1] < 0).long() << torch.arange(DIM - 1)).sum(1)
+        y = torch.stack([x + 0.25, x - 0.25])                       # shift bit 0 (-1/4), 1 (+1/4)
+        ay, s = y.abs(), 1 - 2 * (y < 0).float()                    # (2, n, 8): the target's signs
+        d = ay.pow(2).sum(-1, keepdim=True) - 2 * ay @ A.T + a2      # (2, n, 256)
+        odd = torch.remainder((s @ A.T).round(), 2) != 0             # parity of Σ s·a
+        flip_cost, flip_at = (ay[..., None, :] * A).min(-1)          # cheapest sign to flip
+        d = d + torch.where(odd, 4 * flip_cost, torch.zeros_like(flip_cost))
+        best = d.permute(1, 0, 2).reshape(x.shape[0], -1).argmin(1)  # over (shift, pattern)
+        shift_bit, idx = best // 256, best % 256
+        n = torch.arange(x.shape[0])
+        signs = s[shift_bit, n].clone()
+        flip = odd[shift_bit, n, idx]
+        signs[n[flip], flip_at[shift_bit, n, idx][flip]] *= -1
+        sign_bits = ((signs[:, : DIM - 1] < 0).long() << torch.arange(DIM - 1)).sum(1)
         out[i: i + _CHUNK] = idx | (sign_bits << 8) | (shift_bit << 15)
     return out
 

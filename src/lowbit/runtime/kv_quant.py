@@ -197,9 +197,8 @@ def kv_bytes_per_head(kind: str, tokens: int, head_dim: int, *, granularity: str
     q, r = kivi_split(tokens - n_sink, residual, block if kivi else 1)
     kept = 2 * (n_sink + r) * d * residual_bytes
     if kind in ("int8", "fp8"):
-        per = q * d + {"token": q * s, "group": q * (d // group_size) * s, "head": s if q else 0}[granularity]
-        if not symmetric:   # the minimum beside each scale
-            per += {"token": q * s, "group": q * (d // group_size) * s, "head": 0}[granularity]
+        ranges = {"token": q, "group": q * (d // group_size), "head": 1 if q else 0}[granularity]
+        per = q * d + ranges * s * (1 if symmetric else 2)   # asymmetric: a minimum beside each scale
     elif kind == "int4":
         per = q * d // 2 + q * (d // group_size) * 2 * s
     elif kivi:
